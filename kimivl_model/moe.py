@@ -1,0 +1,211 @@
+"""DeepSeek-V3-style MoE feed-forward (DeepSeek-V3 Sec. 2.1.2) with auxiliary-loss-free load balancing.
+
+- FFN experts are SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)). Dense layers and the shared
+  experts (all ``num_shared_experts`` fused into one SwiGLU of width num_shared * moe_intermediate) use
+  the same block.
+- Router (DeepSeek-V3 eq. 12-16): s_i = sigmoid(u^T e_i) in fp32; the top-k experts are chosen on
+  s_i + b_i where b is a per-expert correction bias (a buffer, not trained by gradient); the gating weights
+  are the RAW scores of the chosen experts, renormalised to sum 1 (``norm_topk_prob``) and multiplied by
+  ``routed_scaling_factor``. h = x + sum_shared FFN(x) + sum_{i in topk} g_i FFN_i(x).
+- Aux-loss-free balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
+  Mixture-of-Experts"; DeepSeek-V3 Sec. 2.1.2): after each step b_i += u * (sign(e_i) - mean_j sign(e_j))
+  with load error e_i = mean(load) - load_i, so under-loaded experts become more attractive
+  (``aux_free_bias_update``; the step itself is applied by ``KimiLM.update_router_bias``).
+- Complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20), with "sequence" = one packed
+  document: f_i = E / (k T_s) * #{t : i in topk(t)}, P_i = mean_t s'_{i,t} with s' = s / sum_j s_j,
+  L = alpha * mean_docs sum_i f_i P_i.
+
+Routed experts are dispatched by grouping tokens by expert (argsort of the T*k assignments, one gather,
+each expert runs on a contiguous slice, weighted scatter-add back); on CUDA bf16 ``torch._grouped_mm``
+runs all experts in one call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimivl_model.config import LMConfig
+
+EXPERT_IMPLS = ("auto", "loop", "grouped")
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (T, hidden) -> (T, hidden)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid top-k router with the aux-loss-free correction bias (DeepSeek-V3 eq. 13-16)."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.num_experts = cfg.num_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.num_routed_experts, cfg.hidden_size))
+        # updated outside the gradient (aux_free_bias_update); saved with the checkpoint
+        self.register_buffer(
+            "e_score_correction_bias",
+            torch.zeros(cfg.num_routed_experts, dtype=torch.float32),
+            persistent=True,
+        )
+        nn.init.normal_(self.weight, std=cfg.initializer_range)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, hidden) -> topk_idx (T, k) long, topk_weight (T, k) fp32, scores (T, E) fp32."""
+        scores = torch.sigmoid(x.float() @ self.weight.float().t())  # (T, E)
+        biased = scores.detach() + self.e_score_correction_bias.float()[None, :]  # selection only
+        topk_idx = torch.topk(biased, self.top_k, dim=-1, sorted=True).indices  # (T, k)
+        topk_weight = scores.gather(1, topk_idx)  # (T, k) raw scores, no bias
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_idx, topk_weight * self.routed_scaling_factor, scores
+
+
+def _swiglu_loop(
+    xs: torch.Tensor, counts: list[int], gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """xs (N, hidden) sorted by expert, counts[e] rows each -> (N, hidden); one matmul set per expert."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        xe = xs[start : start + n]  # (n_e, hidden)
+        outs.append(F.linear(F.silu(F.linear(xe, gate[e])) * F.linear(xe, up[e]), down[e]))
+        start += n
+    if not outs:
+        return xs.new_zeros(0, down.shape[1])
+    return torch.cat(outs, dim=0)
+
+
+def _swiglu_grouped(
+    xs: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """Same as ``_swiglu_loop`` with one ``torch._grouped_mm`` per projection (offs = cumulative ends)."""
+    offs = torch.cumsum(counts, dim=0).to(torch.int32)  # (E,)
+    g = torch._grouped_mm(xs, gate.transpose(-2, -1), offs=offs)  # (N, inter)
+    u = torch._grouped_mm(xs, up.transpose(-2, -1), offs=offs)  # (N, inter)
+    return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)  # (N, hidden)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as 3D weights (E, out, in) (nn.Linear layout per expert)."""
+
+    def __init__(self, cfg: LMConfig, impl: str = "auto") -> None:
+        super().__init__()
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"RoutedExperts.impl: unknown {impl!r} (expected one of {EXPERT_IMPLS})")
+        self.impl = impl
+        e, h, i = cfg.num_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = e
+        self.gate_proj = nn.Parameter(torch.empty(e, i, h))
+        self.up_proj = nn.Parameter(torch.empty(e, i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        for p in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(p, std=cfg.initializer_range)
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.impl != "auto":
+            return self.impl == "grouped"
+        return (
+            hasattr(torch, "_grouped_mm")
+            and x.is_cuda
+            and x.dtype == torch.bfloat16
+            and self.gate_proj.dtype == torch.bfloat16
+            and x.shape[-1] % 8 == 0
+            and self.gate_proj.shape[1] % 8 == 0
+        )
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x (T, hidden), topk_idx (T, k), topk_weight (T, k) -> sum_j w_tj FFN_{idx_tj}(x_t): (T, hidden)."""
+        k = topk_idx.shape[1]
+        flat = topk_idx.reshape(-1)  # (T*k,) expert of each assignment
+        order = torch.argsort(flat, stable=True)  # (T*k,) assignments grouped by expert
+        token = torch.div(order, k, rounding_mode="floor")  # (T*k,) source token of each sorted assignment
+        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
+        xs = x.index_select(0, token)  # (T*k, hidden), contiguous per expert
+        if self._use_grouped(x):
+            ys = _swiglu_grouped(xs, counts, self.gate_proj, self.up_proj, self.down_proj)
+        else:
+            ys = _swiglu_loop(xs, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj)
+        w = topk_weight.reshape(-1).index_select(0, order).to(ys.dtype)  # (T*k,)
+        return torch.zeros_like(x).index_add(0, token, ys * w[:, None])  # (T, hidden)
+
+
+def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Unweighted sequence-wise balance loss (DeepSeek-V3 eq. 17-20), one "sequence" per packed document.
+
+    scores (T, E) sigmoid affinities, topk_idx (T, k), cu_seqlens (S+1,) -> scalar fp32 mean over the
+    non-empty documents of sum_i f_i P_i. Vectorised with segment sums (index_add), no loop over tokens.
+    """
+    t, e = scores.shape
+    k = topk_idx.shape[1]
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(scores.device)  # (S,)
+    s = lens.numel()
+    doc = torch.repeat_interleave(torch.arange(s, device=scores.device), lens, output_size=t)  # (T,)
+    chosen = torch.zeros(t, e, device=scores.device, dtype=torch.float32).scatter_(1, topk_idx, 1.0)  # (T, E)
+    counts = torch.zeros(s, e, device=scores.device).index_add_(0, doc, chosen)  # (S, E)
+    probs = scores.float() / scores.float().sum(dim=-1, keepdim=True)  # (T, E) normalised s'
+    p_sum = torch.zeros(s, e, device=scores.device).index_add(0, doc, probs)  # (S, E)
+    n = lens.clamp(min=1).to(torch.float32)[:, None]  # (S, 1)
+    f = counts * (e / (k * n))  # (S, E)
+    per_doc = (f * (p_sum / n)).sum(dim=-1)  # (S,)
+    valid = (lens > 0).to(torch.float32)
+    return (per_doc * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def aux_free_bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """One aux-loss-free bias step (Wang et al. 2024, Alg. 1): returns the new bias (E,) fp32.
+
+    error_i = mean(load) - load_i; b_i <- b_i + rate * (sign(error_i) - mean_j sign(error_j)).
+    Under-loaded experts (positive error) get a larger bias. Centering keeps sum(b) constant.
+    ``load`` should be the global (all-reduced over data-parallel ranks) token count per expert.
+    """
+    if bias.shape != load.shape or bias.dim() != 1:
+        raise ValueError(
+            f"aux_free_bias_update: bias and load must both be (E,), got {tuple(bias.shape)}, {tuple(load.shape)}"
+        )
+    load = load.to(torch.float32)
+    sign = torch.sign(load.mean() - load)  # (E,)
+    return (bias.to(torch.float32) + rate * (sign - sign.mean())).to(bias.dtype)
+
+
+class MoE(nn.Module):
+    """Routed + shared experts. forward(x (T, hidden), cu_seqlens) -> (out, aux_loss, load)."""
+
+    def __init__(self, cfg: LMConfig, expert_impl: str = "auto") -> None:
+        super().__init__()
+        self.num_experts = cfg.num_routed_experts
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg, impl=expert_impl)
+        self.shared_experts: SwiGLU | None = None
+        if cfg.num_shared_experts > 0:
+            self.shared_experts = SwiGLU(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, hidden) -> out (T, hidden), aux_loss () fp32 (already times alpha), load (E,) fp32 detached."""
+        topk_idx, topk_weight, scores = self.gate(x)  # (T, k), (T, k), (T, E)
+        out = self.experts(x, topk_idx, topk_weight)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        load = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).to(torch.float32)  # (E,)
+        if self.training and self.aux_loss_alpha > 0:
+            aux = self.aux_loss_alpha * sequence_aux_loss(scores, topk_idx, cu_seqlens)
+        else:
+            aux = torch.zeros((), device=x.device, dtype=torch.float32)
+        return out, aux, load.detach()
