@@ -1,0 +1,144 @@
+"""The ``kimivl`` command (typer + rich). Thin: every command calls a ``tasks/`` or ``kimivl_model`` function.
+
+Invalid input (unknown preset, bad config, missing files) prints one line naming what is wrong and exits 2
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kimi-VL training system.")
+model_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Model library: presets, checkpoints."
+)
+app.add_typer(model_app, name="model")
+
+console = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(code)
+
+
+def _preset(name: str):
+    from kimivl_model.config import ConfigError, preset
+
+    try:
+        return preset(name)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@model_app.command("summary")
+def model_summary_cmd(
+    preset_name: str = typer.Option("tiny", "--preset", help="tiny | small | a3b"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Parameter counts of a preset, built on the meta device (no memory is allocated)."""
+    from kimivl_model.summary import model_summary
+
+    cfg = _preset(preset_name)
+    s = model_summary(cfg)
+    if as_json:
+        sys.stdout.write(json.dumps(s, sort_keys=True) + "\n")
+        return
+    table = Table(title=f"kimivl preset {preset_name}")
+    table.add_column("component")
+    table.add_column("params", justify="right")
+    for k, v in s.items():
+        if isinstance(v, int):
+            table.add_row(k, f"{v:,}")
+    Console().print(table)
+
+
+@model_app.command("init")
+def model_init_cmd(
+    out: Path = typer.Option(..., "--out", help="native checkpoint directory to write"),
+    preset_name: str = typer.Option("tiny", "--preset"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a freshly initialised model of a preset as a native safetensors checkpoint."""
+    import torch
+
+    from kimivl_model.vlm import KimiVL
+    from tasks.model_io import save_native
+
+    cfg = _preset(preset_name)
+    if cfg.name == "a3b":
+        _fail("--preset a3b: initialising 16B parameters on this machine is not supported; use import")
+    torch.manual_seed(seed)
+    model = KimiVL(cfg)
+    save_native(model.state_dict(), cfg, out)
+    console.print(f"wrote {out}")
+
+
+@model_app.command("import")
+def model_import_cmd(
+    hf_dir: Path = typer.Argument(
+        ..., help="directory with config.json + *.safetensors (public Kimi-VL layout)"
+    ),
+    out: Path = typer.Option(..., "--out", help="native checkpoint directory to write"),
+) -> None:
+    """Convert a public-layout Kimi-VL checkpoint into this library's native checkpoint."""
+    from kimivl_model.hf_interop import CheckpointLayoutError
+    from tasks.model_io import load_hf, save_native, verify_loadable
+
+    try:
+        cfg, sd = load_hf(hf_dir)
+        verify_loadable(cfg, sd)
+    except (FileNotFoundError, CheckpointLayoutError, ValueError) as e:
+        _fail(str(e))
+    save_native(sd, cfg, out)
+    console.print(f"imported {hf_dir} -> {out} ({len(sd)} tensors)")
+
+
+@model_app.command("export")
+def model_export_cmd(
+    checkpoint: Path = typer.Argument(..., help="native checkpoint directory"),
+    out: Path = typer.Option(..., "--out", help="directory for the public Kimi-VL layout"),
+    max_shard_gb: float = typer.Option(5.0, "--max-shard-gb"),
+) -> None:
+    """Convert a native checkpoint to the public Kimi-VL layout (config.json + sharded safetensors)."""
+    from tasks.model_io import load_native, save_hf
+
+    try:
+        cfg, sd = load_native(checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    save_hf(sd, cfg, out, max_shard_bytes=int(max_shard_gb * 2**30))
+    console.print(f"exported {checkpoint} -> {out}")
+
+
+@app.command("smoke")
+def smoke_cmd(
+    preset_name: str = typer.Option("tiny", "--preset"),
+    steps: int = typer.Option(40, "--steps", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path | None = typer.Option(None, "--out", help="write summary.json + checkpoint here"),
+) -> None:
+    """Train the model on generated multimodal batches with Muon and show the loss falling."""
+    from tasks.train.smoke import SmokeConfig, run_smoke
+
+    cfg = _preset(preset_name)
+    if cfg.name == "a3b":
+        _fail("--preset a3b: the smoke run is for tiny/small on a CPU")
+    summary = run_smoke(
+        SmokeConfig(preset=preset_name, steps=steps, seed=seed), out_dir=out, log=console.print
+    )
+    sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

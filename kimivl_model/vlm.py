@@ -1,0 +1,134 @@
+"""Kimi-VL: MoonViT -> pixel-shuffle MLP projector -> MoE language model (Kimi-VL Sec. 2.1).
+
+Images (and video frames: a video is a sequence of frames, each encoded by MoonViT as its own image) are
+packed NaViT-style into one patch sequence, encoded, merged 2x2 and projected to the LM width. The token
+sequence holds, per image, ``<|media_start|>image<|media_content|>`` + N x ``<|media_pad|>`` +
+``<|media_end|>``; the embeddings at ``<|media_pad|>`` positions are replaced, in order, by the projected
+image features. The counts must match exactly (a mismatch is a ``ValueError`` naming both numbers).
+
+Module names follow the public Kimi-VL checkpoint (``vision_tower``, ``multi_modal_projector``,
+``language_model``) so that ``hf_interop`` is a small, explicit mapping. The CoCa head (``coca``) exists only
+for the ViT training stage and is not part of the exported VLM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kimivl_model.coca import CoCaHead, CoCaOutput
+from kimivl_model.config import VLMConfig
+from kimivl_model.lm import KimiLM, LMOutput
+from kimivl_model.moonvit import MoonViT
+from kimivl_model.projector import Projector
+
+
+class KimiVL(nn.Module):
+    def __init__(self, cfg: VLMConfig, *, attn_backend: str = "auto", with_coca: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = MoonViT(cfg.vit, attn_backend=attn_backend)
+        self.multi_modal_projector = Projector(cfg.projector)
+        self.language_model = KimiLM(cfg.lm, attn_backend=attn_backend)
+        self.coca = CoCaHead(cfg.coca, cfg.vit.hidden_size, attn_backend=attn_backend) if with_coca else None
+
+    # ------------------------------------------------------------------------------------------ vision
+    def encode_images(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
+        """pixel_values (P, C, 14, 14), grid_hws (N, 2) -> LM-width image tokens (sum h*w/4, lm_hidden)."""
+        feats = self.vision_tower(pixel_values, grid_hws)  # (P, vit_hidden)
+        return self.multi_modal_projector(feats, grid_hws)  # (P/4, lm_hidden)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        grid_hws: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with ``<|media_pad|>`` positions replaced, in order, by image features."""
+        embeds = self.language_model.model.embed_tokens(input_ids)  # (T, hidden)
+        is_pad = input_ids == self.cfg.media_pad_token_id  # (T,)
+        n_pad = int(is_pad.sum())
+        if pixel_values is None or grid_hws is None or grid_hws.numel() == 0:
+            if n_pad:
+                raise ValueError(
+                    f"input_ids hold {n_pad} <|media_pad|> tokens (id {self.cfg.media_pad_token_id}) "
+                    "but no images were given"
+                )
+            return embeds
+        image_tokens = self.encode_images(pixel_values, grid_hws)  # (N_img, hidden)
+        if image_tokens.shape[0] != n_pad:
+            raise ValueError(
+                f"placeholder count mismatch: input_ids hold {n_pad} <|media_pad|> tokens "
+                f"(id {self.cfg.media_pad_token_id}) but the {grid_hws.shape[0]} images give "
+                f"{image_tokens.shape[0]} features (grid_hws={grid_hws.tolist()})"
+            )
+        return embeds.masked_scatter(is_pad[:, None], image_tokens.to(embeds.dtype))
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        grid_hws: torch.Tensor | None = None,
+        return_logits: bool = True,
+    ) -> LMOutput:
+        """Packed multimodal forward.
+
+        input_ids (T,), cu_seqlens (S+1,) document boundaries, position_ids (T,) (default: reset per
+        document), labels (T,) already shifted with -100 = ignore; pixel_values/grid_hws of every image in
+        the order their placeholders appear.
+        """
+        embeds = self.embed(input_ids, pixel_values, grid_hws)
+        return self.language_model(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            labels=labels,
+            return_logits=return_logits,
+        )
+
+    def coca_forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_hws: torch.Tensor,
+        caption_ids: torch.Tensor,
+        caption_cu_seqlens: torch.Tensor,
+    ) -> CoCaOutput:
+        """ViT stage: L = L_siglip + 2 * L_caption on MoonViT features (needs ``with_coca=True``)."""
+        if self.coca is None:
+            raise RuntimeError("coca_forward needs a model built with with_coca=True (the ViT stage)")
+        feats = self.vision_tower(pixel_values, grid_hws)
+        return self.coca(feats, grid_hws, caption_ids, caption_cu_seqlens)
+
+    # ------------------------------------------------------------------------------------------- utils
+    def set_rope_theta(self, theta: float) -> None:
+        """Long-context extension: change the LM's RoPE base (50,000 -> 800,000) on a trained model."""
+        self.language_model.set_rope_theta(theta)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.vision_tower.gradient_checkpointing = enabled
+        self.language_model.model.gradient_checkpointing = enabled
+
+    def components(self) -> dict[str, nn.Module]:
+        """Named trainable components, for per-stage freezing (e.g. alignment trains vit + projector)."""
+        out: dict[str, nn.Module] = {
+            "vit": self.vision_tower,
+            "projector": self.multi_modal_projector,
+            "lm": self.language_model,
+        }
+        if self.coca is not None:
+            out["coca"] = self.coca
+        return out
+
+    def set_trainable(self, names: list[str] | tuple[str, ...]) -> None:
+        """Freeze every component except ``names`` (unknown names are an error listing the known ones)."""
+        comps = self.components()
+        unknown = sorted(set(names) - set(comps))
+        if unknown:
+            raise ValueError(f"trainable: unknown components {unknown} (expected some of {sorted(comps)})")
+        for name, mod in comps.items():
+            mod.requires_grad_(name in names)

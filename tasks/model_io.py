@@ -1,0 +1,183 @@
+"""Model weights on disk: safetensors only, written atomically.
+
+Two layouts:
+- native: ``DIR/model.safetensors`` (this library's key names) + ``DIR/kimivl_config.json``
+  (``VLMConfig.to_dict()``); what stages hand to each other.
+- hf: the public Kimi-VL layout: ``config.json`` + ``model-0000i-of-0000N.safetensors`` shards +
+  ``model.safetensors.index.json`` (per-expert keys, see ``kimivl_model.hf_interop``), so a user holding
+  a real checkpoint can import it and continue training here, and export back.
+
+Nothing is unpickled: safetensors holds only raw tensors. Every file is written to a temporary name in the
+target directory, fsynced and renamed, so a crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kimivl_model.config import VLMConfig
+from kimivl_model.hf_interop import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+
+NATIVE_WEIGHTS = "model.safetensors"
+NATIVE_CONFIG = "kimivl_config.json"
+HF_INDEX = "model.safetensors.index.json"
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``final``; on success fsync + rename onto ``final``, else delete it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _contiguous_unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (tied weights): copy the later ones."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[k] = t
+    return out
+
+
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    with atomic_path(path) as tmp:
+        save_file(_contiguous_unshared(tensors), str(tmp), metadata=metadata)
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such safetensors file")
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            out[k] = f.get_tensor(k)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- native
+
+
+def save_native(state_dict: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    save_safetensors_atomic(
+        state_dict, out_dir / NATIVE_WEIGHTS, metadata={"format": "pt", "kimivl": cfg.name}
+    )
+    write_json_atomic(cfg.to_dict(), out_dir / NATIVE_CONFIG)
+    return out_dir
+
+
+def load_native(src_dir: Path) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
+    src_dir = Path(src_dir)
+    cfg_path = src_dir / NATIVE_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing (a native checkpoint directory holds {NATIVE_CONFIG})")
+    cfg = VLMConfig.from_dict(json.loads(cfg_path.read_text()))
+    return cfg, load_safetensors(src_dir / NATIVE_WEIGHTS)
+
+
+# ----------------------------------------------------------------------------------------------- hf
+
+
+def save_hf(
+    state_dict: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: Path, max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    """Write the public Kimi-VL layout (sharded safetensors + index + config.json)."""
+    out_dir = Path(out_dir)
+    hf = to_hf_state_dict(state_dict, cfg)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(hf):
+        nbytes = hf[k].numel() * hf[k].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = hf[k]
+        size += nbytes
+    n = len(shards)
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_safetensors_atomic(shard, out_dir / name, metadata={"format": "pt"})
+        for k, t in shard.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+    write_json_atomic({"metadata": {"total_size": total}, "weight_map": weight_map}, out_dir / HF_INDEX)
+    write_json_atomic(to_hf_config(cfg), out_dir / "config.json")
+    return out_dir
+
+
+def load_hf(src_dir: Path, name: str = "imported") -> tuple[VLMConfig, dict[str, torch.Tensor]]:
+    """Read a public-layout checkpoint directory (sharded or single-file) into this library's layout."""
+    src_dir = Path(src_dir)
+    cfg_path = src_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing (an HF checkpoint directory holds config.json)")
+    cfg = from_hf_config(json.loads(cfg_path.read_text()), name=name)
+    index = src_dir / HF_INDEX
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in src_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{src_dir}: no *.safetensors weights found")
+    hf: dict[str, torch.Tensor] = {}
+    for fname in files:
+        hf.update(load_safetensors(src_dir / fname))
+    return cfg, from_hf_state_dict(hf, cfg)
+
+
+def verify_loadable(cfg: VLMConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Check keys and shapes against the model the config describes (built on the meta device).
+
+    Raises ``CheckpointLayoutError`` naming missing, unexpected and mis-shaped tensors.
+    """
+    from kimivl_model.hf_interop import CheckpointLayoutError
+    from kimivl_model.vlm import KimiVL
+
+    with torch.device("meta"):
+        ref = KimiVL(cfg, attn_backend="sdpa").state_dict()
+    missing = sorted(set(ref) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(ref))
+    shapes = sorted(
+        f"{k}: expected {tuple(ref[k].shape)}, got {tuple(state_dict[k].shape)}"
+        for k in set(ref) & set(state_dict)
+        if tuple(ref[k].shape) != tuple(state_dict[k].shape)
+    )
+    if missing or unexpected or shapes:
+        raise CheckpointLayoutError(
+            f"checkpoint does not match config {cfg.name!r}: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)}), wrong shapes {shapes[:5]} ({len(shapes)})"
+        )
