@@ -8,6 +8,7 @@ forces a full load (so a truncated file fails here, not later), and converts to 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import Any
 
@@ -23,6 +24,14 @@ PIXEL_STD = 0.5
 
 class ImageDecodeError(ValueError):
     """Bytes that are not a decodable image within the limits; the message says why."""
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _describe(e: BaseException) -> str:
+    """Exception text without memory addresses, so quarantine reasons are reproducible run to run."""
+    return f"{type(e).__name__}: {_ADDRESS.sub('', str(e))}"
 
 
 def encode_image(img: Image.Image, fmt: str = "png") -> dict[str, Any]:
@@ -65,16 +74,18 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         Image.DecompressionBombError,
         Image.DecompressionBombWarning,
     ) as e:
-        raise ImageDecodeError(f"undecodable image: {type(e).__name__}: {e}") from None
+        raise ImageDecodeError(f"undecodable image: {_describe(e)}") from None
 
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header only (cheap); ``ImageDecodeError`` if unreadable."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"unreadable image header: {type(e).__name__}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"unreadable image header: {_describe(e)}") from None
 
 
 def to_tensor(img: Image.Image, normalize: bool = True) -> torch.Tensor:
