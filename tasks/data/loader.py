@@ -1,0 +1,341 @@
+"""Stage mixtures and the resumable packed-batch loader.
+
+Mixture sampling: at each document draw one source is chosen with probability equal to its current weight
+(weights are per-DOCUMENT draw probabilities, normalised), using one seeded ``numpy`` Generator. With a
+``linear`` schedule the chosen source group's share moves from ``start`` to ``end`` as the tokens drawn so
+far go from 0 to ``token_budget`` (joint pretraining's rising multimodal share, REFERENCE.md stage 3):
+share(p) = start + (end - start) * min(p, 1); the group's sources split that share by their weights, the
+other sources split 1 - share by theirs. Each source walks its documents in a shuffled order, epoch by
+epoch; the permutation of epoch e is drawn from ``default_rng([seed, e, crc32(source name)])``, so every
+epoch (and every source) has its own order and restoring never needs to store a permutation.
+
+Batches: ``micro_batch_tokens / seq_len`` packed sequences (``pack.Packer``) concatenated on one flat token
+axis; ``cu_seqlens`` marks every document, so a batch is exactly what ``KimiVL.forward`` takes. Images are
+decoded (``decode_image``), normalised (``to_tensor``) and patchified at the grid stored by the tokenize
+step (``image_to_patches``); a grid that differs from the stored one is an error naming the document.
+
+State (``state_dict``): JSON-serialisable, captures the sampler RNG (``bit_generator.state``), every
+source's epoch and position in its permutation, the tokens drawn (schedule progress) and emitted, and the
+packer's buffer as (source, row, start, end) references. ``load_state_dict`` on a fresh loader with the same
+mixture gives the identical subsequent batches.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kimivl_model.image_processing import image_to_patches
+from tasks.data.images import decode_image, to_tensor
+from tasks.data.io import read_table
+from tasks.data.pack import Document, PackedSequence, Packer, Piece, build_sequence
+from tasks.data.schema import TOKENIZED_SCHEMA
+from tasks.data.special_tokens import MEDIA_PAD_ID
+from tasks.manifest import config_hash, read_manifest
+
+STATE_VERSION = 1
+
+
+class SourceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="unique source name (used in state and accounting)")
+    path: Path = Field(description="tokenized dataset directory (output of the tokenize step)")
+    weight: float = Field(ge=0.0, description="relative per-document draw probability")
+    group: str | None = Field(None, description="schedule group (default: the source name)")
+
+    @property
+    def group_name(self) -> str:
+        return self.group or self.name
+
+
+class LinearSchedule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["linear"] = Field("linear", description="schedule shape")
+    source: str = Field(description="the source group whose share is scheduled")
+    start: float = Field(ge=0.0, le=1.0, description="group share at the start of the stage")
+    end: float = Field(ge=0.0, le=1.0, description="group share once token_budget tokens are drawn")
+
+
+class MixtureConfig(BaseModel):
+    """A stage's data mixture, packing and batch size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: list[SourceSpec] = Field(min_length=1, description="tokenized datasets and their weights")
+    schedule: LinearSchedule | None = Field(None, description="optional share schedule of one source group")
+    token_budget: int | None = Field(None, ge=1, description="stage token budget (the schedule's time axis)")
+    seq_len: int = Field(8192, ge=8, description="tokens per packed sequence (upper bound; never padded)")
+    micro_batch_tokens: int = Field(8192, ge=8, description="tokens per batch: a multiple of seq_len")
+    seed: int = Field(0, ge=0, description="seed of the source sampler and the per-epoch shuffles")
+    pack_buffer_docs: int = Field(64, ge=1, description="pieces buffered before packing (FFD window)")
+
+    @model_validator(mode="after")
+    def _check(self) -> MixtureConfig:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: names must be unique, got {names}")
+        if self.micro_batch_tokens % self.seq_len:
+            raise ValueError(
+                f"micro_batch_tokens={self.micro_batch_tokens} must be a multiple of seq_len={self.seq_len}"
+            )
+        if sum(s.weight for s in self.sources) <= 0:
+            raise ValueError("sources: at least one weight must be > 0")
+        sch = self.schedule
+        if sch is not None:
+            if self.token_budget is None:
+                raise ValueError("token_budget is required with a schedule")
+            inside = [s.weight for s in self.sources if s.group_name == sch.source]
+            outside = [s.weight for s in self.sources if s.group_name != sch.source]
+            if sum(inside) <= 0:
+                raise ValueError(f"schedule.source={sch.source!r}: no source of that group with weight > 0")
+            if min(sch.start, sch.end) < 1.0 and sum(outside) <= 0:
+                raise ValueError(
+                    f"schedule: share < 1 needs a source outside group {sch.source!r} with weight > 0"
+                )
+        return self
+
+    def probabilities(self, tokens_drawn: int) -> np.ndarray:
+        """(num_sources,) draw probabilities after ``tokens_drawn`` tokens."""
+        w = np.array([s.weight for s in self.sources], dtype=np.float64)
+        if self.schedule is None:
+            return w / w.sum()
+        sch = self.schedule
+        assert self.token_budget is not None
+        p = min(tokens_drawn / self.token_budget, 1.0)
+        share = sch.start + (sch.end - sch.start) * p
+        inside = np.array([s.group_name == sch.source for s in self.sources])
+        probs = np.zeros_like(w)
+        probs[inside] = share * w[inside] / w[inside].sum()
+        if (~inside).any() and w[~inside].sum() > 0:
+            probs[~inside] = (1.0 - share) * w[~inside] / w[~inside].sum()
+        return probs / probs.sum()
+
+    def state_hash(self) -> str:
+        """Config hash without the dataset paths (a moved workspace may resume; data is checked by hash)."""
+        d = self.model_dump(mode="json")
+        for s in d["sources"]:
+            s.pop("path")
+        return config_hash(d)
+
+
+class _Source:
+    """One tokenized dataset held as an Arrow table, walked in a per-epoch seeded permutation."""
+
+    def __init__(self, spec: SourceSpec, seed: int) -> None:
+        path = Path(spec.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"sources[{spec.name!r}].path: {path} is not a directory")
+        m = read_manifest(path)
+        if m.kind != "tokenized" or "image_processing" not in m.extra:
+            raise ValueError(
+                f"sources[{spec.name!r}].path: {path} is a {m.kind!r} dataset, expected 'tokenized'"
+            )
+        self.name = spec.name
+        self.content_hash = m.content_hash
+        self.image_cfg: dict[str, int] = m.extra["image_processing"]
+        self.table: pa.Table = read_table(path, TOKENIZED_SCHEMA)
+        if self.table.num_rows == 0:
+            raise ValueError(f"sources[{spec.name!r}].path: {path} holds no documents")
+        self._salt = zlib.crc32(spec.name.encode())
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self.docs_drawn = 0
+        self._perm: np.ndarray | None = None
+
+    def permutation(self) -> np.ndarray:
+        if self._perm is None:
+            rng = np.random.default_rng([self.seed, self.epoch, self._salt])
+            self._perm = rng.permutation(self.table.num_rows)
+        return self._perm
+
+    def next_row(self) -> int:
+        if self.position >= self.table.num_rows:
+            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        row = int(self.permutation()[self.position])
+        self.position += 1
+        self.docs_drawn += 1
+        return row
+
+    def document(self, row: int) -> Document:
+        return Document.from_row(self.table.slice(row, 1).to_pylist()[0], source=self.name, row_index=row)
+
+
+class PackedLoader:
+    """Infinite iterator of packed training batches (dicts of tensors) with exact save/restore."""
+
+    def __init__(self, cfg: MixtureConfig) -> None:
+        self.cfg = cfg
+        self.sources = [_Source(s, cfg.seed) for s in cfg.sources]
+        self._by_name = {s.name: s for s in self.sources}
+        self.rng = np.random.default_rng(cfg.seed)
+        self.packer = Packer(cfg.seq_len, cfg.pack_buffer_docs)
+        self.seqs_per_batch = cfg.micro_batch_tokens // cfg.seq_len
+        self.tokens_drawn = 0
+        self.tokens_emitted = {"text": 0, "image": 0, "video": 0}
+        self.batches = 0
+
+    # ----------------------------------------------------------------------------------- sampling
+    def _draw(self) -> None:
+        cum = np.cumsum(self.cfg.probabilities(self.tokens_drawn))
+        k = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
+        src = self.sources[min(k, len(self.sources) - 1)]
+        doc = src.document(src.next_row())
+        self.tokens_drawn += len(doc)
+        self.packer.add(doc)
+
+    def next_sequence(self) -> PackedSequence:
+        while not self.packer.ready():
+            self._draw()
+        return build_sequence(self.packer.pop(), self.cfg.seq_len)
+
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        seqs = [self.next_sequence() for _ in range(self.seqs_per_batch)]
+        batch = self.collate(seqs)
+        for s in seqs:
+            self.tokens_emitted["text"] += s.num_text_tokens
+            self.tokens_emitted["image"] += s.num_image_tokens
+            self.tokens_emitted["video"] += s.num_video_tokens
+        self.batches += 1
+        return batch
+
+    # ------------------------------------------------------------------------------------ collate
+    def _pixels(self, seqs: list[PackedSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        patches, grids = [], []
+        patch = 14
+        for s in seqs:
+            for img, grid, src_name in zip(s.images, s.grid_hws, s.image_sources, strict=True):
+                icfg = self._by_name[src_name].image_cfg
+                patch = icfg["patch_size"]
+                t = to_tensor(decode_image(img["data"]))  # (3, H, W)
+                if (t.shape[1], t.shape[2]) != (img["height"], img["width"]):
+                    raise ValueError(
+                        f"source {src_name!r}: decoded image is {t.shape[2]}x{t.shape[1]} but the record says "
+                        f"{img['width']}x{img['height']} (documents {s.doc_ids})"
+                    )
+                p, hw = image_to_patches(t, patch, icfg["merge"], icfg["max_patches_per_image"])
+                if tuple(hw) != tuple(grid):
+                    raise ValueError(
+                        f"source {src_name!r}: image grid {hw} differs from the stored grid {grid} "
+                        f"(documents {s.doc_ids})"
+                    )
+                patches.append(p)  # (h*w, 3, p, p)
+                grids.append(grid)
+        if not patches:
+            return torch.zeros(0, 3, patch, patch), torch.zeros(0, 2, dtype=torch.int64)
+        return torch.cat(patches), torch.tensor(grids, dtype=torch.int64)
+
+    def collate(self, seqs: list[PackedSequence]) -> dict[str, torch.Tensor]:
+        """Concatenate sequences into one flat batch (document boundaries kept in ``cu_seqlens``)."""
+        offsets = np.cumsum([0] + [s.num_tokens for s in seqs[:-1]])
+        cu = np.concatenate([[0]] + [s.cu_seqlens[1:] + o for s, o in zip(seqs, offsets, strict=True)])
+        src_index = {name: i for i, name in enumerate(self._by_name)}
+        pixel_values, grid_hws = self._pixels(seqs)
+        return {
+            "input_ids": torch.from_numpy(np.concatenate([s.input_ids for s in seqs])),  # (T,)
+            "labels": torch.from_numpy(np.concatenate([s.labels for s in seqs])),  # (T,)
+            "position_ids": torch.from_numpy(np.concatenate([s.position_ids for s in seqs])),  # (T,)
+            "cu_seqlens": torch.from_numpy(cu.astype(np.int64)),  # (S+1,)
+            "pixel_values": pixel_values,  # (P, 3, 14, 14)
+            "grid_hws": grid_hws,  # (N, 2)
+            "image_is_video": torch.tensor(
+                [v for s in seqs for v in s.image_is_video], dtype=torch.bool
+            ),  # (N,)
+            "source_ids": torch.tensor(
+                [src_index[n] for s in seqs for n in s.sources], dtype=torch.int64
+            ),  # (S,)
+        }
+
+    # -------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "mixture_hash": self.cfg.state_hash(),
+            "rng": self.rng.bit_generator.state,
+            "sources": [
+                {
+                    "name": s.name,
+                    "content_hash": s.content_hash,
+                    "epoch": s.epoch,
+                    "position": s.position,
+                    "docs_drawn": s.docs_drawn,
+                }
+                for s in self.sources
+            ],
+            "tokens_drawn": self.tokens_drawn,
+            "tokens_emitted": dict(self.tokens_emitted),
+            "batches": self.batches,
+            "buffer": [
+                {"source": p.doc.source, "row": p.doc.row, "start": p.start, "end": p.end}
+                for p in self.packer.buffer
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state: version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["mixture_hash"] != self.cfg.state_hash():
+            raise ValueError(
+                "state: saved with a different mixture config (sources, weights, schedule, seq_len...)"
+            )
+        if [s["name"] for s in state["sources"]] != [s.name for s in self.sources]:
+            raise ValueError(
+                f"state: sources {[s['name'] for s in state['sources']]} differ from the mixture's"
+            )
+        for saved, src in zip(state["sources"], self.sources, strict=True):
+            if saved["content_hash"] != src.content_hash:
+                raise ValueError(f"state: source {src.name!r} data changed since the state was saved")
+            src.epoch, src.position, src.docs_drawn = (
+                int(saved["epoch"]),
+                int(saved["position"]),
+                saved["docs_drawn"],
+            )
+            src._perm = None
+        self.rng.bit_generator.state = state["rng"]
+        self.tokens_drawn = int(state["tokens_drawn"])
+        self.tokens_emitted = {k: int(v) for k, v in state["tokens_emitted"].items()}
+        self.batches = int(state["batches"])
+        docs: dict[tuple[str, int], Document] = {}
+        pieces = []
+        for e in state["buffer"]:
+            key = (e["source"], int(e["row"]))
+            if key not in docs:
+                docs[key] = self._by_name[e["source"]].document(key[1])
+            pieces.append(Piece(docs[key], int(e["start"]), int(e["end"])))
+        self.packer = Packer(self.cfg.seq_len, self.cfg.pack_buffer_docs)
+        self.packer.add_pieces(pieces)
+
+
+def tokens_by_modality(batch: dict[str, torch.Tensor], merge: int = 2) -> dict[str, int]:
+    """Exact token accounting of a batch: text / image / video tokens actually present (no padding)."""
+    ids = batch["input_ids"]
+    n_pad = int((ids == MEDIA_PAD_ID).sum())
+    grids = batch["grid_hws"].to(torch.int64)
+    per_image = (
+        (grids[:, 0] // merge) * (grids[:, 1] // merge)
+        if grids.numel()
+        else torch.zeros(0, dtype=torch.int64)
+    )
+    if int(per_image.sum()) != n_pad:
+        raise ValueError(
+            f"batch holds {n_pad} <|media_pad|> tokens but its grid_hws give {int(per_image.sum())}"
+        )
+    video = int(per_image[batch["image_is_video"]].sum()) if per_image.numel() else 0
+    return {
+        "text": int(ids.numel()) - n_pad,
+        "image": n_pad - video,
+        "video": video,
+        "padding": 0,
+        "total": int(ids.numel()),
+    }

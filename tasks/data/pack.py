@@ -1,0 +1,276 @@
+"""Packing tokenized documents into sequences of at most ``seq_len`` tokens (no padding).
+
+A packed sequence is the concatenation of whole documents (or chunks of documents longer than
+``seq_len``) on one flat token axis, with ``cu_seqlens`` = cumsum([0, len_1, len_2, ...]) marking document
+boundaries, ``position_ids`` restarting at 0 in every document, and labels ALREADY SHIFTED within each
+document (the contract of ``kimivl_model.lm.KimiLM.forward``)::
+
+    labels[t] = input_ids[t + 1] if loss_mask[t + 1] else -100     (t, t + 1 in the same document)
+    labels[last token of each document] = -100
+
+so nothing is ever predicted across a document boundary. Sequences are NOT padded: a sequence may be
+shorter than ``seq_len``; its ``fill`` = tokens / seq_len measures packing quality and
+``packing_efficiency`` = real tokens / (num_sequences * seq_len) is the share of a fixed-length row that
+holds real tokens.
+
+Algorithm (deterministic): documents enter a buffer in arrival order; a document longer than ``seq_len``
+enters as consecutive chunks of at most ``seq_len`` tokens, each cut moved back to the start of a media
+block it would fall in (a block is ``<|media_start|> ... <|media_end|>``; a block longer than ``seq_len`` is
+an error naming the document). Once the buffer holds at least ``buffer_docs`` pieces AND at least
+2 x ``seq_len`` tokens, one sequence is emitted by first-fit-decreasing over the buffer: pieces sorted by
+length (descending, ties by arrival), each added if it still fits. Pieces left behind stay buffered for the
+next sequences (small ones become fillers). A chunk is its own document for attention, positions and
+labels (its first token is not predicted).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from tasks.data.special_tokens import MEDIA_END, MEDIA_PAD_ID, MEDIA_START, SPECIAL_IDS
+
+IGNORE_INDEX = -100
+_START_ID, _END_ID = SPECIAL_IDS[MEDIA_START], SPECIAL_IDS[MEDIA_END]
+
+
+@dataclass(frozen=True, eq=False)
+class Document:
+    """One tokenized document (a TOKENIZED_SCHEMA row); ``source``/``row`` locate it for loader state."""
+
+    id: str
+    input_ids: np.ndarray  # (T,) int64, unshifted
+    loss_mask: np.ndarray  # (T,) bool, True = token is a target
+    images: tuple[dict[str, Any], ...] = ()  # IMAGE_STRUCT dicts, one per media block, in order
+    grid_hws: tuple[tuple[int, int], ...] = ()  # patch grid per image
+    media_kind: str = "none"
+    source: str = ""
+    row: int = -1
+
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 1 or self.input_ids.shape != self.loss_mask.shape:
+            raise ValueError(
+                f"document {self.id!r}: input_ids and loss_mask must be 1-D of equal length, got "
+                f"{self.input_ids.shape} and {self.loss_mask.shape}"
+            )
+        if len(self.images) != len(self.grid_hws) or len(self.media_blocks) != len(self.grid_hws):
+            raise ValueError(
+                f"document {self.id!r}: {len(self.media_blocks)} media blocks, {len(self.images)} images and "
+                f"{len(self.grid_hws)} grids must all be equal"
+            )
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], source: str = "", row_index: int = -1) -> Document:
+        return cls(
+            id=row["id"],
+            input_ids=np.asarray(row["input_ids"], dtype=np.int64),
+            loss_mask=np.asarray(row["loss_mask"], dtype=bool),
+            images=tuple(row["images"]),
+            grid_hws=tuple((int(g["h"]), int(g["w"])) for g in row["grid_hws"]),
+            media_kind=row["media_kind"],
+            source=source,
+            row=row_index,
+        )
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @cached_property
+    def media_blocks(self) -> list[tuple[int, int]]:
+        """(start, end) inclusive token spans of the media blocks, in order."""
+        starts = np.flatnonzero(self.input_ids == _START_ID).tolist()
+        ends = np.flatnonzero(self.input_ids == _END_ID).tolist()
+        ok = len(starts) == len(ends) and all(
+            s < e and (i + 1 == len(starts) or e < starts[i + 1])
+            for i, (s, e) in enumerate(zip(starts, ends, strict=True))
+        )
+        if not ok:
+            raise ValueError(f"document {self.id!r}: unbalanced <|media_start|>/<|media_end|> tokens")
+        return list(zip(starts, ends, strict=True))
+
+
+@dataclass(frozen=True, eq=False)
+class Piece:
+    """Tokens [start, end) of a document: the whole document or one chunk of it."""
+
+    doc: Document
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def image_range(self) -> tuple[int, int]:
+        """Indices [i0, i1) of the document's images whose blocks lie in this piece."""
+        starts = [s for s, _ in self.doc.media_blocks]
+        return bisect.bisect_left(starts, self.start), bisect.bisect_left(starts, self.end)
+
+
+def split_document(doc: Document, seq_len: int) -> list[Piece]:
+    """Consecutive chunks of at most ``seq_len`` tokens, never cutting a media block."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be > 0, got {seq_len}")
+    if len(doc) == 0:
+        raise ValueError(f"document {doc.id!r} is empty")
+    pieces, start, n = [], 0, len(doc)
+    while n - start > seq_len:
+        cut = start + seq_len
+        for s, e in doc.media_blocks:
+            if s < cut <= e:
+                if s <= start:
+                    raise ValueError(
+                        f"document {doc.id!r}: media block at tokens [{s}, {e}] ({e - s + 1} tokens) is longer "
+                        f"than seq_len={seq_len}; raise seq_len or lower max_patches_per_image"
+                    )
+                cut = s
+                break
+        pieces.append(Piece(doc, start, cut))
+        start = cut
+    pieces.append(Piece(doc, start, n))
+    return pieces
+
+
+@dataclass
+class PackedSequence:
+    """One packed row of at most ``seq_len`` tokens (flat, unpadded); numpy int64 arrays."""
+
+    input_ids: np.ndarray  # (T,)
+    labels: np.ndarray  # (T,) shifted within each document, -100 = ignore
+    cu_seqlens: np.ndarray  # (S+1,)
+    position_ids: np.ndarray  # (T,) reset per document
+    images: list[dict[str, Any]]  # in placeholder order
+    grid_hws: list[tuple[int, int]]  # (N,) patch grids
+    image_is_video: list[bool]  # (N,) True for video frames
+    image_sources: list[str]  # (N,) source name per image (its image-processing settings)
+    doc_ids: list[str]  # (S,) document id per segment
+    sources: list[str]  # (S,) source name per segment
+    seq_len: int
+    num_text_tokens: int = 0
+    num_image_tokens: int = 0
+    num_video_tokens: int = 0
+    num_padding_tokens: int = 0  # always 0: sequences are never padded
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def fill(self) -> float:
+        return self.num_tokens / self.seq_len
+
+
+def shifted_labels(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """(T,) labels of ONE document: labels[t] = input_ids[t+1] if loss_mask[t+1] else -100; last = -100."""
+    labels = np.full(input_ids.shape, IGNORE_INDEX, dtype=np.int64)
+    labels[:-1] = np.where(loss_mask[1:], input_ids[1:], IGNORE_INDEX)
+    return labels
+
+
+def build_sequence(pieces: list[Piece], seq_len: int) -> PackedSequence:
+    """Concatenate pieces (each its own document segment) into one PackedSequence."""
+    total = sum(len(p) for p in pieces)
+    if not pieces or total > seq_len:
+        raise ValueError(f"pieces must be non-empty and hold <= seq_len={seq_len} tokens, got {total}")
+    ids, labels, pos, lens = [], [], [], []
+    images, grids, is_video, image_sources = [], [], [], []
+    n_image = n_video = 0
+    for p in pieces:
+        d = p.doc
+        x = d.input_ids[p.start : p.end]
+        ids.append(x)
+        labels.append(shifted_labels(x, d.loss_mask[p.start : p.end]))
+        pos.append(np.arange(len(p), dtype=np.int64))
+        lens.append(len(p))
+        i0, i1 = p.image_range()
+        images.extend(d.images[i0:i1])
+        grids.extend(d.grid_hws[i0:i1])
+        video = d.media_kind == "video"
+        is_video.extend([video] * (i1 - i0))
+        image_sources.extend([d.source] * (i1 - i0))
+        n_pad = int((x == MEDIA_PAD_ID).sum())
+        n_video += n_pad if video else 0
+        n_image += 0 if video else n_pad
+    input_ids = np.concatenate(ids)
+    return PackedSequence(
+        input_ids=input_ids,
+        labels=np.concatenate(labels),
+        cu_seqlens=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+        position_ids=np.concatenate(pos),
+        images=images,
+        grid_hws=grids,
+        image_is_video=is_video,
+        image_sources=image_sources,
+        doc_ids=[p.doc.id if len(p) == len(p.doc) else f"{p.doc.id}@{p.start}" for p in pieces],
+        sources=[p.doc.source for p in pieces],
+        seq_len=seq_len,
+        num_text_tokens=total - n_image - n_video,
+        num_image_tokens=n_image,
+        num_video_tokens=n_video,
+    )
+
+
+class Packer:
+    """Buffered first-fit-decreasing packer (see the module docstring); its buffer is loader state."""
+
+    def __init__(self, seq_len: int, buffer_docs: int = 64) -> None:
+        if seq_len <= 0 or buffer_docs <= 0:
+            raise ValueError(f"seq_len and buffer_docs must be > 0, got {seq_len} and {buffer_docs}")
+        self.seq_len = seq_len
+        self.buffer_docs = buffer_docs
+        self.buffer: list[Piece] = []  # arrival order
+        self.buffered_tokens = 0
+
+    def add(self, doc: Document) -> None:
+        self.add_pieces(split_document(doc, self.seq_len))
+
+    def add_pieces(self, pieces: list[Piece]) -> None:
+        self.buffer.extend(pieces)
+        self.buffered_tokens += sum(len(p) for p in pieces)
+
+    def ready(self) -> bool:
+        return len(self.buffer) >= self.buffer_docs and self.buffered_tokens >= 2 * self.seq_len
+
+    def pop(self) -> list[Piece]:
+        """Choose and remove the pieces of the next sequence (first-fit-decreasing)."""
+        if not self.buffer:
+            raise ValueError("Packer.pop: the buffer is empty")
+        order = sorted(range(len(self.buffer)), key=lambda i: -len(self.buffer[i]))  # stable: ties by arrival
+        room, chosen = self.seq_len, []
+        for i in order:
+            n = len(self.buffer[i])
+            if n <= room:
+                chosen.append(i)
+                room -= n
+                if room == 0:
+                    break
+        taken = set(chosen)
+        out = [self.buffer[i] for i in chosen]
+        self.buffer = [p for i, p in enumerate(self.buffer) if i not in taken]
+        self.buffered_tokens -= sum(len(p) for p in out)
+        return out
+
+
+def pack_documents(docs: Iterable[Document], seq_len: int, buffer_docs: int = 64) -> list[PackedSequence]:
+    """Pack a finite stream of documents; the buffer is flushed at the end."""
+    packer = Packer(seq_len, buffer_docs)
+    out: list[PackedSequence] = []
+    for d in docs:
+        packer.add(d)
+        while packer.ready():
+            out.append(build_sequence(packer.pop(), seq_len))
+    while packer.buffer:
+        out.append(build_sequence(packer.pop(), seq_len))
+    return out
+
+
+def packing_efficiency(seqs: list[PackedSequence], seq_len: int | None = None) -> float:
+    """Real tokens / (num_sequences * seq_len): the share of fixed-length rows holding real tokens."""
+    if not seqs:
+        raise ValueError("packing_efficiency: seqs is empty")
+    n = seq_len or seqs[0].seq_len
+    return sum(s.num_tokens for s in seqs) / (len(seqs) * n)
