@@ -14,11 +14,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_data import data_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kimi-VL training system.")
 model_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Model library: presets, checkpoints."
 )
 app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
 
 console = Console(stderr=True)
 

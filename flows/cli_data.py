@@ -1,0 +1,151 @@
+"""``kimivl data ...``: the data steps from the command line (also what dvc.yaml runs).
+
+Every command validates the recipe first (a bad field exits 2 naming it) and then calls the same
+``tasks.data.pipeline`` function the Prefect flow calls.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Data pipeline steps.")
+console = Console(stderr=True)
+
+RECIPE = typer.Option(Path("params.yaml"), "--recipe", "-r", help="recipe YAML (default: params.yaml)")
+
+
+def _recipe(path: Path):
+    from tasks.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(path)
+    except RecipeError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+
+
+def _guard(fn, *args):
+    from tasks.data.io import DatasetError
+    from tasks.manifest import ManifestError
+
+    try:
+        return fn(*args, log=console.print)
+    except (FileNotFoundError, DatasetError, ManifestError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+@data_app.command("all")
+def data_all(
+    recipe: Path = RECIPE, out: Path = typer.Option(Path("data"), "--out", help="data root")
+) -> None:
+    """Every data step: sources -> filter -> dedup (+QA) -> validate -> tokenizer -> tokenize."""
+    from tasks.data.pipeline import run_data_all
+
+    r = _recipe(recipe)
+    _emit(_guard(run_data_all, r.data, out))
+
+
+@data_app.command("sources")
+def data_sources(recipe: Path = RECIPE, out: Path = typer.Option(Path("data/raw"), "--out")) -> None:
+    """Generate the synthetic corpus and ingest the recipe's user sources into OUT/<name>/."""
+    from tasks.data.pipeline import step_sources
+
+    _emit(_guard(step_sources, _recipe(recipe).data, out))
+
+
+@data_app.command("filter")
+def data_filter(
+    recipe: Path = RECIPE,
+    inp: Path = typer.Option(Path("data/raw"), "--in"),
+    out: Path = typer.Option(Path("data/filtered"), "--out"),
+) -> None:
+    """Quality rules; rejected rows go to OUT/<name>/quarantine with their reason."""
+    from tasks.data.pipeline import step_filter
+
+    _emit(_guard(step_filter, _recipe(recipe).data, inp, out))
+
+
+@data_app.command("dedup")
+def data_dedup(
+    recipe: Path = RECIPE,
+    inp: Path = typer.Option(Path("data/filtered"), "--in"),
+    out: Path = typer.Option(Path("data/dedup"), "--out"),
+) -> None:
+    """Exact + near-duplicate removal (kept aside in duplicates/), then rejection-sampled synthetic QA."""
+    from tasks.data.pipeline import step_dedup
+
+    _emit(_guard(step_dedup, _recipe(recipe).data, inp, out))
+
+
+@data_app.command("validate")
+def data_validate(
+    recipe: Path = RECIPE,
+    inp: Path = typer.Option(Path("data/dedup"), "--in"),
+    out: Path = typer.Option(Path("data/validated"), "--out"),
+) -> None:
+    """Great Expectations data contracts: accepted rows and quarantined rows with the failed expectation."""
+    from tasks.data.pipeline import step_validate
+
+    _emit(_guard(step_validate, _recipe(recipe).data, inp, out))
+
+
+@data_app.command("tokenizer")
+def data_tokenizer(
+    recipe: Path = RECIPE,
+    inp: Path = typer.Option(Path("data/validated"), "--in"),
+    out: Path = typer.Option(Path("data/tokenizer"), "--out"),
+) -> None:
+    """Train the byte-level BPE (fixed special-token ids) on the validated text."""
+    from tasks.data.pipeline import step_tokenizer
+
+    _emit(_guard(step_tokenizer, _recipe(recipe).data, inp, out))
+
+
+@data_app.command("tokenize")
+def data_tokenize(
+    recipe: Path = RECIPE,
+    inp: Path = typer.Option(Path("data/validated"), "--in"),
+    tokenizer: Path = typer.Option(Path("data/tokenizer"), "--tokenizer"),
+    out: Path = typer.Option(Path("data/tokenized"), "--out"),
+) -> None:
+    """Tokenize every validated dataset (media blocks, ChatML masks) into tokenized shards."""
+    from tasks.data.pipeline import step_tokenize
+
+    _emit(_guard(step_tokenize, _recipe(recipe).data, inp, tokenizer, out))
+
+
+@data_app.command("ingest")
+def data_ingest(
+    src: Path = typer.Argument(..., help="file or directory of user data"),
+    fmt: str = typer.Option(..., "--format", help="llava | coco | jsonl | webdataset | parquet"),
+    out: Path = typer.Option(..., "--out", help="dataset directory to write"),
+    source: str = typer.Option("user", "--source"),
+    image_root: Path | None = typer.Option(None, "--image-root"),
+) -> None:
+    """Ingest one user dataset in a standard format into a record dataset."""
+    from pydantic import ValidationError
+
+    from tasks.data.ingest import IngestConfig, run_ingest
+    from tasks.data.io import DatasetError
+
+    try:
+        cfg = IngestConfig(format=fmt, source=source, image_root=image_root)
+    except ValidationError as e:
+        console.print(f"[bold red]error:[/] {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+        raise typer.Exit(2) from None
+    try:
+        m = run_ingest(src, out, cfg)
+    except (FileNotFoundError, DatasetError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    _emit(m.counts)

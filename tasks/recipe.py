@@ -1,0 +1,149 @@
+"""The recipe: one validated document (``params.yaml`` = ``configs/tiny.yaml``; ``configs/a3b.yaml``) that
+drives data, every training phase and evaluation. It is checked completely before any work starts: a
+bad field is a ``RecipeError`` naming the file and the field path (the CLI prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kimivl_model.config import PRESETS, ConfigError, VLMConfig, preset
+from tasks.data.pipeline import QA_NAME, DataRecipe
+from tasks.data.synth import SYNTH_KINDS
+from tasks.train.stages import STAGES, PhaseConfig
+
+
+class RecipeError(ValueError):
+    """An invalid recipe; the message names the file and the field."""
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    preset: str = Field(default="tiny", description="model preset: tiny | small | a3b")
+    init_checkpoint: Path | None = Field(
+        default=None, description="native checkpoint the first phase starts from (e.g. an imported model)"
+    )
+    attn_backend: Literal["auto", "flash", "sdpa", "sdpa_masked"] = "auto"
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> ModelSettings:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} (expected one of {sorted(PRESETS)})")
+        return self
+
+    def vlm_config(self) -> VLMConfig:
+        return preset(self.preset)
+
+
+class TrainSettings(BaseModel):
+    """Engine settings shared by every phase (each phase adds its own LR schedule and batch size)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    optimizer: Literal["muon", "adamw"] = "muon"
+    zero_stage: int = Field(default=0, ge=0, le=2)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    seed: int = Field(default=0, ge=0)
+    checkpoint_every_steps: int = Field(default=20, gt=0, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(default=2, gt=0, description="complete checkpoints kept per phase")
+    max_consecutive_nonfinite: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _muon_zero(self) -> TrainSettings:
+        if self.optimizer == "muon" and self.zero_stage != 0:
+            raise ValueError(
+                f"zero_stage: optimizer 'muon' requires zero_stage 0 (DeepSpeed ZeRO >= 1 flattens parameters), "
+                f"got {self.zero_stage}"
+            )
+        return self
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(description="recipe name, e.g. 'tiny' or 'a3b'")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataRecipe = Field(default_factory=DataRecipe)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    phases: tuple[PhaseConfig, ...] = Field(default=(), description="training phases in recipe order")
+
+    @model_validator(mode="after")
+    def _phases_consistent(self) -> Recipe:
+        names = [p.name for p in self.phases]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"phases: duplicate phase names {dup}")
+        order = [STAGES.index(p.stage) for p in self.phases]
+        if order != sorted(order):
+            raise ValueError(
+                f"phases: stages must follow the recipe order {list(STAGES)}, got {[p.stage for p in self.phases]}"
+            )
+        if self.phases and self.phases[0].lr.mode == "continue":
+            raise ValueError(f"phases.0.lr.mode: the first phase ({names[0]}) cannot continue a schedule")
+        known = set(SYNTH_KINDS) | {QA_NAME} | {s.name for s in self.data.sources}
+        for i, p in enumerate(self.phases):
+            unknown = sorted({s.name for s in p.sources} - known)
+            if unknown:
+                raise ValueError(
+                    f"phases.{i}.sources: unknown datasets {unknown} in phase {p.name!r} (known: {sorted(known)})"
+                )
+            if p.objective == "lm" and p.stage in ("sft", "cot_sft"):
+                raise ValueError(f"phases.{i}.objective: stage {p.stage!r} uses objective 'sft'")
+        try:
+            vlm = self.model.vlm_config()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        for i, p in enumerate(self.phases):
+            if p.seq_len > vlm.lm.max_position_embeddings * 64:
+                raise ValueError(f"phases.{i}.seq_len: {p.seq_len} is beyond any supported context")
+        return self
+
+    def phase(self, name: str) -> PhaseConfig:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise RecipeError(
+            f"unknown phase {name!r} (recipe {self.name!r} has {[p.name for p in self.phases]})"
+        )
+
+    def stage_phases(self, stage: str) -> list[PhaseConfig]:
+        ps = [p for p in self.phases if p.stage == stage]
+        if not ps:
+            raise RecipeError(
+                f"unknown stage {stage!r} (recipe {self.name!r} has {sorted({p.stage for p in self.phases})})"
+            )
+        return ps
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        lines.append(f"{source}: field {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def recipe_from_dict(d: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(d)
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e, source)) from None
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Read and validate a recipe YAML; every problem is a ``RecipeError`` naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return recipe_from_dict(raw, str(path))

@@ -1,0 +1,135 @@
+"""Stage configs: every stage of the Kimi-VL recipe is data, not code (REFERENCE.md "Training recipe").
+
+A recipe lists *phases* in order. A phase belongs to one recipe stage (``stage``) and names everything the
+generic stage runner needs: objective, trainable components, data mixture (+ share schedule), sequence
+length, token budget, LR schedule (continued or re-warmed), RoPE theta, and where its weights start.
+Stages with sub-stages are several phases of the same ``stage``:
+
+| stage          | phases (tiny recipe)                  | objective | trains                  |
+|----------------|---------------------------------------|-----------|-------------------------|
+| vit            | vit                                   | coca      | vit + coca head         |
+| align          | align                                 | lm        | vit + projector         |
+| joint_pretrain | joint_pretrain                        | lm        | all                     |
+| cooldown       | cooldown                              | lm        | all                     |
+| long_context   | long_context.1, long_context.2 (x4)   | lm        | all                     |
+| sft            | sft.1 (L), sft.2 (4L, re-warmed)      | sft       | all                     |
+| cot_sft        | cot_sft                               | sft       | all                     |
+
+(The paper's RL stage for the Thinking model is not part of this system yet.)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STAGES = ("vit", "align", "joint_pretrain", "cooldown", "long_context", "sft", "cot_sft")
+COMPONENTS = ("vit", "projector", "lm", "coca")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MixtureSource(_Strict):
+    name: str = Field(
+        description="tokenized dataset name produced by the data pipeline (e.g. 'caption', 'text')"
+    )
+    weight: float = Field(ge=0, description="relative sampling weight within its group")
+    group: str = Field(default="text", description="share group, e.g. 'text' or 'multimodal'")
+
+
+class ShareSchedule(_Strict):
+    """Linear change of one group's share of sampled documents over the phase's token budget."""
+
+    group: str = Field(description="the group whose share changes (e.g. 'multimodal')")
+    start: float = Field(ge=0, le=1, description="share at the first token of the phase")
+    end: float = Field(ge=0, le=1, description="share at the token budget")
+
+
+class LRConfig(_Strict):
+    """One phase's learning rate.
+
+    ``fresh`` starts a new schedule (warm-up + decay) spanning this phase and every following ``continue``
+    phase; ``continue`` carries on the schedule of the phase before it (joint pretraining continues the
+    schedule, REFERENCE.md), so its own peak/min/warm-up fields must be left unset.
+    """
+
+    mode: Literal["fresh", "continue"] = Field(default="fresh", description="fresh schedule or continue")
+    peak_lr: float | None = Field(default=None, gt=0, description="peak learning rate (fresh only)")
+    min_lr: float | None = Field(default=None, ge=0, description="final learning rate (fresh only)")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps (fresh only)")
+    schedule: Literal["warmup_cosine", "cosine", "linear", "constant"] = "warmup_cosine"
+
+    @model_validator(mode="after")
+    def _check(self) -> LRConfig:
+        if self.mode == "fresh":
+            if self.peak_lr is None or self.min_lr is None:
+                raise ValueError("peak_lr and min_lr are required for mode 'fresh'")
+            if self.min_lr > self.peak_lr:
+                raise ValueError(f"min_lr ({self.min_lr}) must be <= peak_lr ({self.peak_lr})")
+        elif self.peak_lr is not None or self.min_lr is not None or self.warmup_steps:
+            raise ValueError(
+                "mode 'continue' takes the previous schedule: leave peak_lr/min_lr/warmup_steps unset"
+            )
+        return self
+
+
+class ResolutionStep(_Strict):
+    until_fraction: float = Field(gt=0, le=1, description="applies until this fraction of the token budget")
+    max_patches: int = Field(gt=0, description="max patches per image (images are downscaled to fit)")
+
+
+class PhaseConfig(_Strict):
+    name: str = Field(description="unique phase name, e.g. 'long_context.1'")
+    stage: Literal["vit", "align", "joint_pretrain", "cooldown", "long_context", "sft", "cot_sft"]
+    objective: Literal["coca", "lm", "sft"]
+    trainable: tuple[Literal["vit", "projector", "lm", "coca"], ...]
+    sources: tuple[MixtureSource, ...] = Field(min_length=1)
+    share_schedule: ShareSchedule | None = None
+    seq_len: int = Field(gt=0, description="packed sequence length in tokens")
+    token_budget: int = Field(
+        gt=0, description="tokens consumed (all modalities, padding excluded) before stopping"
+    )
+    micro_batches_per_step: int = Field(
+        default=1, gt=0, description="global micro-batches per optimizer step"
+    )
+    lr: LRConfig
+    rope_theta: float | None = Field(default=None, gt=0, description="set the LM RoPE base before this phase")
+    init_from: Literal["previous", "scratch"] = "previous"
+    router_bias_update: bool = Field(
+        default=True, description="aux-loss-free bias update (pretraining stages)"
+    )
+    progressive_resolution: tuple[ResolutionStep, ...] = ()
+    captions_per_batch: int = Field(default=8, gt=1, description="coca: image-caption pairs per micro-batch")
+
+    @field_validator("trainable")
+    @classmethod
+    def _nonempty_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one component must be trainable")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate components in {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PhaseConfig:
+        if self.objective == "coca" and "coca" not in self.trainable:
+            raise ValueError("objective 'coca' needs 'coca' in trainable")
+        if self.objective != "coca" and "coca" in self.trainable:
+            raise ValueError(f"'coca' is trainable only with objective 'coca' (got {self.objective!r})")
+        if self.share_schedule is not None:
+            groups = {s.group for s in self.sources}
+            if self.share_schedule.group not in groups:
+                raise ValueError(
+                    f"share_schedule.group {self.share_schedule.group!r} is not a group of the sources {sorted(groups)}"
+                )
+            if len(groups) < 2:
+                raise ValueError("a share_schedule needs sources in at least two groups")
+        fr = [r.until_fraction for r in self.progressive_resolution]
+        if fr and (fr != sorted(fr) or fr[-1] != 1.0):
+            raise ValueError(f"progressive_resolution until_fraction must increase and end at 1.0, got {fr}")
+        if self.token_budget < self.seq_len:
+            raise ValueError(f"token_budget ({self.token_budget}) must be >= seq_len ({self.seq_len})")
+        return self
