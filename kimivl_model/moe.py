@@ -141,7 +141,8 @@ class RoutedExperts(nn.Module):
         else:
             ys = _swiglu_loop(xs, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj)
         w = topk_weight.reshape(-1).index_select(0, order).to(ys.dtype)  # (T*k,)
-        return torch.zeros_like(x).index_add(0, token, ys * w[:, None])  # (T, hidden)
+        # accumulate in the residual dtype (under bf16 autocast the expert outputs are bf16, x is fp32)
+        return torch.zeros_like(x).index_add(0, token, (ys * w[:, None]).to(x.dtype))  # (T, hidden)
 
 
 def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,361 @@
+"""Training checkpoints on disk: no pickle, staged writes, checksums (the engine's save/load format).
+
+Layout of one checkpoint directory ``DIR`` (``checkpoint_path(root, step)`` names it ``root/step-NNNNNNNN``):
+
+    model.safetensors          full fp32 ``model.state_dict()`` incl. buffers (router bias); rank 0 writes
+    optimizer/rank-NNNNN.pt    each rank's optimizer state: plain tensors / lists / numbers (torch.save)
+    rng/rank-NNNNN.pt          torch CPU (+ CUDA) RNG, python ``random`` and numpy states as tensors / lists
+    trainer_state.json         step, skipped_steps, consecutive_nonfinite, world_size, engine config, extra_state
+    checksums.json             sha256 of every other file; written last
+
+Every ``.pt`` file is read with ``torch.load(..., weights_only=True)``: nothing in a checkpoint can run code.
+A save writes into ``.DIR.staging`` and renames it onto ``DIR`` only when all ranks' files and the
+checksums are in place, so a killed save never leaves a complete-looking checkpoint; ``latest_checkpoint``
+ignores staging directories and directories without ``checksums.json``. A corrupted or missing file makes
+``verify_checksums`` raise ``CheckpointError`` naming the file.
+
+Multi-node runs need ``root`` on a filesystem shared by all nodes (each rank writes its own files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.model_io import atomic_path, write_json_atomic
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.json"
+CHECKSUM_FILE = "checksums.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or incompatible; the message names the file/field."""
+
+
+class DivergenceError(RuntimeError):
+    """Training produced non-finite losses/gradients for too many consecutive steps."""
+
+
+# ------------------------------------------------------------------------------------------- naming
+def checkpoint_path(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def rank_file(kind: str, rank: int) -> str:
+    """Relative path of a per-rank file: ``optimizer/rank-00003.pt``."""
+    return f"{kind}/rank-{rank:05d}.pt"
+
+
+def staging_path(final: Path) -> Path:
+    final = Path(final)
+    return final.parent / f".{final.name}.staging"
+
+
+def is_complete(directory: Path) -> bool:
+    d = Path(directory)
+    return (d / CHECKSUM_FILE).is_file() and (d / STATE_FILE).is_file()
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The complete ``root/step-N`` directory with the highest N (staged or partial ones are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and is_complete(child):
+            found.append((int(m.group(1)), child))
+    return max(found)[1] if found else None
+
+
+# ------------------------------------------------------------------------------------------ files
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    with atomic_path(Path(path)) as tmp:
+        torch.save(obj, tmp)
+
+
+def torch_load_plain(path: Path) -> Any:
+    """Load a checkpoint ``.pt`` file; only tensors and plain containers are accepted (no pickle code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be loaded with weights_only=True: {e}") from e
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksums(directory: Path, relative: list[str]) -> dict[str, str]:
+    return {rel: sha256_file(Path(directory) / rel) for rel in relative}
+
+
+def write_checksums(directory: Path, sums: dict[str, str]) -> None:
+    write_json_atomic(
+        {"algorithm": "sha256", "files": dict(sorted(sums.items()))}, Path(directory) / CHECKSUM_FILE
+    )
+
+
+def read_checksums(directory: Path) -> dict[str, str]:
+    path = Path(directory) / CHECKSUM_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {directory} is not a complete checkpoint")
+    try:
+        return dict(json.loads(path.read_text())["files"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable checksum file: {e}") from e
+
+
+def verify_checksums(directory: Path, files: list[str] | None = None) -> None:
+    """Check ``files`` (default: all listed) against ``checksums.json``; raise ``CheckpointError`` naming
+    the first missing or mismatching file."""
+    directory = Path(directory)
+    sums = read_checksums(directory)
+    for rel in sums if files is None else files:
+        if rel not in sums:
+            raise CheckpointError(f"{directory / rel}: not listed in {CHECKSUM_FILE}")
+        path = directory / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+        if sha256_file(path) != sums[rel]:
+            raise CheckpointError(f"{path}: sha256 mismatch (file corrupted or modified after saving)")
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Rename a fully written staging directory onto ``final`` (replacing an older one)."""
+    staging, final = Path(staging), Path(final)
+    old = final.parent / f".{final.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {directory} is not a complete checkpoint")
+    state = json.loads(path.read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {state.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    return state
+
+
+# -------------------------------------------------------------------------------------------- rng
+def rng_state() -> dict[str, Any]:
+    """All RNG states of this process as tensors / lists / numbers (weights_only-loadable)."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    out: dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state(),
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+    }
+    if torch.cuda.is_available():
+        out["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    )
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+# ---------------------------------------------------------------------------- engine save / load
+def _optimizer_state(engine: Any) -> dict[str, Any]:
+    """This rank's optimizer state as plain tensors/containers (no DeepSpeed objects)."""
+    opt = engine.optimizer
+    meta = {"world_size": engine.world_size, "rank": engine.rank, "zero_stage": engine.cfg.zero_stage}
+    if engine.cfg.zero_stage == 0:  # DistributedMuon (sharded by owner) or torch AdamW: plain state dicts
+        return {**meta, "kind": "torch", "state_dict": opt.state_dict()}
+    # ZeRO 1/2: this rank's fp32 master partition per group + the base torch AdamW state over it
+    return {
+        **meta,
+        "kind": "zero",
+        "fp32_partitions": [t.detach().to("cpu", copy=True) for t in opt.single_partition_of_fp32_groups],
+        "base": opt.optimizer.state_dict(),
+    }
+
+
+def _load_optimizer_state(engine: Any, state: dict[str, Any], path: Path) -> None:
+    opt = engine.optimizer
+    if state.get("kind") == "torch" and engine.cfg.zero_stage == 0:
+        try:
+            opt.load_state_dict(state["state_dict"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not fit this optimizer: {e}") from e
+        return
+    if state.get("kind") != "zero" or engine.cfg.zero_stage == 0:
+        raise CheckpointError(
+            f"{path}: optimizer state kind {state.get('kind')!r} does not fit ZeRO {engine.cfg.zero_stage}"
+        )
+    saved = state["fp32_partitions"]
+    current = opt.single_partition_of_fp32_groups
+    if [tuple(t.shape) for t in saved] != [tuple(t.shape) for t in current]:
+        raise CheckpointError(
+            f"{path}: ZeRO partitions {[tuple(t.shape) for t in saved]} != this run's "
+            f"{[tuple(t.shape) for t in current]} (model, trainable set or world size changed)"
+        )
+    with torch.no_grad():
+        for dst, src in zip(current, saved, strict=True):
+            dst.copy_(src)
+    opt.optimizer.load_state_dict(state["base"])
+
+
+def save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any]) -> Path:
+    """Collective: every rank calls it. Writes the layout of the module docstring via a staging dir."""
+    import torch.distributed as dist
+
+    from tasks.model_io import save_safetensors_atomic
+
+    final = Path(final)
+    staging = staging_path(final)
+    multi = engine.world_size > 1
+    if engine.rank == 0:
+        if staging.exists():
+            shutil.rmtree(staging)  # left over from a killed save
+        (staging / "optimizer").mkdir(parents=True)
+        (staging / "rng").mkdir()
+    if multi:
+        dist.barrier()
+    mine = [rank_file("optimizer", engine.rank), rank_file("rng", engine.rank)]
+    torch_save_atomic(_optimizer_state(engine), staging / mine[0])
+    torch_save_atomic(rng_state(), staging / mine[1])
+    if engine.rank == 0:
+        save_safetensors_atomic(
+            engine.full_state_dict(),
+            staging / MODEL_FILE,
+            metadata={"format": "pt", "step": str(engine.step)},
+        )
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": engine.step,
+            "skipped_steps": engine.skipped_steps,
+            "consecutive_nonfinite": engine.consecutive_nonfinite,
+            "world_size": engine.world_size,
+            "optimizer": engine.cfg.optimizer,
+            "zero_stage": engine.cfg.zero_stage,
+            "engine_config": engine.cfg.model_dump(mode="json"),
+            "extra_state": extra_state,
+        }
+        write_json_atomic(state, staging / STATE_FILE)
+        mine += [MODEL_FILE, STATE_FILE]
+    sums = checksums(staging, mine)
+    if multi:
+        gathered: list[Any] = [None] * engine.world_size
+        dist.all_gather_object(gathered, sums)  # all ranks' files are written once this returns
+        sums = {k: v for part in gathered for k, v in part.items()}
+    if engine.rank == 0:
+        write_checksums(staging, sums)
+        fsync_dir(staging)
+        publish(staging, final)
+    if multi:
+        dist.barrier()
+    return final
+
+
+def _check_all_ranks(engine: Any, error: CheckpointError | None) -> None:
+    """Raise on every rank if any rank failed (a lone failing rank would leave the others hanging)."""
+    import torch.distributed as dist
+
+    bad = torch.tensor([0.0 if error is None else 1.0], device=engine.device)
+    if engine.world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if bad.item():
+        raise CheckpointError("another rank reported a missing or corrupted checkpoint file (see its error)")
+
+
+def load_engine_checkpoint(
+    engine: Any, directory: Path, *, weights_only_resume: bool = False
+) -> dict[str, Any]:
+    from tasks.model_io import load_safetensors
+
+    directory = Path(directory)
+    files = [MODEL_FILE, STATE_FILE]
+    if not weights_only_resume:
+        files += [rank_file("optimizer", engine.rank), rank_file("rng", engine.rank)]
+    error: CheckpointError | None = None
+    state: dict[str, Any] = {}
+    try:
+        verify_checksums(directory, files)
+        state = read_trainer_state(directory)
+        if not weights_only_resume:
+            if state["world_size"] != engine.world_size:
+                raise CheckpointError(
+                    f"{directory / STATE_FILE}: saved with world_size={state['world_size']}, this run has "
+                    f"world_size={engine.world_size}; the optimizer state is sharded per rank (DistributedMuon "
+                    "ownership / ZeRO partitions) and cannot be resharded: pass weights_only_resume=True to "
+                    "keep the weights and counters with a fresh optimizer state"
+                )
+            saved_opt = (state["optimizer"], state["zero_stage"])
+            if saved_opt != (engine.cfg.optimizer, engine.cfg.zero_stage):
+                raise CheckpointError(
+                    f"{directory / STATE_FILE}: saved with optimizer/zero_stage {saved_opt}, this run uses "
+                    f"{(engine.cfg.optimizer, engine.cfg.zero_stage)}; pass weights_only_resume=True"
+                )
+    except CheckpointError as e:
+        error = e
+    _check_all_ranks(engine, error)
+
+    weights = load_safetensors(directory / MODEL_FILE)
+    try:
+        engine.model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory / MODEL_FILE}: does not match the model: {e}") from e
+    if weights_only_resume:
+        if engine.cfg.zero_stage > 0:
+            engine.optimizer.refresh_fp32_params()  # fp32 masters <- (fp32) module weights
+    else:
+        opt_path = directory / rank_file("optimizer", engine.rank)
+        _load_optimizer_state(engine, torch_load_plain(opt_path), opt_path)
+        set_rng_state(torch_load_plain(directory / rank_file("rng", engine.rank)))
+    engine.step = int(state["step"])
+    engine.skipped_steps = int(state["skipped_steps"])
+    engine.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+    return dict(state.get("extra_state", {}))

@@ -1,0 +1,412 @@
+"""The DeepSpeed training engine: one optimizer step per global batch of packed micro-batches.
+
+What it does (DESIGN.md "distributed training"; STACK.md "DeepSpeed on CPU" for the facts it relies on):
+- wraps ``deepspeed.initialize``; optimizer ``muon`` = ``DistributedMuon`` (Moonlight Muon, whole-matrix
+  ownership, ZeRO-1-style sharded state) as DeepSpeed client optimizer under ZeRO 0 (ZeRO >= 1 flattens
+  params to 1-D partitions, which breaks per-matrix Muon); optimizer ``adamw`` = DeepSpeed's own
+  ``"type": "AdamW"`` with ``torch_adam`` (torch.optim.AdamW: no FusedAdam JIT build, needs no
+  ``zero_allow_untested_optimizer``, runs on CPU and GPU) under ZeRO 0, 1 or 2;
+- exact token-weighted gradients: the objective of a global step is
+  ``sum over all target tokens of the global batch (CE) / N_global + mean over the step's micro-batches of
+  extra_loss`` whatever the world size W and accumulation split G = micro_batches_per_step / W. Each
+  micro-batch backpropagates ``loss_sum * (W * G / N_global) + extra_loss``; DeepSpeed divides by G in
+  ``engine.backward`` and by W in its gradient all-reduce, which leaves exactly the objective above.
+  ``N_global`` is all-reduced BEFORE the first backward (``count_tokens`` reads it from the batches);
+- LR: our own pure schedule (``schedule.lr_at``), written into every param group before each optimizer
+  step; no DeepSpeed scheduler (its WarmupDecayLR starts at lr 0);
+- non-finite loss or gradient norm (checked on every rank and all-reduced, so all ranks agree): the
+  optimizer step is skipped (grads dropped, no optimizer/param state change), counted in
+  ``skipped_steps``; ``max_consecutive_nonfinite`` skips in a row raise ``DivergenceError``;
+- bf16: ``torch.autocast`` through DeepSpeed's ``torch_autocast`` section; params, grads, optimizer state,
+  buffers (router bias, RoPE tables) and frozen params stay fp32, so checkpoints and exports are full
+  precision without gathering. (DeepSpeed's ``"bf16"`` section casts every module parameter to bf16, frozen
+  ones included, so frozen weights would be rounded for good, and keeps the fp32 masters inside its
+  optimizer wrappers (``FP16_UnfusedOptimizer`` at ZeRO 0, ZeRO partitions at 1/2), which every checkpoint
+  and export would have to gather.) Model code must therefore tolerate autocast (fp32 params, bf16 matmuls).
+- checkpoints: ``tasks/train/checkpoint.py`` format (safetensors + weights_only ``.pt`` + checksums,
+  staged then renamed), never DeepSpeed's pickle-based save.
+
+The engine never updates the MoE router bias: ``StepResult.expert_load`` (summed over all ranks) is for
+the caller (``KimiLM.update_router_bias``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kimivl_model.muon import build_param_groups, param_group_summary
+from tasks.train import checkpoint as ckpt
+from tasks.train.checkpoint import CheckpointError, DivergenceError
+from tasks.train.distributed_muon import DistributedMuon
+from tasks.train.engine_config import EngineConfig, build_ds_config
+from tasks.train.launch import init_distributed_if_needed
+from tasks.train.schedule import lr_at
+
+__all__ = [
+    "CheckpointError",
+    "DivergenceError",
+    "EngineConfig",
+    "LossResult",
+    "StepResult",
+    "TrainEngine",
+    "build_ds_config",
+    "count_target_tokens",
+]
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossResult:
+    """What ``loss_fn(model, micro_batch)`` returns for one micro-batch."""
+
+    loss_sum: torch.Tensor  # () summed (not averaged) CE over the micro-batch's target tokens
+    num_tokens: int  # target tokens of the micro-batch (labels != -100)
+    extra_loss: torch.Tensor | float = 0.0  # () added as is, e.g. MoE aux loss (averaged over micro-batches)
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. separate loss terms (step mean reported)
+    expert_load: torch.Tensor | None = None  # (num_moe_layers, E) tokens per expert (step sum reported)
+
+
+@dataclass
+class StepResult:
+    step: int  # optimizer steps taken so far (incl. skipped ones), i.e. 1-based index of this step
+    lr: float  # LR used by this step
+    loss: float  # global token-mean CE: sum(loss_sum) / tokens over all ranks
+    grad_norm: float  # global grad L2 norm before clipping (inf/nan when skipped)
+    skipped: bool  # non-finite loss/grad: no update
+    tokens: int  # global target tokens of the step
+    metrics: dict[str, float]  # means over the step's micro-batches (all ranks), incl. "extra_loss"
+    expert_load: torch.Tensor | None  # (num_moe_layers, E) summed over all micro-batches of all ranks
+
+
+LossFn = Callable[[nn.Module, Any], LossResult]
+
+
+def count_target_tokens(micro_batch: Any) -> int:
+    """Default token counter: ``labels != -100`` of a mapping (or object) with ``labels``."""
+    labels = (
+        micro_batch.get("labels")
+        if isinstance(micro_batch, Mapping)
+        else getattr(micro_batch, "labels", None)
+    )
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(
+            "count_tokens: the default counter needs micro-batches with a 'labels' tensor; "
+            "pass TrainEngine(count_tokens=...) for other batch types"
+        )
+    return int((labels != IGNORE_INDEX).sum())
+
+
+class _LossModule(nn.Module):
+    """What DeepSpeed wraps: forward(micro_batch) -> the scalar that this micro-batch backpropagates."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.token_scale = 1.0
+        self.last: LossResult | None = None
+
+    def forward(self, micro_batch: Any) -> torch.Tensor:
+        res = self.loss_fn(self.model, micro_batch)
+        if not isinstance(res, LossResult):
+            raise TypeError(f"loss_fn: expected a LossResult, got {type(res).__name__}")
+        if not isinstance(res.loss_sum, torch.Tensor) or res.loss_sum.dim() != 0:
+            raise TypeError("loss_fn: LossResult.loss_sum must be a 0-dim tensor (summed over target tokens)")
+        self.last = res
+        return res.loss_sum.float() * self.token_scale + res.extra_loss
+
+
+def _install_step_guard(optimizer: torch.optim.Optimizer) -> None:
+    """Let the engine veto the next ``optimizer.step()`` (non-finite step) under ZeRO 0, where DeepSpeed
+    calls the optimizer directly; DeepSpeed reads ``optimizer.overflow`` afterwards (skipped-step count)."""
+    inner = optimizer.step
+
+    def step(closure: Callable[[], float] | None = None) -> float | None:
+        optimizer.overflow = optimizer.skip_next
+        optimizer.skip_next = False
+        return None if optimizer.overflow else inner(closure)
+
+    optimizer.skip_next = False
+    optimizer.overflow = False
+    optimizer.step = step
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class TrainEngine:
+    """DeepSpeed engine + exact token-weighted steps + non-finite guard + pickle-free checkpoints.
+
+    ``model``: the full model (frozen params have ``requires_grad=False`` and are never touched);
+    ``loss_fn(model, micro_batch) -> LossResult``; ``count_tokens(micro_batch) -> int`` target tokens
+    (default: ``labels != -100``; must agree with ``LossResult.num_tokens``); ``before_step(engine)`` is
+    called after the gradients are final (reduced, before clipping) and before the optimizer step (under
+    ZeRO 0 they are in ``p.grad``; ZeRO 1/2 keep them partitioned inside DeepSpeed).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: EngineConfig,
+        loss_fn: LossFn,
+        *,
+        tracker: Any = None,
+        count_tokens: Callable[[Any], int] = count_target_tokens,
+        before_step: Callable[[TrainEngine], None] | None = None,
+    ) -> None:
+        self.rank, self.world_size = init_distributed_if_needed()  # also sets TORCH_EXTENSIONS_DIR
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg = cfg
+        self.gas = cfg.check_world_size(self.world_size)
+        self.device_type = get_accelerator().device_name()
+        self.precision = cfg.resolved_precision(self.device_type)
+        self.model = model
+        self.count_tokens = count_tokens
+        self.before_step = before_step
+        self.tracker = tracker
+        self.step = 0  # optimizer steps taken (incl. skipped)
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        seed_everything(cfg.seed + self.rank)
+
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("model: no parameter has requires_grad=True; nothing to train")
+        self._wrapper = _LossModule(model, loss_fn)
+        self.ds_config = build_ds_config(cfg, self.world_size, self.device_type)
+        optimizer = None
+        params: dict[str, Any] = {}
+        if cfg.optimizer == "muon":
+            groups = build_param_groups(
+                model,
+                lr=cfg.schedule.peak_lr,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.muon_momentum,
+                ns_steps=cfg.muon_ns_steps,
+                adamw_betas=tuple(cfg.adamw_betas),
+                adamw_eps=cfg.adamw_eps,
+            )
+            params = {f"optimizer.{k}": v for k, v in param_group_summary(groups).items()}
+            optimizer = DistributedMuon(groups, grads_are_averaged=True)
+        else:
+            params = {"optimizer.adamw_params": sum(p.numel() for p in self.trainable)}
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=self._wrapper,
+            optimizer=optimizer,
+            model_parameters=self.trainable if optimizer is None else None,
+            config=self.ds_config,
+        )
+        self.device = self.ds.device
+        if cfg.zero_stage == 0:
+            _install_step_guard(self.optimizer)
+        self.ds.train()
+        if self.rank == 0 and tracker is not None:
+            tracker.log_params(
+                {
+                    "engine": cfg.model_dump(mode="json"),
+                    "world_size": self.world_size,
+                    "precision_resolved": self.precision,
+                    "trainable_params": sum(p.numel() for p in self.trainable),
+                    **params,
+                }
+            )
+
+    # ------------------------------------------------------------------------------- collectives
+    def _all_reduce(self, values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _zero0_grad_norm(self) -> float:
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])))
+
+    # ------------------------------------------------------------------------------- training
+    def train_step(self, micro_batches: list[Any]) -> StepResult:
+        """One optimizer step from this rank's ``micro_batches`` (its slice of the global batch)."""
+        mbs = list(micro_batches)
+        if len(mbs) != self.gas:
+            raise ValueError(
+                f"micro_batches: expected {self.gas} on this rank (micro_batches_per_step="
+                f"{self.cfg.micro_batches_per_step} / world_size={self.world_size}), got {len(mbs)}"
+            )
+        lr = lr_at(self.cfg.schedule, self.step)
+        self._set_lr(lr)
+        counts = [int(self.count_tokens(mb)) for mb in mbs]
+        (n_global,) = self._all_reduce([float(sum(counts))])
+        tokens = int(n_global)
+        self._wrapper.token_scale = self.cfg.micro_batches_per_step / max(tokens, 1)
+
+        loss_sum = extra = 0.0
+        nonfinite = 0.0
+        metric_sums: dict[str, float] = {}
+        load: torch.Tensor | None = None
+        for i, mb in enumerate(mbs):
+            last = i == len(mbs) - 1
+            self.ds.set_gradient_accumulation_boundary(last)
+            loss = self.ds(mb)
+            res, self._wrapper.last = self._wrapper.last, None
+            assert res is not None
+            if int(res.num_tokens) != counts[i]:
+                raise ValueError(
+                    f"loss_fn: LossResult.num_tokens={int(res.num_tokens)} but count_tokens gave {counts[i]} "
+                    f"for micro-batch {i}; they must agree (the loss is normalised by the counted tokens)"
+                )
+            ls = float(res.loss_sum.detach())
+            ex = (
+                float(res.extra_loss.detach())
+                if isinstance(res.extra_loss, torch.Tensor)
+                else float(res.extra_loss)
+            )
+            loss_sum += ls
+            extra += ex
+            if not (math.isfinite(ls) and math.isfinite(ex)):
+                nonfinite = 1.0
+            for k, v in res.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+            if res.expert_load is not None:
+                el = res.expert_load.detach().float()
+                load = el if load is None else load + el
+            if last:
+                # one collective: step statistics + "some rank saw a non-finite loss"
+                keys = sorted(metric_sums)
+                red = self._all_reduce([loss_sum, extra, nonfinite, *(metric_sums[k] for k in keys)])
+                loss_sum, extra, nonfinite = red[0], red[1], red[2]
+                metric_sums = dict(zip(keys, red[3:], strict=True))
+                if nonfinite:
+                    # poison the gradients so every ZeRO stage's non-finite-norm check skips the step
+                    loss = loss * float("nan")
+            self.ds.backward(loss)
+            if not last:
+                self.ds.step()  # not a boundary: advances DeepSpeed's micro-step counter only
+        grad_norm, skipped = self._optimizer_step(bool(nonfinite))
+
+        if load is not None and self.world_size > 1:
+            load = load.to(self.device)
+            dist.all_reduce(load)
+        self.step += 1
+        m = self.cfg.micro_batches_per_step
+        metrics = {k: v / m for k, v in metric_sums.items()}
+        metrics["extra_loss"] = extra / m
+        result = StepResult(
+            step=self.step,
+            lr=lr,
+            loss=loss_sum / max(tokens, 1),
+            grad_norm=grad_norm,
+            skipped=skipped,
+            tokens=tokens,
+            metrics=metrics,
+            expert_load=None if load is None else load.cpu(),
+        )
+        self._after_step(result)
+        return result
+
+    def _optimizer_step(self, nonfinite_loss: bool) -> tuple[float, bool]:
+        """Boundary: check, clip (DeepSpeed), step; returns (pre-clip grad norm, skipped)."""
+        if self.cfg.zero_stage == 0:
+            norm = self._zero0_grad_norm()
+            (bad,) = self._all_reduce([float(nonfinite_loss or not math.isfinite(norm))], dist.ReduceOp.MAX)
+            self.optimizer.skip_next = bool(bad)
+            if self.before_step is not None:
+                self.before_step(self)
+            self.ds.step()  # DeepSpeed clips, calls the (guarded) optimizer, then drops the grads
+            return norm, bool(bad)
+        if self.before_step is not None:
+            self.before_step(self)
+        self.ds.step()  # ZeRO 1/2: DeepSpeed computes the global norm and skips non-finite steps itself
+        skipped = bool(getattr(self.optimizer, "overflow", False))
+        norm = self.ds.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return norm, skipped or not math.isfinite(norm)
+
+    def _after_step(self, r: StepResult) -> None:
+        if r.skipped:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+        else:
+            self.consecutive_nonfinite = 0
+        if self.rank == 0 and self.tracker is not None:
+            self.tracker.log_metrics(
+                {
+                    "loss": r.loss,
+                    "lr": r.lr,
+                    "grad_norm": r.grad_norm,
+                    "tokens": float(r.tokens),
+                    "skipped": float(r.skipped),
+                    "skipped_steps": float(self.skipped_steps),
+                    **{f"metrics.{k}": v for k, v in r.metrics.items()},
+                },
+                step=r.step,
+            )
+        if r.skipped:
+            log.warning(
+                "step %d skipped: non-finite loss or gradient (%d in a row)",
+                r.step,
+                self.consecutive_nonfinite,
+            )
+        if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+            raise DivergenceError(
+                f"step {r.step}: {self.consecutive_nonfinite} consecutive steps with a non-finite loss or "
+                f"gradient (max_consecutive_nonfinite={self.cfg.max_consecutive_nonfinite}; "
+                f"{self.skipped_steps} skipped in all); parameters were left at their last finite values, "
+                "resume from the last checkpoint with a lower LR or fixed data"
+            )
+
+    # ------------------------------------------------------------------------------- state
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full-precision ``model.state_dict()`` (params + persistent buffers) on CPU."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def export_weights(self, path: Path) -> Path:
+        """Write the full fp32 weights as safetensors (rank 0) for the next stage; returns ``path``."""
+        from tasks.model_io import save_safetensors_atomic
+
+        path = Path(path)
+        if self.rank == 0:
+            save_safetensors_atomic(
+                self.full_state_dict(), path, metadata={"format": "pt", "step": str(self.step)}
+            )
+        self._barrier()
+        return path
+
+    def save_checkpoint(self, directory: Path, extra_state: dict[str, Any] | None = None) -> Path:
+        """Collective: write a checkpoint to ``directory`` (staged, renamed when complete); ``extra_state``
+        (JSON-serialisable, e.g. loader state and token counters) comes back from ``load_checkpoint``."""
+        return ckpt.save_engine_checkpoint(self, Path(directory), dict(extra_state or {}))
+
+    def load_checkpoint(self, directory: Path, *, weights_only_resume: bool = False) -> dict[str, Any]:
+        """Restore weights, optimizer, RNG and counters; returns the caller's ``extra_state``.
+
+        ``weights_only_resume=True`` restores weights, counters and extra_state only (fresh optimizer state
+        and RNG): the only way to continue on a different world size.
+        """
+        return ckpt.load_engine_checkpoint(self, Path(directory), weights_only_resume=weights_only_resume)

@@ -1,0 +1,101 @@
+"""Typed settings of the training engine and the DeepSpeed config generated from them.
+
+One packed sequence per micro-batch (``train_micro_batch_size_per_gpu=1``); ``micro_batches_per_step`` is the
+GLOBAL count, so each of W ranks accumulates ``micro_batches_per_step / W`` micro-batches per step. No
+DeepSpeed scheduler: the engine writes ``schedule.lr_at`` into the param groups itself (STACK.md: DeepSpeed's
+WarmupDecayLR starts at lr 0). bf16 is ``torch.autocast`` via DeepSpeed's ``torch_autocast`` section over
+fp32 params (see ``engine.py`` for why not DeepSpeed's ``"bf16"`` section).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.train.schedule import LRScheduleConfig
+
+
+class EngineConfig(BaseModel):
+    """Typed engine settings; ``build_ds_config`` turns them into the DeepSpeed config dict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    optimizer: Literal["muon", "adamw"] = Field(
+        "muon", description="muon: Moonlight Muon (AdamW for embeddings/head/vectors); adamw: AdamW for all"
+    )
+    zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage (muon requires 0)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~20x slower there)"
+    )
+    schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig, description="LR schedule")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay (Moonlight: 0.1)")
+    adamw_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (also Muon's AdamW part)")
+    adamw_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon momentum (Nesterov)")
+    muon_ns_steps: int = Field(5, ge=1, description="Newton-Schulz iterations")
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient L2 norm; 0 disables clipping")
+    micro_batches_per_step: int = Field(
+        1, ge=1, description="GLOBAL micro-batches (packed sequences) per optimizer step; divisible by world"
+    )
+    max_consecutive_nonfinite: int = Field(
+        3, ge=1, description="consecutive skipped (non-finite) steps that raise DivergenceError"
+    )
+    seed: int = Field(0, ge=0, description="seed of python/numpy/torch RNGs (rank r uses seed + r)")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.optimizer == "muon" and self.zero_stage != 0:
+            raise ValueError(
+                f"zero_stage: optimizer 'muon' requires zero_stage=0, got {self.zero_stage}: DeepSpeed ZeRO >= 1 "
+                "flattens params into 1-D partitions, so the client optimizer cannot see whole matrices for "
+                "Newton-Schulz; DistributedMuon shards its own state (ZeRO-1 style) instead"
+            )
+        b1, b2 = self.adamw_betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"adamw_betas: each must be in [0, 1), got {self.adamw_betas}")
+        return self
+
+    def check_world_size(self, world_size: int) -> int:
+        """Gradient-accumulation steps per rank; raises naming ``micro_batches_per_step`` if not divisible."""
+        if world_size < 1 or self.micro_batches_per_step % world_size:
+            raise ValueError(
+                f"micro_batches_per_step: must be divisible by the world size {world_size}, "
+                f"got {self.micro_batches_per_step}"
+            )
+        return self.micro_batches_per_step // world_size
+
+    def resolved_precision(self, device_type: str) -> Literal["fp32", "bf16"]:
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.precision
+
+
+def build_ds_config(cfg: EngineConfig, world_size: int, device_type: str = "cpu") -> dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` (one packed sequence per micro-batch, no DS scheduler)."""
+    gas = cfg.check_world_size(world_size)
+    bf16 = cfg.resolved_precision(device_type) == "bf16"
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": cfg.micro_batches_per_step,
+        "gradient_clipping": float(cfg.grad_clip),
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": False},
+        # fp32 params/grads/optimizer state, bf16 compute; grads reduced in fp32 (no lower-precision comm)
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optimizer == "adamw":
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.schedule.peak_lr,
+                "betas": list(cfg.adamw_betas),
+                "eps": cfg.adamw_eps,
+                "weight_decay": cfg.weight_decay,
+                "torch_adam": True,
+            },
+        }
+    return ds
