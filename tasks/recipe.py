@@ -85,6 +85,12 @@ class Recipe(BaseModel):
             )
         if self.phases and self.phases[0].lr.mode == "continue":
             raise ValueError(f"phases.0.lr.mode: the first phase ({names[0]}) cannot continue a schedule")
+        for i, p in enumerate(self.phases):
+            src = p.lr.continue_from
+            if src is not None and src not in names[:i]:
+                raise ValueError(
+                    f"phases.{i}.lr.continue_from: {src!r} is not an earlier phase of {names[:i]}"
+                )
         known = set(SYNTH_KINDS) | {QA_NAME} | {s.name for s in self.data.sources}
         for i, p in enumerate(self.phases):
             unknown = sorted({s.name for s in p.sources} - known)

@@ -7,6 +7,7 @@ Stages with sub-stages are several phases of the same ``stage``:
 
 | stage          | phases (tiny recipe)                  | objective | trains                  |
 |----------------|---------------------------------------|-----------|-------------------------|
+| text_pretrain  | text_pretrain (stage 0, abbreviated)  | lm        | lm                      |
 | vit            | vit                                   | coca      | vit + coca head         |
 | align          | align                                 | lm        | vit + projector         |
 | joint_pretrain | joint_pretrain                        | lm        | all                     |
@@ -15,6 +16,9 @@ Stages with sub-stages are several phases of the same ``stage``:
 | sft            | sft.1 (L), sft.2 (4L, re-warmed)      | sft       | all                     |
 | cot_sft        | cot_sft                               | sft       | all                     |
 
+Stage 0 (Moonlight's 5.2T-token text pretraining) is "given" in the paper; a real run imports that LM
+(``model.init_checkpoint``). The tiny recipe has no such checkpoint, so it runs an abbreviated
+``text_pretrain`` phase first so that later stages start from an LM that has seen text.
 (The paper's RL stage for the Thinking model is not part of this system yet.)
 """
 
@@ -24,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-STAGES = ("vit", "align", "joint_pretrain", "cooldown", "long_context", "sft", "cot_sft")
+STAGES = ("text_pretrain", "vit", "align", "joint_pretrain", "cooldown", "long_context", "sft", "cot_sft")
 COMPONENTS = ("vit", "projector", "lm", "coca")
 
 
@@ -51,9 +55,10 @@ class ShareSchedule(_Strict):
 class LRConfig(_Strict):
     """One phase's learning rate.
 
-    ``fresh`` starts a new schedule (warm-up + decay) spanning this phase and every following ``continue``
-    phase; ``continue`` carries on the schedule of the phase before it (joint pretraining continues the
-    schedule, REFERENCE.md), so its own peak/min/warm-up fields must be left unset.
+    ``fresh`` starts a new schedule (warm-up + decay) spanning this phase and every phase that continues it;
+    ``continue`` carries on the schedule of an earlier phase (``continue_from``, default the previous
+    phase): joint pretraining continues the LM's pretraining schedule and cooldown continues that
+    (REFERENCE.md), so a continuing phase leaves peak/min/warm-up unset.
     """
 
     mode: Literal["fresh", "continue"] = Field(default="fresh", description="fresh schedule or continue")
@@ -61,9 +66,15 @@ class LRConfig(_Strict):
     min_lr: float | None = Field(default=None, ge=0, description="final learning rate (fresh only)")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps (fresh only)")
     schedule: Literal["warmup_cosine", "cosine", "linear", "constant"] = "warmup_cosine"
+    continue_from: str | None = Field(
+        default=None,
+        description="continue: the earlier phase whose schedule goes on (default: the previous one)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LRConfig:
+        if self.continue_from is not None and self.mode != "continue":
+            raise ValueError("continue_from is only valid with mode 'continue'")
         if self.mode == "fresh":
             if self.peak_lr is None or self.min_lr is None:
                 raise ValueError("peak_lr and min_lr are required for mode 'fresh'")
@@ -83,7 +94,9 @@ class ResolutionStep(_Strict):
 
 class PhaseConfig(_Strict):
     name: str = Field(description="unique phase name, e.g. 'long_context.1'")
-    stage: Literal["vit", "align", "joint_pretrain", "cooldown", "long_context", "sft", "cot_sft"]
+    stage: Literal[
+        "text_pretrain", "vit", "align", "joint_pretrain", "cooldown", "long_context", "sft", "cot_sft"
+    ]
     objective: Literal["coca", "lm", "sft"]
     trainable: tuple[Literal["vit", "projector", "lm", "coca"], ...]
     sources: tuple[MixtureSource, ...] = Field(min_length=1)

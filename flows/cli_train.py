@@ -1,0 +1,147 @@
+"""``kimivl stage`` and ``kimivl train``: run recipe phases through the generic stage runner.
+
+Single process by default (in-process DeepSpeed rank, the embedded default). ``--nproc N`` relaunches the
+same command under ``torchrun`` or the ``deepspeed`` launcher (``--hostfile`` for multi-node); each rank
+then runs the identical command with ``--worker`` set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+ENTRY = Path(__file__).resolve().parent / "train_entry.py"
+
+
+def _recipe(path: Path):
+    from tasks.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(path)
+    except RecipeError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+def _relaunch(argv: list[str], nproc: int, launcher: str, hostfile: Path | None) -> None:
+    from tasks.train.launch import build_launch_command
+
+    cmd = build_launch_command([str(ENTRY), *argv, "--worker"], nproc, launcher, hostfile)
+    console.print(f"launching: {' '.join(cmd)}")
+    rc = subprocess.call(cmd, env=dict(os.environ))
+    raise typer.Exit(rc)
+
+
+def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dict]:
+    from tasks.train.checkpoint import CheckpointError, DivergenceError
+    from tasks.train.runner import MissingParentError, run_phase
+
+    r = _recipe(recipe_path)
+    if not (data / "tokenized").is_dir():
+        console.print(
+            f"[bold red]error:[/] {data / 'tokenized'}: no tokenized data (run `kimivl data all` first)"
+        )
+        raise typer.Exit(2)
+    results = []
+    for p in phases_sel(r):
+        try:
+            results.append(run_phase(r, p, data, out, log=console.print))
+        except (MissingParentError, FileNotFoundError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+        except (DivergenceError, CheckpointError) as e:
+            console.print(f"[bold red]training stopped:[/] {e}")
+            raise typer.Exit(1) from None
+    return results
+
+
+def _table(results: list[dict]) -> None:
+    t = Table(title="phases")
+    for c in ("phase", "steps", "text", "image", "video", "first loss", "final loss"):
+        t.add_column(c, justify="right" if c != "phase" else "left")
+    for r in results:
+        tok = r["tokens"]
+        t.add_row(
+            r["phase"], str(r["steps"]), f"{tok['text']:,}", f"{tok['image']:,}", f"{tok['video']:,}",
+            f"{r['first_loss']:.3f}", f"{r['final_loss']:.3f}",
+        )  # fmt: skip
+    console.print(t)
+
+
+def stage_cmd(
+    name: str = typer.Argument(..., help="stage (e.g. long_context: all its phases) or one phase (sft.2)"),
+    recipe: Path = typer.Option(Path("params.yaml"), "--recipe", "-r"),
+    data: Path = typer.Option(Path("data"), "--data", help="data root (output of `kimivl data all`)"),
+    out: Path = typer.Option(Path("runs/tiny"), "--out", help="run directory"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes per node"),
+    launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | deepspeed"),
+    hostfile: Path | None = typer.Option(None, "--hostfile", help="multi-node (deepspeed launcher)"),
+    worker: bool = typer.Option(False, "--worker", hidden=True),
+    local_rank: int | None = typer.Option(None, "--local_rank", hidden=True),
+) -> None:
+    """Run one stage (all its phases) or one phase; it starts from the previous phase's final checkpoint."""
+    from tasks.recipe import RecipeError
+
+    if nproc > 1 and not worker:
+        _relaunch(
+            ["stage", name, "--recipe", str(recipe), "--data", str(data), "--out", str(out)],
+            nproc,
+            launcher,
+            hostfile,
+        )
+
+    def select(r):
+        try:
+            return [r.phase(name)] if name in {p.name for p in r.phases} else r.stage_phases(name)
+        except RecipeError as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+
+    results = _run(recipe, select, data, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _table(results)
+        sys.stdout.write(json.dumps(results, sort_keys=True) + "\n")
+
+
+def train_cmd(
+    recipe: Path = typer.Option(Path("params.yaml"), "--recipe", "-r"),
+    data: Path = typer.Option(Path("data"), "--data"),
+    out: Path = typer.Option(Path("runs/tiny"), "--out"),
+    nproc: int = typer.Option(1, "--nproc", min=1),
+    launcher: str = typer.Option("torchrun", "--launcher"),
+    hostfile: Path | None = typer.Option(None, "--hostfile"),
+    worker: bool = typer.Option(False, "--worker", hidden=True),
+    local_rank: int | None = typer.Option(None, "--local_rank", hidden=True),
+) -> None:
+    """Run every phase of the recipe in order; writes OUT/summary.json."""
+    from tasks.model_io import write_json_atomic
+
+    if nproc > 1 and not worker:
+        _relaunch(
+            ["train", "--recipe", str(recipe), "--data", str(data), "--out", str(out)],
+            nproc,
+            launcher,
+            hostfile,
+        )
+    results = _run(recipe, lambda r: list(r.phases), data, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {
+            "recipe": str(recipe),
+            "phases": {
+                r["phase"]: {
+                    k: r[k] for k in ("stage", "tokens", "steps", "final_loss", "checkpoint", "skipped_steps")
+                }
+                for r in results
+            },
+        }
+        write_json_atomic(summary, out / "summary.json")
+        _table(results)
+        sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")

@@ -1,0 +1,135 @@
+"""Image-caption batches for the ViT stage (CoCa: SigLIP + caption loss), with progressive resolution.
+
+Draws single-image documents from the phase's tokenized sources (caption, OCR, grounding: the text that
+follows the image is its caption), exactly like the packed loader draws documents (seeded source choice
+by weight, per-source seeded permutation per epoch), and re-patchifies each image at the CURRENT maximum
+patch count of the progressive-resolution schedule (Kimi-VL Sec. 2.3: "gradually allow larger and larger
+images"). Documents with no image or with several images are skipped and counted.
+
+Token accounting of this stage: image tokens are counted as the merged tokens the LM would see
+(h*w/4 per image at the patchified size) and text tokens as caption tokens, so budgets across stages are
+comparable.
+
+State (``state_dict``): JSON-serialisable sampler RNG, per-source epoch/position, tokens drawn: restoring
+it gives the identical following batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from kimivl_model.image_processing import image_to_patches
+from tasks.data.images import decode_image, to_tensor
+from tasks.data.loader import MixtureConfig, _Source
+from tasks.data.special_tokens import SPECIAL_TOKENS
+
+STATE_VERSION = 1
+_N_SPECIAL = len(SPECIAL_TOKENS)
+
+
+class CaptionLoader:
+    def __init__(
+        self,
+        cfg: MixtureConfig,
+        captions_per_batch: int,
+        max_text_len: int,
+        resolution: list[tuple[float, int]] | None = None,
+        token_budget: int | None = None,
+    ) -> None:
+        if captions_per_batch < 2:
+            raise ValueError(f"captions_per_batch must be >= 2 (contrastive pairs), got {captions_per_batch}")
+        self.cfg = cfg
+        self.sources = [_Source(s, cfg.seed) for s in cfg.sources]
+        self.rng = np.random.default_rng(cfg.seed)
+        self.captions_per_batch = captions_per_batch
+        self.max_text_len = max_text_len
+        self.resolution = list(resolution or [])
+        self.token_budget = token_budget or cfg.token_budget or 1
+        self.tokens_drawn = 0
+        self.skipped = 0
+        self.batches = 0
+
+    def max_patches(self) -> int | None:
+        p = self.tokens_drawn / self.token_budget
+        for until, patches in self.resolution:
+            if p < until:
+                return patches
+        return self.resolution[-1][1] if self.resolution else None
+
+    def _next_pair(self) -> tuple[torch.Tensor, tuple[int, int], list[int], int]:
+        for _ in range(100_000):
+            cum = np.cumsum(self.cfg.probabilities(self.tokens_drawn))
+            k = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
+            src = self.sources[min(k, len(self.sources) - 1)]
+            doc = src.document(src.next_row())
+            if len(doc.images) != 1 or doc.media_kind != "image":
+                self.skipped += 1
+                continue
+            ids = doc.input_ids[doc.loss_mask]
+            caption = [int(t) for t in ids if t >= _N_SPECIAL][: self.max_text_len]
+            if not caption:
+                self.skipped += 1
+                continue
+            icfg = src.image_cfg
+            cap = self.max_patches() or icfg["max_patches_per_image"]
+            img = to_tensor(decode_image(doc.images[0]["data"]))
+            patches, hw = image_to_patches(
+                img, icfg["patch_size"], icfg["merge"], min(cap, icfg["max_patches_per_image"])
+            )
+            image_tokens = (hw[0] // icfg["merge"]) * (hw[1] // icfg["merge"])
+            self.tokens_drawn += image_tokens + len(caption)
+            return patches, hw, caption, image_tokens
+        raise RuntimeError("CaptionLoader: no single-image document with a caption in 100,000 draws")
+
+    def __iter__(self) -> CaptionLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        patches, grids, captions, img_tok = [], [], [], 0
+        for _ in range(self.captions_per_batch):
+            p, hw, cap, n_img = self._next_pair()
+            patches.append(p)
+            grids.append(hw)
+            captions.append(cap)
+            img_tok += n_img
+        lens = [len(c) for c in captions]
+        self.batches += 1
+        return {
+            "pixel_values": torch.cat(patches),  # (P, 3, 14, 14)
+            "grid_hws": torch.tensor(grids, dtype=torch.int64),  # (N, 2)
+            "caption_ids": torch.tensor([t for c in captions for t in c], dtype=torch.int64),  # (Tc,)
+            "caption_cu_seqlens": torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int64),
+            "tokens": {"text": sum(lens), "image": img_tok, "video": 0},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "kind": "caption",
+            "mixture_hash": self.cfg.state_hash(),
+            "rng": self.rng.bit_generator.state,
+            "sources": [
+                {"name": s.name, "content_hash": s.content_hash, "epoch": s.epoch, "position": s.position}
+                for s in self.sources
+            ],
+            "tokens_drawn": self.tokens_drawn,
+            "skipped": self.skipped,
+            "batches": self.batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION or state.get("kind") != "caption":
+            raise ValueError("state: not a CaptionLoader state of this version")
+        if state["mixture_hash"] != self.cfg.state_hash():
+            raise ValueError("state: saved with a different mixture config")
+        for saved, src in zip(state["sources"], self.sources, strict=True):
+            if saved["name"] != src.name or saved["content_hash"] != src.content_hash:
+                raise ValueError(f"state: source {src.name!r} differs from the saved one (name or data)")
+            src.epoch, src.position, src._perm = int(saved["epoch"]), int(saved["position"]), None
+        self.rng.bit_generator.state = state["rng"]
+        self.tokens_drawn = int(state["tokens_drawn"])
+        self.skipped = int(state["skipped"])
+        self.batches = int(state["batches"])
