@@ -19,6 +19,15 @@ from rich.table import Table
 
 console = Console(stderr=True)
 ENTRY = Path(__file__).resolve().parent / "train_entry.py"
+_DIST_ENV = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+}
 
 
 def _recipe(path: Path):
@@ -36,7 +45,9 @@ def _relaunch(argv: list[str], nproc: int, launcher: str, hostfile: Path | None)
 
     cmd = build_launch_command([str(ENTRY), *argv, "--worker"], nproc, launcher, hostfile)
     console.print(f"launching: {' '.join(cmd)}")
-    rc = subprocess.call(cmd, env=dict(os.environ))
+    # the launcher assigns ranks and the rendezvous address: never inherit a parent's single-rank settings
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    rc = subprocess.call(cmd, env=env)
     raise typer.Exit(rc)
 
 

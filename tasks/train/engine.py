@@ -169,6 +169,7 @@ class TrainEngine:
         tracker: Any = None,
         count_tokens: Callable[[Any], int] = count_target_tokens,
         before_step: Callable[[TrainEngine], None] | None = None,
+        log_step_metrics: bool = True,
     ) -> None:
         self.rank, self.world_size = init_distributed_if_needed()  # also sets TORCH_EXTENSIONS_DIR
         import deepspeed
@@ -182,6 +183,7 @@ class TrainEngine:
         self.count_tokens = count_tokens
         self.before_step = before_step
         self.tracker = tracker
+        self.log_step_metrics = log_step_metrics  # False when the caller logs richer per-step metrics
         self.step = 0  # optimizer steps taken (incl. skipped)
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
@@ -350,7 +352,7 @@ class TrainEngine:
             self.consecutive_nonfinite += 1
         else:
             self.consecutive_nonfinite = 0
-        if self.rank == 0 and self.tracker is not None:
+        if self.rank == 0 and self.tracker is not None and self.log_step_metrics:
             self.tracker.log_metrics(
                 {
                     "loss": r.loss,

@@ -61,7 +61,15 @@ def init_distributed_if_needed(backend: str | None = None, timeout_s: float = 18
     ensure_torch_extensions_dir()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        # DeepSpeed reads these from the environment on every initialize: keep them consistent with the
+        # live group (a caller may have restored an environment snapshot since the group was created)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault(
+            "LOCAL_RANK", str(rank if world == 1 else int(os.environ.get("LOCAL_RANK", rank)))
+        )
+        return rank, world
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -272,7 +272,14 @@ def run_phase(
     )
     loss_fn = coca_loss if phase.objective == "coca" else lm_loss
     count = (lambda b: 1) if phase.objective == "coca" else None
-    engine = TrainEngine(model, ecfg, loss_fn, tracker=tracker, **({"count_tokens": count} if count else {}))
+    engine = TrainEngine(
+        model,
+        ecfg,
+        loss_fn,
+        tracker=tracker,
+        log_step_metrics=False,
+        **({"count_tokens": count} if count else {}),
+    )
     loader = build_loader(recipe, phase, data_root, vcfg)
     tokens = {"text": 0, "image": 0, "video": 0}
     losses: list[float] = []

@@ -11,24 +11,17 @@ from pathlib import Path
 import pytest
 
 from tasks.data.loader import MixtureConfig, PackedLoader, SourceSpec
-from tasks.data.pipeline import DataRecipe, datasets, run_data_all
-from tasks.data.synth import SynthConfig
+from tasks.data.pipeline import datasets, run_data_all
 from tasks.manifest import read_manifest
+from tests.integration.conftest import SMALL_DATA
 
-SMALL = DataRecipe(
-    synth=SynthConfig(
-        caption=48, grounding=24, ocr=24, chart_qa=16, doc_qa=16, interleaved=16, video_qa=12,
-        video_haystack=2, long_doc=3, text=48, sft=24, cot=24, long_doc_words=800,
-    )
-)  # fmt: skip
+SMALL = SMALL_DATA
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    summary = run_data_all(SMALL, root, log=lambda *_: None)
-    return root, summary
+def data_root(tiny_data):
+    return tiny_data
 
 
 def test_counts_reconcile_at_every_step(data_root):

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _engine_worker import VOCAB, engine_config, global_batch, loss_fn, make_model, train
 from pydantic import ValidationError
 from torch import nn
 
@@ -30,6 +29,7 @@ from tasks.train.checkpoint import CheckpointError, DivergenceError, checkpoint_
 from tasks.train.engine import EngineConfig, LossResult, TrainEngine, build_ds_config
 from tasks.train.launch import build_launch_command
 from tasks.train.schedule import lr_at
+from tests.integration._engine_worker import VOCAB, engine_config, global_batch, loss_fn, make_model, train
 
 WORKER = Path(__file__).with_name("_engine_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -37,22 +37,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_and_clean_process_group():
-    """One torch thread (robust on 2 shared cores, bit-comparable with the workers); afterwards close the
-    process group the engines opened so later tests see a clean process."""
+    """One torch thread (robust on 2 shared cores, bit-comparable with the workers). The single-rank
+    process group the engines opened stays up for the rest of the session (DeepSpeed caches groups, so a
+    destroyed and re-created group breaks later in-process engines)."""
     threads, env = torch.get_num_threads(), dict(os.environ)
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    try:
-        import deepspeed.comm.comm as ds_comm
-
-        ds_comm.cdb = None
-    except ImportError:
-        pass
     os.environ.clear()
     os.environ.update(env)
 

@@ -147,7 +147,8 @@ def test_assign_owners_greedy_and_deterministic():
 
 
 def test_single_rank_without_process_group_equals_muon():
-    assert not dist.is_initialized()
+    # no process group, or the single-rank one an in-process engine of an earlier test left up
+    assert not dist.is_initialized() or dist.get_world_size() == 1
     a, b = Net(), Net()
     opt_a = Muon(build_param_groups(a, lr=LR))
     opt_b = DistributedMuon(build_param_groups(b, lr=LR))
