@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_data import data_app
-from flows.cli_train import stage_cmd, train_cmd
+from flows.cli_train import run_cmd, stage_cmd, train_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kimi-VL training system.")
 model_app = typer.Typer(
@@ -25,6 +25,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.command("stage")(stage_cmd)
 app.command("train")(train_cmd)
+app.command("run")(run_cmd)
 
 console = Console(stderr=True)
 

@@ -56,6 +56,12 @@ def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dic
     from tasks.train.runner import MissingParentError, run_phase
 
     r = _recipe(recipe_path)
+    init = r.model.init_checkpoint
+    if init is not None and not (Path(init) / "model.safetensors").is_file():
+        console.print(
+            f"[bold red]error:[/] {recipe_path}: field model.init_checkpoint: {init} holds no model.safetensors"
+        )
+        raise typer.Exit(2)
     if not (data / "tokenized").is_dir():
         console.print(
             f"[bold red]error:[/] {data / 'tokenized'}: no tokenized data (run `kimivl data all` first)"
@@ -144,15 +150,47 @@ def train_cmd(
         )
     results = _run(recipe, lambda r: list(r.phases), data, out)
     if int(os.environ.get("RANK", "0")) == 0:
-        summary = {
-            "recipe": str(recipe),
-            "phases": {
-                r["phase"]: {
-                    k: r[k] for k in ("stage", "tokens", "steps", "final_loss", "checkpoint", "skipped_steps")
-                }
-                for r in results
-            },
-        }
+        summary = _summary(recipe, results)
         write_json_atomic(summary, out / "summary.json")
         _table(results)
         sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
+
+
+def _summary(recipe: Path, results: list[dict], extra: dict | None = None) -> dict:
+    keys = ("stage", "tokens", "steps", "final_loss", "checkpoint", "skipped_steps")
+    return {
+        "recipe": str(recipe),
+        **(extra or {}),
+        "phase_order": [r["phase"] for r in results],
+        "phases": {r["phase"]: {k: r[k] for k in keys} for r in results},
+    }
+
+
+def run_cmd(
+    recipe: Path = typer.Option(Path("params.yaml"), "--recipe", "-r"),
+    out: Path = typer.Option(Path("runs/tiny"), "--out", help="run directory (data under OUT/data)"),
+) -> None:
+    """The main job: the whole recipe on this machine: every data step, then every training phase.
+
+    (Orchestration through Prefect and tracking in MLflow wrap this same sequence: issue [O].)
+    """
+    import time
+
+    from tasks.data.io import DatasetError
+    from tasks.data.pipeline import run_data_all
+    from tasks.model_io import write_json_atomic
+
+    t0 = time.perf_counter()
+    r = _recipe(recipe)
+    try:
+        data_summary = run_data_all(r.data, out / "data", log=console.print)
+    except (FileNotFoundError, DatasetError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    results = _run(recipe, lambda rr: list(rr.phases), out / "data", out)
+    summary = _summary(recipe, results, {"data_tokens": data_summary["tokens"]})
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(summary, out / "summary.json")
+    _table(results)
+    console.print(f"done in {summary['seconds']} s: {out / 'summary.json'}")
+    sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")

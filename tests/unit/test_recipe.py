@@ -1,0 +1,100 @@
+"""Recipes validate completely before any work: both shipped recipes load; bad ones name the field."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.recipe import RecipeError, load_recipe, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_shipped_recipes_validate_and_tiny_is_params_yaml():
+    tiny = load_recipe(ROOT / "configs" / "tiny.yaml")
+    assert tiny == load_recipe(ROOT / "params.yaml")
+    a3b = load_recipe(ROOT / "configs" / "a3b.yaml")
+    assert a3b.model.preset == "a3b"
+    budgets = {p.name: p.token_budget for p in a3b.phases}
+    assert budgets["vit"] == 2 * 10**12 and budgets["joint_pretrain"] == 14 * 10**11
+    assert budgets["long_context.1"] + budgets["long_context.2"] == 3 * 10**11
+    lc = [p for p in a3b.phases if p.stage == "long_context"]
+    assert [p.seq_len for p in lc] == [32768, 131072] and lc[0].rope_theta == 800_000.0
+
+
+def test_tiny_budgets_keep_the_papers_stage_ratios():
+    r = load_recipe(ROOT / "params.yaml")
+    b = {p.name: p.token_budget for p in r.phases}
+    long = b["long_context.1"] + b["long_context.2"]
+    paper = {"vit": 2.0, "align": 0.1, "joint_pretrain": 1.4, "cooldown": 0.6}
+    unit = b["joint_pretrain"] / 1.4
+    for name, t in paper.items():
+        assert b[name] == pytest.approx(t * unit, rel=0.01), name
+    assert long == pytest.approx(0.3 * unit, rel=0.03)
+
+
+def _bad(mutate):
+    d = copy.deepcopy(TINY)
+    mutate(d)
+    return d
+
+
+def _phase(d, name):
+    return next(p for p in d["phases"] if p["name"] == name)
+
+
+BAD = {
+    "negative lr": (lambda d: _phase(d, "vit")["lr"].update(peak_lr=-1.0), "phases.1.lr.peak_lr"),
+    "unknown stage": (lambda d: _phase(d, "vit").update(stage="warmup"), "phases.1.stage"),
+    "zero budget": (lambda d: _phase(d, "align").update(token_budget=0), "phases.2.token_budget"),
+    "unknown preset": (lambda d: d["model"].update(preset="huge"), "model"),
+    "unknown dataset": (
+        lambda d: _phase(d, "cooldown")["sources"].append({"name": "nope", "weight": 1}),
+        "phases.4.sources",
+    ),
+    "muon with zero 2": (lambda d: d["train"].update(zero_stage=2), "train"),
+    "duplicate phase": (lambda d: d["phases"].append(copy.deepcopy(d["phases"][-1])), "phases"),
+    "stages out of order": (lambda d: d["phases"].reverse(), "phases"),
+    "unknown field": (lambda d: d.update(bogus=1), "bogus"),
+    "coca without head": (lambda d: _phase(d, "vit").update(trainable=["vit"]), "phases.1"),
+    "schedule group missing": (
+        lambda d: _phase(d, "joint_pretrain")["share_schedule"].update(group="audio"),
+        "phases.3",
+    ),
+    "continue_from later phase": (
+        lambda d: _phase(d, "joint_pretrain")["lr"].update(continue_from="sft.1"),
+        "continue_from",
+    ),
+    "budget below seq_len": (lambda d: _phase(d, "sft.2").update(token_budget=100), "phases.8"),
+    "negative weight": (
+        lambda d: _phase(d, "vit")["sources"][0].update(weight=-1),
+        "phases.1.sources.0.weight",
+    ),
+    "min_lr above peak": (lambda d: _phase(d, "vit")["lr"].update(min_lr=1.0), "phases.1.lr"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_invalid_recipes_name_the_field(case):
+    mutate, field = BAD[case]
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(_bad(mutate), "bad.yaml")
+    assert "bad.yaml: field" in str(e.value) and field in str(e.value), str(e.value)
+
+
+def test_cli_bad_recipe_exits_2_before_any_work(tmp_path):
+    d = _bad(lambda d: _phase(d, "vit")["lr"].update(peak_lr=-1.0))
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(d))
+    for args in (
+        ["train", "--recipe", str(p), "--out", str(tmp_path / "o")],
+        ["data", "all", "--recipe", str(p), "--out", str(tmp_path / "d")],
+    ):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert "peak_lr" in res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
