@@ -10,6 +10,7 @@ import yaml
 from tasks.data.pipeline import DataRecipe, run_data_all
 from tasks.data.synth import SynthConfig
 from tasks.recipe import Recipe, recipe_from_dict
+from tests.integration.s3_server import s3_server  # noqa: F401  (session fixture: a real SeaweedFS on loopback)
 
 ROOT = Path(__file__).resolve().parents[2]
 
