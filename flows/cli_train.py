@@ -51,17 +51,21 @@ def _relaunch(argv: list[str], nproc: int, launcher: str, hostfile: Path | None)
     raise typer.Exit(rc)
 
 
-def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dict]:
-    from tasks.train.checkpoint import CheckpointError, DivergenceError
-    from tasks.train.runner import MissingParentError, run_phase
-
-    r = _recipe(recipe_path)
+def _check_init(r, recipe_path: Path):
     init = r.model.init_checkpoint
     if init is not None and not (Path(init) / "model.safetensors").is_file():
         console.print(
             f"[bold red]error:[/] {recipe_path}: field model.init_checkpoint: {init} holds no model.safetensors"
         )
         raise typer.Exit(2)
+    return r
+
+
+def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dict]:
+    from tasks.train.checkpoint import CheckpointError, DivergenceError
+    from tasks.train.runner import MissingParentError, run_phase
+
+    r = _check_init(_recipe(recipe_path), recipe_path)
     if not (data / "tokenized").is_dir():
         console.print(
             f"[bold red]error:[/] {data / 'tokenized'}: no tokenized data (run `kimivl data all` first)"
@@ -172,23 +176,35 @@ def run_cmd(
 ) -> None:
     """The main job: the whole recipe on this machine: every data step, then every training phase.
 
-    (Orchestration through Prefect and tracking in MLflow wrap this same sequence: issue [O].)
+    Runs the Prefect pipeline flow (flows/pipeline.py): data -> every phase in recipe order -> export.
+    Prefect runs in its local (ephemeral) mode, or against a server when PREFECT_API_URL is set (e.g. the
+    one `kimivl up` starts: the run then shows in its UI). The recipe is validated first (exit 2).
     """
     import time
 
+    from flows.pipeline import PipelineParams, pipeline_flow
+    from flows.prefect_common import console_logs_to_current_stderr
     from tasks.data.io import DatasetError
-    from tasks.data.pipeline import run_data_all
+    from tasks.manifest import ManifestError
     from tasks.model_io import write_json_atomic
+    from tasks.train.checkpoint import CheckpointError, DivergenceError
 
     t0 = time.perf_counter()
-    r = _recipe(recipe)
+    _check_init(_recipe(recipe), recipe)
     try:
-        data_summary = run_data_all(r.data, out / "data", log=console.print)
-    except (FileNotFoundError, DatasetError) as e:
+        with console_logs_to_current_stderr():
+            res = pipeline_flow(PipelineParams(recipe_path=str(recipe), out_dir=str(out)))
+    except (FileNotFoundError, DatasetError, ManifestError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None
-    results = _run(recipe, lambda rr: list(rr.phases), out / "data", out)
-    summary = _summary(recipe, results, {"data_tokens": data_summary["tokens"]})
+    except (DivergenceError, CheckpointError) as e:
+        console.print(f"[bold red]training stopped:[/] {e}")
+        raise typer.Exit(1) from None
+    results = res["results"]
+    for r in results:
+        if r.get("up_to_date"):
+            console.print(f"[{r['phase']}] already complete: {r['checkpoint']}")
+    summary = _summary(recipe, results, {"data_tokens": res["data"]["tokens"]})
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(summary, out / "summary.json")
     _table(results)

@@ -1,0 +1,144 @@
+"""The stage flow: every phase of one recipe stage (or one phase), each a Prefect task calling the generic
+stage runner ``tasks.train.runner.run_phase``.
+
+Training tasks have no automatic retries: a phase checkpoints as it goes, so a manual retry of a failed
+run resumes from its last complete checkpoint instead of repeating work. A phase whose ``final/`` is
+complete is up to date and is not run again (logged as such, marked ``up_to_date`` in its result).
+
+Tracking is pluggable (``tracking``, default ``LocalTracking``): any object with
+
+- ``phase(phase, phase_dir)``: a context manager around one phase's training that yields the
+  ``tasks.tracking.Tracker`` ``run_phase`` reports to (``LocalTracking``: the phase directory's
+  ``JsonlTracker``, as ``run_phase`` does on its own; MLflow: the phase's nested run);
+
+and optionally
+
+- ``pipeline(name, params)``: a context manager around a whole pipeline run (MLflow: the parent run);
+- ``data_done(summary)``: called with the data flow's summary;
+- ``phase_done(phase, result)``: called with a trained phase's result; a dict it returns is merged into
+  the result (e.g. ``{"mlflow_run_id": ..., "mlflow_url": ...}`` for the tokens table).
+
+A yielded tracker with ``run_id`` / ``run_url`` attributes also fills ``mlflow_run_id`` / ``mlflow_url``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+# isort: off
+from flows import prefect_common as pc  # sets Prefect's environment defaults: import it first
+
+# isort: on
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.recipe import Recipe, RecipeError
+from tasks.tracking import JsonlTracker, Tracker
+from tasks.train.runner import phase_dir, read_result, run_phase
+from tasks.train.stages import PhaseConfig
+
+
+class FlowTracking(Protocol):
+    """What the flows need from a tracking backend (see the module docstring)."""
+
+    def phase(self, phase: PhaseConfig, phase_dir: Path) -> contextlib.AbstractContextManager[Tracker]: ...
+
+
+class LocalTracking:
+    """The default: a ``JsonlTracker`` per phase directory (``metrics.jsonl``, ``params.json``, ...)."""
+
+    @contextlib.contextmanager
+    def pipeline(self, name: str, params: dict[str, Any]) -> Iterator[None]:
+        yield None
+
+    @contextlib.contextmanager
+    def phase(self, phase: PhaseConfig, phase_dir: Path) -> Iterator[Tracker]:
+        yield JsonlTracker(phase_dir)
+
+
+class StageParams(BaseModel):
+    """The stage flow's parameters (a validated form in the Prefect UI)."""
+
+    model_config = ConfigDict(extra="forbid")
+    recipe_path: str = Field(default="params.yaml", description="recipe YAML")
+    stage: str = Field(
+        default="text_pretrain", description="a stage (runs all its phases) or one phase name, e.g. sft.2"
+    )
+    out_dir: str = Field(default="runs/tiny", description="run directory: phases/<phase>/ go here")
+    data_dir: str | None = Field(default=None, description="data root with tokenized/ (default: OUT/data)")
+
+
+def tracking_links(tracker: Any) -> dict[str, str]:
+    links = {}
+    if getattr(tracker, "run_id", None):
+        links["mlflow_run_id"] = str(tracker.run_id)
+    if getattr(tracker, "run_url", None):
+        links["mlflow_url"] = str(tracker.run_url)
+    return links
+
+
+@task(name="train-phase", cache_policy=NO_CACHE)
+def train_phase(
+    recipe: Recipe, phase: PhaseConfig, data_root: Path, out_root: Path, tracking: Any = None
+) -> dict[str, Any]:
+    """One phase to its token budget (resumes from its last checkpoint); no automatic retries."""
+    log = pc.run_log()
+    done = read_result(out_root, phase)
+    if done is not None:
+        log(f"[{phase.name}] up to date: already complete ({done['checkpoint']})")
+        return {**done, "up_to_date": True}
+    tracking = tracking or LocalTracking()
+    with tracking.phase(phase, phase_dir(out_root, phase)) as tracker:
+        result = run_phase(recipe, phase, data_root, out_root, tracker=tracker, log=log)
+        result = {**result, **tracking_links(tracker)}
+    done_hook = getattr(tracking, "phase_done", None)
+    extra = done_hook(phase, result) if done_hook else None
+    return {**result, **(extra or {}), "up_to_date": False}
+
+
+def select_phases(recipe: Recipe, stage: str) -> list[PhaseConfig]:
+    """A stage's phases, or the one phase of that name (``RecipeError`` names both lists otherwise)."""
+    if stage in {p.name for p in recipe.phases}:
+        return [recipe.phase(stage)]
+    return recipe.stage_phases(stage)
+
+
+def stages_in_order(recipe: Recipe) -> list[str]:
+    return list(dict.fromkeys(p.stage for p in recipe.phases))
+
+
+def run_phases(
+    recipe: Recipe, phases: list[PhaseConfig], data_root: Path, out_root: Path, tracking: Any = None
+) -> list[dict[str, Any]]:
+    """The training tasks, one per phase, in order (each named after its phase)."""
+    return [
+        train_phase.with_options(task_run_name=f"train {p.name}")(recipe, p, data_root, out_root, tracking)
+        for p in phases
+    ]
+
+
+@flow(name="kimivl-stage", log_prints=True)
+def stage_flow(params: StageParams = StageParams(), tracking: Any = None) -> list[dict[str, Any]]:
+    """Every phase of ``params.stage`` in recipe order; each starts from the previous phase's final
+    checkpoint (which must exist: run the earlier stages first)."""
+    from flows.data_flow import load_recipe_checked
+
+    recipe = load_recipe_checked(params.recipe_path)
+    try:
+        phases = select_phases(recipe, params.stage)
+    except RecipeError as e:
+        raise RecipeError(f"{params.recipe_path}: {e}") from None
+    out = Path(params.out_dir)
+    data = Path(params.data_dir) if params.data_dir else out / "data"
+    results = run_phases(recipe, phases, data, out, tracking)
+    create_markdown_artifact(
+        key=pc.artifact_key("kimivl", "stage", params.stage, "tokens"),
+        markdown=f"# Stage `{params.stage}`: tokens per phase\n\n{pc.tokens_table(results)}",
+        description=f"tokens per phase of stage {params.stage}",
+    )
+    return results
