@@ -42,6 +42,9 @@ def _guard(fn, *args):
     except (FileNotFoundError, DatasetError, ManifestError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None
+    except OSError as e:  # disk full, read-only or unwritable output: the step left no partial output
+        console.print(f"[bold red]error:[/] cannot write the output: {e}")
+        raise typer.Exit(1) from None
 
 
 @data_app.command("all")

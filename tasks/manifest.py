@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.faults import crash_point
+
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 
@@ -156,11 +158,16 @@ def write_manifest(
         extra=dict(extra or {}),
     )
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(m.to_dict(), indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / MANIFEST_NAME)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(m.to_dict(), indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        crash_point(f"manifest:{step}")
+        os.replace(tmp, out_dir / MANIFEST_NAME)
+    except Exception:  # e.g. ENOSPC: no half-written manifest and no temp file left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return m
 
 

@@ -9,6 +9,12 @@ Two layouts:
 
 Nothing is unpickled: safetensors holds only raw tensors. Every file is written to a temporary name in the
 target directory, fsynced and renamed, so a crash never leaves a half-written file under the final name.
+
+Integrity: ``save_native`` writes a ``manifest.json`` (``tasks.manifest``: size + sha256 of every file) last;
+a phase's ``final/`` has one too. ``load_native`` / ``load_hf`` check a directory's manifest when it has one,
+so a flipped byte, a truncated or a missing file is a ``CheckpointIntegrityError`` naming the file, never
+silently different weights. A safetensors file that cannot be parsed is the same error. (A checkpoint made
+elsewhere without a manifest, e.g. a downloaded HF one, can only be checked for readability and layout.)
 """
 
 from __future__ import annotations
@@ -27,6 +33,20 @@ from safetensors.torch import save_file
 
 from kimivl_model.config import VLMConfig
 from kimivl_model.hf_interop import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from tasks.faults import crash_point
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or incompatible; the message names the file/field.
+
+    (Re-exported by ``tasks.train.checkpoint``, the training checkpoints' module.)"""
+
+
+class CheckpointIntegrityError(CheckpointError, ValueError):
+    """Weights on disk that are corrupt, truncated or differ from their manifest; names the file.
+
+    Also a ``ValueError``, so callers that treat bad input as a usage error (the CLI: exit 2) catch it."""
+
 
 NATIVE_WEIGHTS = "model.safetensors"
 NATIVE_CONFIG = "kimivl_config.json"
@@ -44,6 +64,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        crash_point("atomic_write")
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
@@ -80,30 +101,58 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such safetensors file")
     out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            out[k] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                out[k] = f.get_tensor(k)
+    except Exception as e:  # SafetensorError, or an OSError/RuntimeError on a short read
+        raise CheckpointIntegrityError(
+            f"{path}: not a readable safetensors file (truncated or corrupt): {type(e).__name__}: {e}"
+        ) from None
     return out
+
+
+def verify_checkpoint_dir(directory: Path) -> None:
+    """Check every file a directory's ``manifest.json`` lists (size + sha256); no manifest: nothing to check."""
+    from tasks.manifest import MANIFEST_NAME, ManifestError, verify_files
+
+    if not (Path(directory) / MANIFEST_NAME).is_file():
+        return
+    try:
+        verify_files(directory)
+    except ManifestError as e:
+        raise CheckpointIntegrityError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------- native
 
 
 def save_native(state_dict: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: Path) -> Path:
+    """Weights + config, then ``manifest.json`` (sizes and sha256 of both) last."""
+    from tasks.manifest import write_manifest
+
+    # an older manifest stays until the new one replaces it: an interrupted rewrite then fails verification
+    # (new weights, old hashes) instead of loading unverified
     out_dir = Path(out_dir)
     save_safetensors_atomic(
         state_dict, out_dir / NATIVE_WEIGHTS, metadata={"format": "pt", "kimivl": cfg.name}
     )
     write_json_atomic(cfg.to_dict(), out_dir / NATIVE_CONFIG)
+    write_manifest(out_dir, kind="checkpoint", step="save_native", config={"preset": cfg.name})
     return out_dir
 
 
 def load_native(src_dir: Path) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
+    """Read a native checkpoint; its manifest (when present) is verified first."""
     src_dir = Path(src_dir)
     cfg_path = src_dir / NATIVE_CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing (a native checkpoint directory holds {NATIVE_CONFIG})")
-    cfg = VLMConfig.from_dict(json.loads(cfg_path.read_text()))
+    verify_checkpoint_dir(src_dir)
+    try:
+        cfg = VLMConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointIntegrityError(f"{cfg_path}: unreadable model config: {e}") from None
     return cfg, load_safetensors(src_dir / NATIVE_WEIGHTS)
 
 
@@ -145,6 +194,7 @@ def load_hf(src_dir: Path, name: str = "imported") -> tuple[VLMConfig, dict[str,
     cfg_path = src_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing (an HF checkpoint directory holds config.json)")
+    verify_checkpoint_dir(src_dir)
     cfg = from_hf_config(json.loads(cfg_path.read_text()), name=name)
     index = src_dir / HF_INDEX
     if index.is_file():

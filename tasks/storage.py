@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
+from tasks.faults import crash_point
+
 COMPLETE_MARKER = "_COMPLETE"
 MARKER_FORMAT = 1
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -487,6 +489,7 @@ def put_dir(local_dir: str | os.PathLike, uri_prefix: str, *, settings: S3Settin
     for stale in sorted(previous - written - {marker_uri}):
         key = _parse(stale).key
         _s3_call("put_dir", stale, lambda key=key: client.delete_object(Bucket=loc.bucket, Key=key), st)
+    crash_point("storage:put_dir:before_marker")
     write_bytes(marker, marker_uri, settings=st)  # last: the prefix is complete from now on
     return uri_prefix
 
@@ -517,6 +520,21 @@ def is_complete(uri_prefix: str, *, settings: S3Settings | None = None) -> bool:
     if loc.scheme == "file":
         return (loc.path / COMPLETE_MARKER).is_file()
     return exists(_s3_uri(loc.bucket, _dir_key(loc.key) + COMPLETE_MARKER), settings=settings)
+
+
+def dir_matches(local_dir: str | os.PathLike, uri_prefix: str, *, settings: S3Settings | None = None) -> bool:
+    """True when ``uri_prefix`` holds a complete ``put_dir`` upload of exactly ``local_dir``'s files (same
+    relative paths, sizes and sha256): re-uploading would change nothing. Unreachable stores raise."""
+    loc = _parse(uri_prefix)
+    st = None if loc.scheme == "file" else (settings or S3Settings.from_env())
+    if not is_complete(uri_prefix, settings=st):
+        return False
+    try:
+        remote = _read_marker(uri_prefix, st)
+    except StorageError:
+        return False
+    local = json.loads(_marker_bytes(_dir_files(Path(local_dir))))["files"]
+    return remote == local
 
 
 def get_dir(uri_prefix: str, local_dir: str | os.PathLike, *, settings: S3Settings | None = None) -> Path:

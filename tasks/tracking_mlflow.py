@@ -26,7 +26,6 @@ import functools
 import json
 import math
 import os
-import re
 import time
 import uuid
 import warnings
@@ -35,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.faults import crash_point
 from tasks.manifest import ManifestError, code_version, config_hash, read_manifest
-from tasks.tracking import JsonlTracker, flatten
+from tasks.tracking import JsonlTracker, flatten, redact, scrub
 
 Log = Callable[[str], Any]
 
@@ -49,41 +49,14 @@ _TRUNC = "...[truncated]"
 # MLflow error codes that retrying cannot fix: the record is rejected, not spooled for retry
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
 _SERIES_KEYS = ("loss", "tokens_total", "tokens_text", "tokens_image", "tokens_video")
-_USERINFO = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
 
 
 # --------------------------------------------------------------------------------------------- secrets
 
 
-# ``tasks.tracking.redact`` treats any key containing "token" as a secret, which would hide ``token_budget``,
-# ``tokenizer.*`` and ``max_tokens_per_doc``; here "token" counts only as the key's last word (HF_TOKEN).
-_SECRET = re.compile(
-    r"(secret|password|passwd|api[_-]?key|access[_-]?key|private[_-]?key|credential|(^|[_.-])token$)", re.I
-)
-
-
-def is_secret_key(key: str) -> bool:
-    return bool(_SECRET.search(str(key)))
-
-
-def redact_keys(d: dict[str, Any]) -> dict[str, Any]:
-    """Copy of ``d`` with credential-like keys' values replaced by ``"***"`` (recursively)."""
-    return {
-        k: "***" if is_secret_key(k) else redact_keys(v) if isinstance(v, dict) else v for k, v in d.items()
-    }
-
-
-def _secret_env_values() -> list[str]:
-    vals = {v for k, v in os.environ.items() if len(v) >= 6 and is_secret_key(k)}
-    return sorted(vals, key=len, reverse=True)
-
-
-def scrub(value: str) -> str:
-    """``value`` with ``user:password@`` in URIs and values of credential-like env variables masked."""
-    s = _USERINFO.sub("***@", value)
-    for secret in _secret_env_values():
-        s = s.replace(secret, "***")
-    return s
+# one rule for what counts as a credential and one scrubber, shared with the JSONL/memory trackers
+# (``tasks.tracking.is_secret_key`` / ``scrub``)
+redact_keys = redact
 
 
 def _clip(s: str, limit: int) -> str:
@@ -524,6 +497,7 @@ class MlflowTracker:
     def _deliver(self, run_id: str, b: _Batch) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        crash_point("mlflow:deliver")
         c = self._conn.client
         if b.params:
             new = {k: v for k, v in b.params.items() if self._remote_params.get(k) != v}

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.data.images import MAX_PIXELS
 from tasks.data.ingest_checks import Reject, excerpt, validate_record
-from tasks.data.ingest_readers import READERS, Item
+from tasks.data.ingest_readers import READERS, Item, check_path_name
 from tasks.data.io import DEFAULT_ROWS_PER_SHARD, DatasetError, ShardWriter, staged_output
 from tasks.data.schema import KINDS, QUARANTINE_SCHEMA, RECORD_SCHEMA
 from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
@@ -101,6 +101,9 @@ def run_ingest(src: Path, out_dir: Path, cfg: IngestConfig) -> Manifest:
     src, out_dir = Path(src), Path(out_dir)
     if not src.exists():
         raise FileNotFoundError(f"ingest source {src} does not exist")
+    check_path_name(src, "source")
+    if cfg.image_root is not None:
+        check_path_name(cfg.image_root, "image_root")
     if cfg.format in ("llava", "coco") and not src.is_file():
         raise DatasetError(f"{src}: the {cfg.format} format needs a JSON file, got a directory")
     parents, items = READERS[cfg.format](src, cfg)

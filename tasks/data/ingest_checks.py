@@ -6,7 +6,8 @@ A failed check raises ``Reject``, whose ``reason`` reads ``<rule>: <where> field
 - ``missing_field``, ``bad_field`` (wrong type/shape), ``bad_role``, ``bad_turns`` (role order);
 - ``path_traversal`` (absolute path, or a path that resolves outside the image root, symlinks included),
   ``missing_image``, ``bad_image`` (undecodable/truncated, or declared size differs), ``oversized_image``;
-- ``bad_utf8`` (bytes that are not UTF-8, or lone surrogates from JSON escapes), ``empty_text``;
+- ``bad_utf8`` (bytes that are not UTF-8, or lone surrogates from JSON escapes, in text, id or meta),
+  ``empty_text``; ``bad_field`` also covers a ``meta`` holding NaN/Infinity (not JSON);
 - ``placeholder_mismatch`` (``<image>`` count != images, or a video without exactly one ``<video>``);
 - ``duplicate_id``, ``bad_json`` (a malformed JSON member inside a sample), ``unsupported``.
 """
@@ -95,6 +96,9 @@ def image_from_file(
     """Load ``root / rel`` after checking it stays inside ``root`` (``root`` must be resolved)."""
     if not isinstance(rel, str) or not rel.strip():
         raise Reject("bad_field", where, field, f"expected a relative image path, got {rel!r}")
+    check_utf8(rel, where, field)
+    if "\0" in rel:
+        raise Reject("bad_field", where, field, f"image path {rel!r} contains a NUL byte")
     p = Path(rel)
     if p.is_absolute():
         raise Reject(
@@ -168,12 +172,29 @@ def validate_record(rec: dict[str, Any], where: str) -> None:
             )
         if rec["media_kind"] != ("image" if n else "none"):
             raise Reject("bad_field", where, "media_kind", f"{rec['media_kind']!r} with {n} images")
+    check_utf8(rec["id"], where, "id")
+    check_utf8(rec["meta"], where, "meta")
     try:
-        meta = json.loads(rec["meta"])
-    except (TypeError, json.JSONDecodeError) as e:
+        meta = json.loads(rec["meta"], parse_constant=_no_constant)
+    except (TypeError, ValueError) as e:
         raise Reject("bad_field", where, "meta", f"not JSON ({e})") from None
     if not isinstance(meta, dict):
         raise Reject("bad_field", where, "meta", f"expected a JSON object, got {type(meta).__name__}")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (NaN and Infinity are not allowed)")
+
+
+def check_utf8(value: Any, where: str, field: str) -> None:
+    """A string that cannot be stored as UTF-8 (lone surrogates, e.g. from a ``\\ud800`` JSON escape)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise Reject(
+                "bad_utf8", where, field, f"not valid UTF-8 ({e.reason} at character {e.start})"
+            ) from None
 
 
 def _short(v: Any, n: int = 80) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from tasks.data.ingest_checks import (
     Reject,
     check_messages,
     check_text,
+    check_utf8,
     decode_text,
     image_from_bytes,
     image_from_file,
@@ -53,12 +55,26 @@ class Item:
     id_error: Reject | None = None
 
 
+def check_path_name(path: Path, what: str = "file") -> None:
+    """File names end up in records' ``meta`` and in quarantine reasons, which are UTF-8: refuse others."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        try:  # show the file system's bytes (b'caf\xe9' -> caf\xe9)
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            shown = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+        raise DatasetError(f"{shown}: {what} name is not valid UTF-8; rename it") from None
+
+
 def _files(src: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if src.is_file():
         return [src]
     files = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(suffixes))
     if not files:
         raise DatasetError(f"{src}: no input files ending in {suffixes}")
+    for f in files:
+        check_path_name(f)
     return files
 
 
@@ -74,7 +90,8 @@ def _images_parent(root: Path, rels: list[str]) -> Parent:
     for rel in sorted(set(rels)):
         p = root / rel
         st = p.stat() if isinstance(rel, str) and p.is_file() else None
-        h.update(f"{rel}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\n".encode())
+        line = f"{rel}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\n"
+        h.update(line.encode("utf-8", "surrogatepass"))  # a bad path is quarantined later, not a crash here
     return Parent(uri=str(root), content_hash=f"stat:{h.hexdigest()}")
 
 
@@ -112,6 +129,10 @@ def _id_of(obj: dict, where: str, required: bool) -> tuple[str | None, Reject | 
         return None, Reject("missing_field", where, "id", "required field is missing") if required else None
     if isinstance(v, bool) or not isinstance(v, (str, int)):
         return None, Reject("bad_field", where, "id", f"expected a string or integer, got {type(v).__name__}")
+    try:
+        check_utf8(v, where, "id")
+    except Reject as r:  # an id that cannot be stored is no id: the row is quarantined under its place
+        return None, r
     return str(v), None
 
 
@@ -365,9 +386,17 @@ def _webdataset(src: Path, cfg: IngestConfig) -> tuple[list[Parent], Iterator[It
     def items() -> Iterator[Item]:
         for tar in files:
             for key, members in samples(tar):
-                where = f"{tar.name}[key {key}]"
+                shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                where = f"{tar.name}[key {shown}]"
+                err = None
+                if shown != key:  # tarfile maps undecodable name bytes to surrogates: no usable id
+                    err = Reject("bad_utf8", where, "key", "member name is not valid UTF-8")
                 yield Item(
-                    where, key, lambda m=members, t=tar, k=key, w=where: build(m, t, k, w), sorted(members)
+                    where,
+                    None if err else key,
+                    lambda m=members, t=tar, k=key, w=where: build(m, t, k, w),
+                    sorted(members),
+                    err,
                 )
 
     return [_content_parent(files, src)], items()

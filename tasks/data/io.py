@@ -80,7 +80,7 @@ class ShardWriter:
             return
         try:
             table = pa.Table.from_pylist(self._rows, schema=self.schema)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError) as e:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError, UnicodeError) as e:
             raise DatasetError(f"{self.directory}: a row does not fit the schema ({e})") from None
         self.directory.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, self.directory / f"part-{self._shard:05d}.parquet", compression="zstd")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.data.dedup import DedupConfig, run_dedup
 from tasks.data.filter import FilterConfig, run_filter
@@ -41,6 +41,20 @@ class UserSource(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9_][a-z0-9_.-]*$", description="dataset name (a directory name)")
     path: Path = Field(description="file or directory with the user data")
     ingest: IngestConfig
+
+    @model_validator(mode="after")
+    def _exists(self) -> UserSource:
+        # checked with the recipe, so a missing source stops the run before any data step writes anything
+        if not self.path.exists():
+            raise ValueError(f"path: {self.path} does not exist (source {self.name!r})")
+        if self.ingest.format in ("llava", "coco") and not self.path.is_file():
+            raise ValueError(
+                f"path: the {self.ingest.format} format needs a JSON file, {self.path} is not one"
+            )
+        root = self.ingest.image_root
+        if root is not None and not root.is_dir():
+            raise ValueError(f"ingest.image_root: {root} is not a directory (source {self.name!r})")
+        return self
 
 
 class DataRecipe(BaseModel):

@@ -31,17 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.model_io import atomic_path, write_json_atomic
+from tasks.faults import crash_point
+from tasks.model_io import CheckpointError, atomic_path, write_json_atomic
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.json"
 CHECKSUM_FILE = "checksums.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupted or incompatible; the message names the file/field."""
 
 
 class DivergenceError(RuntimeError):
@@ -154,6 +151,7 @@ def publish(staging: Path, final: Path) -> None:
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
+        crash_point("checkpoint:publish:old_moved")
     os.replace(staging, final)
     fsync_dir(final.parent)
     if old.exists():
@@ -247,7 +245,24 @@ def _load_optimizer_state(engine: Any, state: dict[str, Any], path: Path) -> Non
 
 
 def save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any]) -> Path:
-    """Collective: every rank calls it. Writes the layout of the module docstring via a staging dir."""
+    """Collective: every rank calls it. Writes the layout of the module docstring via a staging dir.
+
+    A write that fails (disk full, read-only or vanished directory) is a ``CheckpointError`` naming the
+    checkpoint and the cause; nothing is published, so the previous complete checkpoint stays the latest,
+    and (single process) the partial staging directory is removed to give the space back."""
+    try:
+        return _save_engine_checkpoint(engine, Path(final), extra_state)
+    except OSError as e:
+        if engine.world_size == 1:
+            shutil.rmtree(staging_path(final), ignore_errors=True)
+        where = f" ({e.filename})" if e.filename else ""
+        raise CheckpointError(
+            f"{final}: checkpoint not saved: {e.strerror or e}{where}; nothing was published, the previous "
+            f"complete checkpoint ({latest_checkpoint(Path(final).parent)}) is kept"
+        ) from e
+
+
+def _save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any]) -> Path:
     import torch.distributed as dist
 
     from tasks.model_io import save_safetensors_atomic
@@ -264,6 +279,7 @@ def save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any]
         dist.barrier()
     mine = [rank_file("optimizer", engine.rank), rank_file("rng", engine.rank)]
     torch_save_atomic(_optimizer_state(engine), staging / mine[0])
+    crash_point("checkpoint:optimizer_written")
     torch_save_atomic(rng_state(), staging / mine[1])
     if engine.rank == 0:
         save_safetensors_atomic(
@@ -290,8 +306,10 @@ def save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any]
         dist.all_gather_object(gathered, sums)  # all ranks' files are written once this returns
         sums = {k: v for part in gathered for k, v in part.items()}
     if engine.rank == 0:
+        crash_point("checkpoint:before_checksums")
         write_checksums(staging, sums)
         fsync_dir(staging)
+        crash_point("checkpoint:before_publish")
         publish(staging, final)
     if multi:
         dist.barrier()

@@ -29,6 +29,7 @@ import torch
 from kimivl_model.config import VLMConfig
 from kimivl_model.vlm import KimiVL
 from tasks.data.loader import LinearSchedule, MixtureConfig, PackedLoader, SourceSpec, tokens_by_modality
+from tasks.faults import crash_point
 from tasks.manifest import Parent, read_manifest, write_manifest
 from tasks.model_io import NATIVE_CONFIG, NATIVE_WEIGHTS, load_native, write_json_atomic
 from tasks.recipe import Recipe
@@ -342,6 +343,7 @@ def run_phase(
             )
         if engine.rank == 0:
             tracker.log_metrics(metrics, step=engine.step)
+        crash_point("train:step")
         done_budget = sum(tokens.values()) >= budget
         if engine.step % t.checkpoint_every_steps == 0 or done_budget:
             state = {"loader": loader.state_dict(), "tokens": tokens, "losses": losses, "phase": phase.name}
@@ -400,7 +402,9 @@ def _finish(
             parents=parents,
             counts={"tokens": result["tokens"], "steps": result["steps"]},
         )
+        crash_point("train:final:before_rename")
         shutil.rmtree(fdir, ignore_errors=True)
+        crash_point("train:final:removed_old")
         stage.replace(fdir)
         tracker.log_artifact(fdir, name=f"{phase.name}-final")
     engine._barrier()

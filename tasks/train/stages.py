@@ -33,7 +33,8 @@ COMPONENTS = ("vit", "projector", "lm", "coca")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/Infinity are never a meaningful weight, learning rate, share or RoPE base (YAML spells them .nan/.inf)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class MixtureSource(_Strict):
@@ -101,7 +102,7 @@ class PhaseConfig(_Strict):
     trainable: tuple[Literal["vit", "projector", "lm", "coca"], ...]
     sources: tuple[MixtureSource, ...] = Field(min_length=1)
     share_schedule: ShareSchedule | None = None
-    seq_len: int = Field(gt=0, description="packed sequence length in tokens")
+    seq_len: int = Field(ge=8, description="packed sequence length in tokens (the packer needs >= 8)")
     token_budget: int = Field(
         gt=0, description="tokens consumed (all modalities, padding excluded) before stopping"
     )
@@ -132,14 +133,31 @@ class PhaseConfig(_Strict):
             raise ValueError("objective 'coca' needs 'coca' in trainable")
         if self.objective != "coca" and "coca" in self.trainable:
             raise ValueError(f"'coca' is trainable only with objective 'coca' (got {self.objective!r})")
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: dataset {dup} listed twice; give each dataset one weight")
+        if sum(s.weight for s in self.sources) <= 0:
+            raise ValueError(f"sources: every weight is 0 in {names}; at least one must be > 0")
         if self.share_schedule is not None:
+            sch = self.share_schedule
             groups = {s.group for s in self.sources}
-            if self.share_schedule.group not in groups:
+            if sch.group not in groups:
                 raise ValueError(
-                    f"share_schedule.group {self.share_schedule.group!r} is not a group of the sources {sorted(groups)}"
+                    f"share_schedule.group {sch.group!r} is not a group of the sources {sorted(groups)}"
                 )
             if len(groups) < 2:
                 raise ValueError("a share_schedule needs sources in at least two groups")
+            inside = sum(s.weight for s in self.sources if s.group == sch.group)
+            outside = sum(s.weight for s in self.sources if s.group != sch.group)
+            if inside <= 0:
+                raise ValueError(
+                    f"share_schedule.group {sch.group!r}: every source of that group has weight 0"
+                )
+            if min(sch.start, sch.end) < 1 and outside <= 0:
+                raise ValueError(
+                    f"share_schedule: a share below 1 needs a source outside group {sch.group!r} with weight > 0"
+                )
         fr = [r.until_fraction for r in self.progressive_resolution]
         if fr and (fr != sorted(fr) or fr[-1] != 1.0):
             raise ValueError(f"progressive_resolution until_fraction must increase and end at 1.0, got {fr}")
