@@ -14,7 +14,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_compare import compare_cmd
 from flows.cli_data import data_app
+from flows.cli_eval import eval_cmd
+from flows.cli_ops import down_cmd, serve_cmd, up_cmd
+from flows.cli_recipe import dvc_remote_cmd, recipe_app
 from flows.cli_train import run_cmd, stage_cmd, train_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kimi-VL training system.")
@@ -26,6 +30,13 @@ app.add_typer(data_app, name="data")
 app.command("stage")(stage_cmd)
 app.command("train")(train_cmd)
 app.command("run")(run_cmd)
+app.command("eval")(eval_cmd)
+app.command("compare")(compare_cmd)
+app.command("serve")(serve_cmd)
+app.command("up")(up_cmd)
+app.command("down")(down_cmd)
+app.add_typer(recipe_app, name="recipe")
+app.command("dvc-remote")(dvc_remote_cmd)
 
 console = Console(stderr=True)
 

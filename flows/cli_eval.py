@@ -82,8 +82,10 @@ def _config(
 
 
 def eval_cmd(
-    checkpoint: Path = typer.Option(
-        ..., "--checkpoint", help="native checkpoint dir (or a phase dir with final/)"
+    checkpoint: str = typer.Option(
+        ...,
+        "--checkpoint",
+        help="native checkpoint dir (or a phase dir with final/), or s3://... (a published checkpoint)",
     ),
     out: Path = typer.Option(..., "--out", help="output dir for eval.json, report.md and the NIAH plots"),
     tokenizer: Path = typer.Option(..., "--tokenizer", help="tokenizer dir (DATA/tokenizer)"),
@@ -110,15 +112,27 @@ def eval_cmd(
     compare: Path | None = typer.Option(
         None, "--compare", help="an earlier eval.json: also write compare.md"
     ),
+    metrics: Path | None = typer.Option(
+        None, "--metrics", help="also write the flat summary metrics to this JSON file (DVC metrics)"
+    ),
 ) -> None:
     """Evaluate a checkpoint: held-out VQA/counting/OCR/grounding/chart/doc/video/math, caption and text
     loss, text and video needle-in-a-haystack; writes OUT/eval.json, OUT/report.md and NIAH plots."""
     from tasks.eval.suite import compare_reports, resolve_checkpoint, run_eval
-    from tasks.model_io import atomic_path
+    from tasks.model_io import atomic_path, write_json_atomic
 
     cfg = _config(
         config, tasks, niah_lengths, niah_video_lengths, niah_depths, max_items, prompt_style, seed, device
     )
+    if checkpoint.startswith("s3://"):
+        from tasks.publish import fetch_dir
+        from tasks.storage import StorageError
+
+        try:
+            checkpoint = fetch_dir(checkpoint, out / ".fetched")
+        except StorageError as e:
+            _fail(f"--checkpoint: {e}")
+    checkpoint = Path(checkpoint)
     try:
         resolve_checkpoint(checkpoint)
     except FileNotFoundError as e:
@@ -134,6 +148,8 @@ def eval_cmd(
         except (OSError, ValueError) as e:
             _fail(f"--compare: {compare}: {e}")
     result = run_eval(checkpoint, tokenizer, out, cfg, train_data_root=train_data, log=console.print)
+    if metrics is not None:
+        write_json_atomic(result["summary"], metrics)
     if earlier is not None:
         with atomic_path(out / "compare.md") as tmp:
             tmp.write_text(compare_reports(earlier, result, names=(str(compare.parent.name), str(out.name))))

@@ -123,6 +123,9 @@ def _service_commands(state_dir: Path, prefect_port: int, mlflow_port: int, arti
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    s3_endpoint = env.get("KIMIVL_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL")
+    if artifacts.startswith("s3://") and s3_endpoint:  # an S3-compatible store (SeaweedFS, MinIO)
+        mlflow_env.setdefault("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)
     (state_dir / "mlflow").mkdir(parents=True, exist_ok=True)
     mlflow_cmd = [
         _tool("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
@@ -312,6 +315,9 @@ def serve_cmd(
     if not healthy(health):
         _fail(f"--api-url {url}: {health} does not answer (is the Prefect server up?)")
     os.environ["PREFECT_API_URL"] = url  # flow-run subprocesses inherit it
+    if not os.environ.get("MLFLOW_TRACKING_URI") and state and "mlflow" in state["services"]:
+        # flow runs track into the MLflow server that `kimivl up` started (else each run's own SQLite)
+        os.environ["MLFLOW_TRACKING_URI"] = state["services"]["mlflow"]["tracking_uri"]
     # isort: off
     from flows import prefect_common  # noqa: F401  (environment defaults before Prefect reads settings)
     from prefect import serve

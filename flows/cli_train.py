@@ -81,6 +81,9 @@ def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dic
         except (DivergenceError, CheckpointError) as e:
             console.print(f"[bold red]training stopped:[/] {e}")
             raise typer.Exit(1) from None
+        except OSError as e:  # a full disk, an unwritable --out
+            console.print(f"[bold red]error:[/] cannot write: {e}")
+            raise typer.Exit(1) from None
     return results
 
 
@@ -166,47 +169,149 @@ def _summary(recipe: Path, results: list[dict], extra: dict | None = None) -> di
         "recipe": str(recipe),
         **(extra or {}),
         "phase_order": [r["phase"] for r in results],
-        "phases": {r["phase"]: {k: r[k] for k in keys} for r in results},
+        "phases": {
+            r["phase"]: {
+                **{k: r.get(k) for k in keys},
+                "checkpoint_uri": r.get("published") or Path(r["checkpoint"]).resolve().as_uri(),
+                "mlflow_run_id": r.get("mlflow_run_id"),
+            }
+            for r in results
+        },
     }
+
+
+class ConsoleProgress:
+    """Wraps a flow tracking backend: one rich line per finished step (data, each phase, each evaluation
+    point) with a running count and elapsed time; every other call goes to the wrapped backend."""
+
+    def __init__(self, inner, total: int) -> None:
+        import time
+
+        self.inner, self.total, self.done, self.t0 = inner, total, 0, time.perf_counter()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _line(self, what: str) -> None:
+        import time
+
+        self.done += 1
+        console.print(
+            f"[bold green]✓[/] [{self.done}/{self.total}] {what} [dim]({time.perf_counter() - self.t0:.1f} s)[/]"
+        )
+
+    def data_done(self, summary: dict) -> None:
+        if hasattr(self.inner, "data_done"):
+            self.inner.data_done(summary)
+        self._line(f"data: {summary['tokens']['total']:,} tokens")
+
+    def phase_done(self, phase, result: dict):
+        extra = self.inner.phase_done(phase, result) if hasattr(self.inner, "phase_done") else None
+        tok = result["tokens"]
+        self._line(
+            f"phase {phase.name}: {result['steps']} steps, {tok['total']:,} tokens, loss {result['final_loss']:.3f}"
+        )
+        return extra
+
+    def eval_done(self, point: str, result: dict) -> None:
+        if hasattr(self.inner, "eval_done"):
+            self.inner.eval_done(point, result)
+        state = "up to date" if result.get("up_to_date") else f"{len(result['summary'])} metrics"
+        self._line(f"eval after {point}: {state}")
 
 
 def run_cmd(
     recipe: Path = typer.Option(Path("params.yaml"), "--recipe", "-r"),
     out: Path = typer.Option(Path("runs/tiny"), "--out", help="run directory (data under OUT/data)"),
+    tracking: str = typer.Option("mlflow", "--tracking", help="mlflow | local (metrics.jsonl only)"),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db)"
+    ),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="run the recipe's evaluation points"),
+    export: bool = typer.Option(True, "--export/--no-export", help="export the final model"),
+    artifact_uri: str | None = typer.Option(
+        None,
+        "--artifact-uri",
+        help="s3://bucket/prefix: verified copies of datasets, checkpoints, evals, export",
+    ),
 ) -> None:
-    """The main job: the whole recipe on this machine: every data step, then every training phase.
+    """The main job: the whole recipe on this machine: data, every phase, evaluations, export.
 
-    Runs the Prefect pipeline flow (flows/pipeline.py): data -> every phase in recipe order -> export.
-    Prefect runs in its local (ephemeral) mode, or against a server when PREFECT_API_URL is set (e.g. the
-    one `kimivl up` starts: the run then shows in its UI). The recipe is validated first (exit 2).
+    Runs the Prefect pipeline flow (flows/pipeline.py) in Prefect's local (ephemeral) mode, or against a
+    server when PREFECT_API_URL is set (e.g. the one `kimivl up` starts: the run then shows in its UI),
+    tracked in MLflow (embedded SQLite store under OUT unless a server is named). The recipe is validated
+    first (exit 2). Writes OUT/summary.json: per phase tokens by modality, final loss, checkpoint URI and
+    MLflow run id.
     """
     import time
 
+    from pydantic import ValidationError
+
     from flows.pipeline import PipelineParams, pipeline_flow
     from flows.prefect_common import console_logs_to_current_stderr
+    from flows.stage_flow import make_tracking
     from tasks.data.io import DatasetError
     from tasks.manifest import ManifestError
     from tasks.model_io import write_json_atomic
     from tasks.train.checkpoint import CheckpointError, DivergenceError
 
     t0 = time.perf_counter()
-    _check_init(_recipe(recipe), recipe)
+    r = _check_init(_recipe(recipe), recipe)
+    try:
+        params = PipelineParams(
+            recipe_path=str(recipe), out_dir=str(out), tracking=tracking, tracking_uri=tracking_uri,
+            evaluate=evaluate, export=export, artifact_uri=artifact_uri,
+        )  # fmt: skip
+    except ValidationError as e:
+        err = e.errors()[0]
+        console.print(f"[bold red]error:[/] --{err['loc'][0]}: {err['msg']}")
+        raise typer.Exit(2) from None
+    n_points = sum(len(r.eval.points_after(n)) for n in ["init", *(p.name for p in r.phases)])
+    progress = ConsoleProgress(make_tracking(params), 1 + len(r.phases) + (n_points if evaluate else 0))
     try:
         with console_logs_to_current_stderr():
-            res = pipeline_flow(PipelineParams(recipe_path=str(recipe), out_dir=str(out)))
+            res = pipeline_flow(params, tracking=progress)
     except (FileNotFoundError, DatasetError, ManifestError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None
     except (DivergenceError, CheckpointError) as e:
         console.print(f"[bold red]training stopped:[/] {e}")
         raise typer.Exit(1) from None
+    except OSError as e:  # a full disk, an unwritable --out
+        console.print(f"[bold red]error:[/] cannot write: {e}")
+        raise typer.Exit(1) from None
     results = res["results"]
-    for r in results:
-        if r.get("up_to_date"):
-            console.print(f"[{r['phase']}] already complete: {r['checkpoint']}")
-    summary = _summary(recipe, results, {"data_tokens": res["data"]["tokens"]})
+    for x in results:
+        if x.get("up_to_date"):
+            console.print(f"[{x['phase']}] already complete: {x['checkpoint']}")
+    rep = res.get("tracking") or {}
+    extra = {
+        "data_tokens": res["data"]["tokens"],
+        "eval": res["eval"],
+        "eval_report": res["eval_report"],
+        "export": res["export"],
+        "mlflow": {
+            k: rep.get(k)
+            for k in (
+                "parent_run_id",
+                "tracking_uri",
+                "experiment",
+                "undelivered",
+                "rejected",
+                "spool_dir",
+                "plots",
+            )
+        }
+        if rep
+        else None,
+    }
+    summary = _summary(recipe, results, extra)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(summary, out / "summary.json")
     _table(results)
+    if res["eval_report"]:
+        console.print(f"evaluation report: {res['eval_report']}")
+    if rep:
+        console.print(f"MLflow: {rep.get('tracking_uri')} (parent run {rep.get('parent_run_id')})")
     console.print(f"done in {summary['seconds']} s: {out / 'summary.json'}")
     sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")

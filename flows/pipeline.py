@@ -1,8 +1,13 @@
 """The pipeline flow: the whole recipe, top to bottom.
 
 data flow -> every phase in recipe order (one training task each, named after the phase: text_pretrain ->
-vit -> align -> joint_pretrain -> cooldown -> long_context.* -> sft.* -> cot_sft) -> evaluation
-(``eval_hook``) -> export
+vit -> align -> joint_pretrain -> cooldown -> long_context.* -> sft.* -> cot_sft), each followed by the
+recipe's evaluation points for it (``eval:`` in the recipe; ``tasks/eval/points.py``) -> the run's
+evaluation report (``OUT/eval/report.md``, also a Prefect artifact) -> export
+
+Tracking (``PipelineParams.tracking``): MLflow by default (a parent run per pipeline run, a nested run per
+phase; the embedded default is ``sqlite:///OUT/mlflow.db`` unless ``tracking_uri`` or
+``$MLFLOW_TRACKING_URI`` names a server), or ``local`` (each phase's ``metrics.jsonl`` only).
 
 The phases are tasks of this flow rather than one stage subflow each: a Prefect flow run costs about a
 second of bookkeeping, a task run a few milliseconds (the stage flow is the deployment for running one
@@ -22,9 +27,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # isort: off
 from flows import prefect_common as pc  # sets Prefect's environment defaults: import it first
@@ -36,8 +40,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.data_flow import DataParams, data_flow, load_recipe_checked
-from flows.stage_flow import LocalTracking, run_phases
+from flows.stage_flow import make_tracking, run_phases
+from tasks.eval.points import INIT_POINT, EvalPoint, RecipeEval, pipeline_report, run_point
 from tasks.manifest import ManifestError, is_up_to_date, read_manifest, verify_files, write_manifest
+from tasks.publish import join, publish_data, publish_dir
 
 
 class PipelineParams(BaseModel):
@@ -45,14 +51,23 @@ class PipelineParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     recipe_path: str = Field(default="params.yaml", description="recipe YAML (params.yaml = the tiny recipe)")
-    out_dir: str = Field(default="runs/tiny", description="run directory: data/, phases/, export/")
+    out_dir: str = Field(default="runs/tiny", description="run directory: data/, phases/, eval/, export/")
     data_dir: str | None = Field(default=None, description="data root (default: OUT/data)")
     io_retries: int = Field(default=3, ge=0, le=10, description="retries of I/O steps (data, export)")
+    tracking: Literal["mlflow", "local"] = Field(
+        default="mlflow", description="mlflow: parent + nested runs; local: metrics.jsonl per phase only"
+    )
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db)"
+    )
+    experiment: str = Field(default="kimivl", min_length=1, description="MLflow experiment")
+    evaluate: bool = Field(default=True, description="run the recipe's evaluation points")
+    artifact_uri: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix (or a directory): verified copies of datasets, checkpoints, evals, export",
+    )
     export: bool = Field(default=True, description="export the final model (native + public HF layout)")
     export_max_shard_gb: float = Field(default=5.0, gt=0, description="HF export shard size")
-
-
-EvalHook = Callable[[dict[str, Any]], Any]
 
 
 @task(name="export", task_run_name="export", **pc.io_task_options())
@@ -104,55 +119,90 @@ def _replace_dir(stage: Path, dst: Path) -> None:
     stage.replace(dst)
 
 
-@task(name="evaluate", task_run_name="evaluate", cache_policy=NO_CACHE)
-def evaluate(eval_hook: EvalHook, context: dict[str, Any]) -> Any:
-    """Placeholder step: calls the evaluation hook with the run's context and returns what it returns."""
-    return eval_hook(context)
+@task(name="publish", **pc.io_task_options())
+def publish(local_dir: Path, uri: str) -> str:
+    """A verified copy of ``local_dir`` at ``uri`` (skipped when identical; retried on I/O errors)."""
+    return publish_dir(local_dir, uri, log=pc.run_log())["uri"]
+
+
+@task(name="publish data", **pc.io_task_options())
+def publish_datasets(data_root: Path, artifact_uri: str) -> dict[str, str]:
+    return publish_data(data_root, artifact_uri, log=pc.run_log())
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_point(
+    settings: RecipeEval, point: EvalPoint, checkpoint: Path, data_root: Path, out_root: Path
+) -> dict[str, Any]:
+    """One evaluation point (skipped when its output manifest matches the checkpoint and config)."""
+    return run_point(settings, point, checkpoint, data_root, out_root, log=pc.run_log())
 
 
 @flow(name="kimivl-pipeline", log_prints=True)
-def pipeline_flow(
-    params: PipelineParams = PipelineParams(),
-    tracking: Any = None,
-    eval_hook: EvalHook | None = None,
-) -> dict[str, Any]:
-    """The whole recipe: data -> every phase in recipe order -> evaluation -> export.
+def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = None) -> dict[str, Any]:
+    """The whole recipe: data -> every phase in recipe order, each followed by the recipe's evaluation
+    points for it -> the run's evaluation report -> export.
 
-    ``tracking``: see ``flows.stage_flow`` (default: a JSONL tracker per phase directory).
-    ``eval_hook(context)``: called after the last phase with ``recipe``, ``out_dir``, ``data_dir``,
-    ``results`` and ``checkpoint`` (the last final checkpoint); skipped when ``None``.
+    ``tracking``: see ``flows.stage_flow`` (default: from ``params.tracking``, MLflow unless "local").
     Returns ``phase_order``, ``results`` (one result dict per phase), ``data`` (the data flow's summary),
-    ``eval``, ``export`` and ``seconds``.
+    ``eval`` (per evaluation point its summary metrics and directory), ``export``, ``tracking`` (the
+    tracking backend's report, e.g. MLflow run ids and undelivered records) and ``seconds``.
     """
     t0 = time.perf_counter()
     recipe = load_recipe_checked(params.recipe_path)
     out = Path(params.out_dir)
     data = Path(params.data_dir) if params.data_dir else out / "data"
-    tracking = tracking or LocalTracking()
+    tracking = tracking or make_tracking(params)
+    stage_of = {p.name: p.stage for p in recipe.phases} | {INIT_POINT: "text_pretrain"}
+    points: dict[str, dict[str, Any]] = {}
+
+    uri = params.artifact_uri
+
+    def copy(local: Path, *parts: str) -> str | None:
+        if uri is None:
+            return None
+        return publish.with_options(task_run_name=f"publish {'/'.join(parts)}", retries=params.io_retries)(
+            local, join(uri, *parts)
+        )
+
+    def run_points(after: str, checkpoint: Path) -> None:
+        for point in recipe.eval.points_after(after) if params.evaluate else []:
+            res = evaluate_point.with_options(task_run_name=f"eval after {after}")(
+                recipe.eval, point, checkpoint, data, out
+            )
+            res["published"] = copy(Path(res["dir"]), "eval", after)
+            points[after] = res
+            if (hook := getattr(tracking, "eval_done", None)) is not None:
+                hook(after, res)
+
     opened = getattr(tracking, "pipeline", None)
-    with opened(recipe.name, params.model_dump(mode="json")) if opened else _null():
+    with opened(recipe, params.model_dump(mode="json")) if opened else _null():
         data_summary = data_flow(
             DataParams(recipe_path=params.recipe_path, data_dir=str(data), io_retries=params.io_retries)
         )
+        if uri is not None:
+            data_summary["published"] = publish_datasets.with_options(retries=params.io_retries)(data, uri)
         if (data_hook := getattr(tracking, "data_done", None)) is not None:
             data_hook(data_summary)
-        results = run_phases(recipe, list(recipe.phases), data, out, tracking)
+        if recipe.model.init_checkpoint is not None:
+            run_points(INIT_POINT, Path(recipe.model.init_checkpoint))
+        results = []
+        for phase in recipe.phases:
+            results += run_phases(recipe, [phase], data, out, tracking)
+            results[-1]["published"] = copy(Path(results[-1]["checkpoint"]), "phases", phase.name, "final")
+            run_points(phase.name, Path(results[-1]["checkpoint"]))
+        report = None
+        if points:
+            report = pipeline_report(recipe.name, points, stage_of, out)
+            if (report_hook := getattr(tracking, "report_done", None)) is not None:
+                report_hook(Path(report["report"]))
         last = Path(results[-1]["checkpoint"]) if results else None
-        evaluation = None
-        if eval_hook is not None:
-            context = {
-                "recipe": recipe,
-                "out_dir": out,
-                "data_dir": data,
-                "results": results,
-                "checkpoint": last,
-            }
-            evaluation = evaluate(eval_hook, context)
         exported = None
         if params.export and last is not None:
             exported = export_model.with_options(retries=params.io_retries)(
                 last, out / "export", int(params.export_max_shard_gb * 2**30)
             )
+            exported["published"] = copy(Path(exported["hf"]), "export", "hf")
     create_markdown_artifact(
         key=pc.artifact_key("kimivl", "pipeline", "tokens"),
         markdown=(
@@ -161,13 +211,24 @@ def pipeline_flow(
         ),
         description="tokens per phase, steps, final loss, checkpoints, MLflow runs",
     )
+    if report is not None:
+        create_markdown_artifact(
+            key=pc.artifact_key("kimivl", "pipeline", "eval"),
+            markdown=report["markdown"],
+            description="evaluation: before/after comparisons and every metric per evaluation point",
+        )
     return {
         "recipe": params.recipe_path,
         "phase_order": [r["phase"] for r in results],
         "results": results,
         "data": data_summary,
-        "eval": evaluation,
+        "eval": {
+            n: {"dir": p["dir"], "summary": p["summary"], "published": p["published"]}
+            for n, p in points.items()
+        },
+        "eval_report": None if report is None else report["report"],
         "export": exported,
+        "tracking": getattr(tracking, "report", None),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

@@ -13,8 +13,9 @@ Tracking is pluggable (``tracking``, default ``LocalTracking``): any object with
 
 and optionally
 
-- ``pipeline(name, params)``: a context manager around a whole pipeline run (MLflow: the parent run);
+- ``pipeline(recipe, params)``: a context manager around a whole pipeline run (MLflow: the parent run);
 - ``data_done(summary)``: called with the data flow's summary;
+- ``eval_done(point, result)`` / ``report_done(path)``: an evaluation point's result / the run's report;
 - ``phase_done(phase, result)``: called with a trained phase's result; a dict it returns is merged into
   the result (e.g. ``{"mlflow_run_id": ..., "mlflow_url": ...}`` for the tokens table).
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 # isort: off
 from flows import prefect_common as pc  # sets Prefect's environment defaults: import it first
@@ -53,7 +54,7 @@ class LocalTracking:
     """The default: a ``JsonlTracker`` per phase directory (``metrics.jsonl``, ``params.json``, ...)."""
 
     @contextlib.contextmanager
-    def pipeline(self, name: str, params: dict[str, Any]) -> Iterator[None]:
+    def pipeline(self, recipe: Recipe, params: dict[str, Any]) -> Iterator[None]:
         yield None
 
     @contextlib.contextmanager
@@ -71,6 +72,25 @@ class StageParams(BaseModel):
     )
     out_dir: str = Field(default="runs/tiny", description="run directory: phases/<phase>/ go here")
     data_dir: str | None = Field(default=None, description="data root with tokenized/ (default: OUT/data)")
+    tracking: Literal["mlflow", "local"] = Field(
+        default="mlflow",
+        description="mlflow: the pipeline's parent run + a nested run per phase; local: JSONL",
+    )
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db)"
+    )
+    experiment: str = Field(default="kimivl", min_length=1, description="MLflow experiment")
+
+
+def make_tracking(params: Any) -> Any:
+    """The tracking backend a flow's parameters ask for (``tracking``, ``tracking_uri``, ``experiment``)."""
+    if params.tracking == "local":
+        return LocalTracking()
+    from tasks.tracked_run import MlflowFlowTracking
+
+    return MlflowFlowTracking(
+        params.out_dir, params.tracking_uri, experiment=params.experiment, log=pc.run_log()
+    )
 
 
 def tracking_links(tracker: Any) -> dict[str, str]:
@@ -135,7 +155,11 @@ def stage_flow(params: StageParams = StageParams(), tracking: Any = None) -> lis
         raise RecipeError(f"{params.recipe_path}: {e}") from None
     out = Path(params.out_dir)
     data = Path(params.data_dir) if params.data_dir else out / "data"
-    results = run_phases(recipe, phases, data, out, tracking)
+    tracking = tracking or make_tracking(params)
+    opened = getattr(tracking, "pipeline", None)
+    # MLflow: the pipeline's parent run of this recipe + run directory is found again, not duplicated
+    with opened(recipe, params.model_dump(mode="json")) if opened else contextlib.nullcontext():
+        results = run_phases(recipe, phases, data, out, tracking)
     create_markdown_artifact(
         key=pc.artifact_key("kimivl", "stage", params.stage, "tokens"),
         markdown=f"# Stage `{params.stage}`: tokens per phase\n\n{pc.tokens_table(results)}",

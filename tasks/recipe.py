@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kimivl_model.config import PRESETS, ConfigError, VLMConfig, preset
 from tasks.data.pipeline import QA_NAME, DataRecipe
 from tasks.data.synth import SYNTH_KINDS
+from tasks.eval.points import INIT_POINT, RecipeEval
 from tasks.train.stages import STAGES, PhaseConfig
 
 
@@ -22,7 +23,7 @@ class RecipeError(ValueError):
 
 
 class ModelSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     preset: str = Field(default="tiny", description="model preset: tiny | small | a3b")
     init_checkpoint: Path | None = Field(
         default=None, description="native checkpoint the first phase starts from (e.g. an imported model)"
@@ -43,7 +44,7 @@ class ModelSettings(BaseModel):
 class TrainSettings(BaseModel):
     """Engine settings shared by every phase (each phase adds its own LR schedule and batch size)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     optimizer: Literal["muon", "adamw"] = "muon"
     zero_stage: int = Field(default=0, ge=0, le=2)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -65,12 +66,13 @@ class TrainSettings(BaseModel):
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str = Field(description="recipe name, e.g. 'tiny' or 'a3b'")
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataRecipe = Field(default_factory=DataRecipe)
     train: TrainSettings = Field(default_factory=TrainSettings)
     phases: tuple[PhaseConfig, ...] = Field(default=(), description="training phases in recipe order")
+    eval: RecipeEval = Field(default_factory=RecipeEval, description="evaluation points of the pipeline")
 
     @model_validator(mode="after")
     def _phases_consistent(self) -> Recipe:
@@ -107,6 +109,14 @@ class Recipe(BaseModel):
         for i, p in enumerate(self.phases):
             if p.seq_len > vlm.lm.max_position_embeddings * 64:
                 raise ValueError(f"phases.{i}.seq_len: {p.seq_len} is beyond any supported context")
+        for i, pt in enumerate(self.eval.points):
+            if pt.after == INIT_POINT and self.model.init_checkpoint is None:
+                raise ValueError(f"eval.points.{i}.after: {INIT_POINT!r} needs model.init_checkpoint")
+            if pt.after != INIT_POINT and pt.after not in names:
+                raise ValueError(
+                    f"eval.points.{i}.after: {pt.after!r} is not a phase of this recipe "
+                    f"({names}, or {INIT_POINT!r} for model.init_checkpoint)"
+                )
         return self
 
     def phase(self, name: str) -> PhaseConfig:
@@ -129,8 +139,10 @@ class Recipe(BaseModel):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        lines.append(f"{source}: field {loc}: {e['msg']}")
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        # a recipe-level check names its field(s) itself ("phases.3.seq_len: ...")
+        lines.append(f"{source}: field {loc}: {msg}" if loc else f"{source}: field {msg}")
     return "\n".join(lines)
 
 

@@ -1,32 +1,50 @@
-"""The whole recipe (every data step, then every phase) tracked in MLflow: ``kimivl run`` with tracking.
+"""MLflow tracking of a whole pipeline run, shaped for the flows (``flows/stage_flow.py`` documents the
+protocol): a parent MLflow run around the pipeline, a nested run per phase, evaluation metrics and reports.
 
-Same sequence as ``flows/cli_train.py:run_cmd``; around it a parent MLflow run (the recipe as params, the
-data step counts as metrics) and a nested run per phase, passed to ``run_phase`` as its tracker (mirrored
-into the phase directory's ``metrics.jsonl`` as without MLflow). A tracking server that is down never stops
-the pipeline: what could not be delivered is spooled under ``OUT/tracking/spool`` and reported in the
-summary (``summary["mlflow"]["undelivered"]``).
+``MlflowFlowTracking`` wraps ``tasks.tracking_mlflow.PipelineTracking``:
 
-Embedded default: ``sqlite:///OUT/mlflow.db`` with artifacts under ``OUT/mlartifacts`` (no server).
+- ``pipeline(recipe, params)``: find-or-create the parent run (the resolved recipe as params), end it with
+  the run's status, plots and one last delivery attempt; ``report`` holds what was (not) delivered;
+- ``data_done(summary)``: data step counts as parent metrics, dataset versions as tags;
+- ``phase(phase, phase_dir)``: yields a tracker that writes both to the phase's nested run and to the phase
+  directory's ``metrics.jsonl`` (the local record stays complete when the server is down);
+- ``phase_done(phase, result)``: summary metrics, checkpoint lineage, model registry version; returns the
+  run id and (for a tracking server) the run's URL for the tokens table;
+- ``eval_done(point, result)``: the point's summary metrics on the parent run as ``eval.<phase>.<metric>``
+  and its directory (``eval.json``, report, NIAH plots) as artifacts; ``report_done(path)``: the run report.
+
+A tracking server that is down never stops the pipeline: what could not be delivered is spooled under
+``OUT/tracking/spool`` and reported (``report["undelivered"]``).
+
+Embedded default: ``sqlite:///OUT/mlflow.db`` with artifacts under ``OUT/mlartifacts`` (no server), unless
+``MLFLOW_TRACKING_URI`` names one.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tasks.tracking import JsonlTracker, Tracker
-from tasks.tracking_mlflow import PipelineTracking, default_tracking_uri
+from tasks.tracking_mlflow import PipelineTracking, _is_remote, default_tracking_uri
 
 Log = Callable[[str], Any]
 
 
 class TeeTracker:
-    """Sends every call to several trackers."""
+    """Sends every call to several trackers; ``run_id`` / ``run_url`` come from the first that has them."""
 
-    def __init__(self, *trackers: Tracker) -> None:
+    def __init__(self, *trackers: Tracker, run_url: str | None = None) -> None:
         self.trackers = trackers
+        self.run_url = run_url
+
+    @property
+    def run_id(self) -> str | None:
+        return next((t.run_id for t in self.trackers if getattr(t, "run_id", None)), None)
 
     def log_params(self, params: dict[str, Any]) -> None:
         for t in self.trackers:
@@ -45,85 +63,122 @@ class TeeTracker:
             t.log_artifact(path, name)
 
 
-def run_pipeline_tracked(
-    recipe_path: Path | str,
-    out_dir: Path | str,
-    tracking_uri: str | None = None,
-    log: Log = print,
-    *,
-    experiment: str = "kimivl",
-    registered_model: str | None = None,
-    log_checkpoints: bool = True,
-) -> dict[str, Any]:
-    """Run data + every phase of the recipe under ``out_dir`` with MLflow tracking; returns the summary
-    (also written to ``OUT/summary.json``): per phase its stage, tokens, steps, final loss, checkpoint and
-    ``mlflow_run_id``; ``mlflow``: parent run id, URI, experiment, undelivered records, spool, plots."""
-    from tasks.data.pipeline import run_data_all
-    from tasks.model_io import write_json_atomic
-    from tasks.recipe import load_recipe
-    from tasks.train.runner import phase_dir, run_phase
+def resolve_tracking_uri(out_dir: Path, tracking_uri: str | None = None) -> str:
+    """An explicit URI, else ``$MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///OUT/mlflow.db``."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path(out_dir))
 
-    t0 = time.perf_counter()
-    recipe = load_recipe(recipe_path)
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri or default_tracking_uri(out)
-    local_store = not uri.startswith(("http://", "https://", "databricks"))
-    pt = PipelineTracking(
-        uri,
-        experiment=experiment,
-        artifact_location=(out / "mlartifacts").as_uri() if local_store else None,
-        local_dir=out / "tracking",
-        data_root=out / "data",
-        out_root=out,
-        registered_model=registered_model,
-        log_checkpoints=log_checkpoints,
-        log=log,
-    )
-    pt.start_pipeline(
-        recipe,
-        run_name=f"{recipe.name}:{out.name}",
-        tags={"kimivl.out_dir": str(out), "kimivl.recipe_path": str(Path(recipe_path).resolve())},
-    )
-    status = "FAILED"
-    results: list[dict[str, Any]] = []
-    try:
-        data_summary = run_data_all(recipe.data, out / "data", log=log)
-        pt.log_data_summary(data_summary)
-        for phase in recipe.phases:
-            tracker = pt.phase_tracker(phase.name)
-            local = JsonlTracker(phase_dir(out, phase))
-            res = run_phase(recipe, phase, out / "data", out, tracker=TeeTracker(tracker, local), log=log)
-            pt.finish_phase(phase.name, res)
-            results.append(res)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        report = pt.end_pipeline(status)
-    keys = ("stage", "tokens", "steps", "final_loss", "checkpoint", "skipped_steps")
-    summary = {
-        "recipe": str(recipe_path),
-        "data_tokens": data_summary["tokens"],
-        "phase_order": [r["phase"] for r in results],
-        "phases": {
-            r["phase"]: {**{k: r[k] for k in keys}, "mlflow_run_id": report["phase_run_ids"].get(r["phase"])}
-            for r in results
-        },
-        "mlflow": {
-            k: report[k]
-            for k in (
-                "parent_run_id",
-                "tracking_uri",
-                "experiment",
-                "undelivered",
-                "rejected",
-                "spool_dir",
-                "plots",
-            )
-        },
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    write_json_atomic(summary, out / "summary.json")
-    return summary
+
+class MlflowFlowTracking:
+    """The flows' tracking backend for MLflow (see the module docstring)."""
+
+    def __init__(
+        self,
+        out_dir: Path | str,
+        tracking_uri: str | None = None,
+        *,
+        experiment: str = "kimivl",
+        registered_model: str | None = None,
+        log_checkpoints: bool = True,
+        log: Log = print,
+    ) -> None:
+        self.out = Path(out_dir).resolve()
+        self.uri = resolve_tracking_uri(self.out, tracking_uri)
+        self.remote = _is_remote(self.uri)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.pt = PipelineTracking(
+            self.uri,
+            experiment=experiment,
+            artifact_location=None if self.remote else (self.out / "mlartifacts").as_uri(),
+            local_dir=self.out / "tracking",
+            data_root=self.out / "data",
+            out_root=self.out,
+            registered_model=registered_model,
+            log_checkpoints=log_checkpoints,
+            log=log,
+        )
+        self.report: dict[str, Any] | None = None
+
+    def run_url(self, run_id: str | None) -> str | None:
+        if not (self.remote and run_id):
+            return None
+        exp = self.pt.conn.experiment_id() if self.pt.conn.available() else None
+        return f"{self.uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}" if exp else None
+
+    @contextlib.contextmanager
+    def pipeline(self, recipe: Any, params: dict[str, Any]) -> Iterator[None]:
+        self.pt.start_pipeline(
+            recipe,
+            run_name=f"{recipe.name}:{self.out.name}",
+            tags={
+                "kimivl.out_dir": str(self.out),
+                "kimivl.recipe_path": str(Path(params.get("recipe_path", "")).resolve()),
+            },
+        )
+        status = "FAILED"
+        try:
+            yield None
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.report = self.pt.end_pipeline(status)
+
+    def data_done(self, summary: dict[str, Any]) -> None:
+        self.pt.log_data_summary(summary)
+
+    @contextlib.contextmanager
+    def phase(self, phase: Any, phase_dir: Path) -> Iterator[Tracker]:
+        tr = self.pt.phase_tracker(phase.name)
+        if tr.resumed:
+            self._backfill(tr, Path(phase_dir) / "metrics.jsonl")
+        yield TeeTracker(tr, JsonlTracker(phase_dir), run_url=self.run_url(tr.run_id))
+
+    def _backfill(self, tr: Any, jsonl: Path) -> int:
+        """A phase run found again after a crash: re-send the steps of the durable local record that never
+        reached MLflow (a SIGKILL loses the tracker's unflushed buffer; the resumed phase recomputes only
+        the steps after its last checkpoint). Returns how many steps were re-sent."""
+        if not jsonl.is_file() or not (tr.run_id and self.pt.conn.available()):
+            return 0
+        try:
+            delivered = {m.step for m in self.pt.conn.client.get_metric_history(tr.run_id, "loss")}
+        except Exception as e:  # tracking trouble never stops training
+            self.pt.log(f"[tracking] backfill skipped: {type(e).__name__}: {e}")
+            return 0
+        local: dict[int, dict[str, float]] = {}
+        for line in jsonl.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            step = rec.pop("step", None)
+            rec.pop("time", None)
+            if isinstance(step, int) and "loss" in rec:
+                local[step] = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+        missing = sorted(set(local) - delivered)
+        for step in missing:
+            tr.log_metrics(local[step], step=step)
+        if missing:
+            self.pt.log(f"[tracking] re-sent {len(missing)} steps of {jsonl.parent.name} from {jsonl}")
+        return len(missing)
+
+    def phase_done(self, phase: Any, result: dict[str, Any]) -> dict[str, Any]:
+        self.pt.finish_phase(phase.name, result)
+        run_id = self.pt.phases[phase.name].run_id
+        links = {"mlflow_run_id": run_id} if run_id else {}
+        if url := self.run_url(run_id):
+            links["mlflow_url"] = url
+        return links
+
+    def eval_done(self, point: str, result: dict[str, Any]) -> None:
+        parent = self.pt._require_parent()
+        parent.log_metrics({f"eval.{point}.{k}": float(v) for k, v in result["summary"].items()}, step=0)
+        if result.get("dir"):
+            parent.log_artifact(Path(result["dir"]), f"eval/{point}")
+
+    def report_done(self, path: Path) -> None:
+        self.pt._require_parent().log_artifact(Path(path), "eval")
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.pt.parent.run_id if self.pt.parent else None

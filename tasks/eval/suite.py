@@ -47,7 +47,6 @@ __all__ = [
     "EvalConfig",
     "TaskSizes",
     "compare_reports",
-    "pipeline_eval_hook",
     "render_report",
     "run_eval",
 ]
@@ -334,25 +333,3 @@ def run_eval(
         tracker.log_metrics(result["summary"], step=0)
         tracker.log_artifact(out_dir, name="eval")
     return result
-
-
-def pipeline_eval_hook(
-    cfg: EvalConfig | None = None, generate_fn: GenerateFn | None = None
-) -> Callable[[dict[str, Any]], dict[str, float]]:
-    """An ``eval_hook`` for ``flows.pipeline.pipeline_flow``: evaluates the run's last checkpoint
-    (``context["checkpoint"]``) with the run's tokenizer, checks the held-out sets against the run's data,
-    writes ``OUT/eval/`` and returns the flat summary metrics."""
-
-    def hook(context: dict[str, Any]) -> dict[str, float]:
-        data = Path(context["data_dir"])
-        res = run_eval(
-            context["checkpoint"],
-            data / "tokenizer",
-            Path(context["out_dir"]) / "eval",
-            cfg,
-            train_data_root=data,
-            generate_fn=generate_fn,
-        )
-        return res["summary"]
-
-    return hook

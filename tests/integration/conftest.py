@@ -50,3 +50,47 @@ def tiny_data(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("tiny-data")
     summary = run_data_all(SMALL_DATA, root, log=lambda *_: None)
     return root, summary
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect database + API server for the whole session (flows run against it)."""
+    # isort: off
+    import flows.prefect_common  # noqa: F401  (environment defaults before Prefect starts a server)
+    from prefect.testing.utilities import prefect_test_harness
+
+    # isort: on
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+DIST_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+)
+
+
+def subprocess_env() -> dict[str, str]:
+    """This process's environment without Prefect settings and without the torch.distributed variables
+    that in-process training tests leave behind (a child would read them as a launcher's and try to join
+    this process's group)."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in DIST_ENV}
+
+
+@pytest.fixture(scope="session")
+def prefect_api_env(prefect_harness) -> dict[str, str]:
+    """An environment for subprocesses that run flows against the session's Prefect test server."""
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = subprocess_env()
+    env.update({"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    return env

@@ -26,7 +26,7 @@ from tasks.data.tokenizer import load_tokenizer
 from tasks.eval.heldout import TrainingIndex, build_heldout
 from tasks.eval.niah import NIAHConfig, haystacks
 from tasks.eval.prompts import PromptBuilder
-from tasks.eval.suite import GEN_TASKS, TASKS, EvalConfig, pipeline_eval_hook, run_eval
+from tasks.eval.suite import GEN_TASKS, TASKS, EvalConfig, run_eval
 from tasks.model_io import save_native
 
 SIZES = {t: 2 for t in ("vqa", "counting", "ocr", "grounding", "chart_qa", "doc_qa", "video_qa", "math")}
@@ -198,11 +198,3 @@ def test_cli_eval_command(setup, tmp_path):
     assert r.exit_code == 2 and "bogus" in r.output
     r = runner.invoke(app, [*args, "--niah-depths", "0,2"])
     assert r.exit_code == 2 and "niah" in r.output
-
-
-def test_pipeline_eval_hook(setup, tmp_path):
-    root, ck, _ = setup
-    hook = pipeline_eval_hook(EvalConfig(tasks=("text_loss",), sizes={"text_loss": 2}))
-    summary = hook({"checkpoint": ck, "data_dir": root, "out_dir": tmp_path, "results": [], "recipe": None})
-    assert set(summary) == {"text_loss/loss", "text_loss/perplexity", "heldout/overlap"}
-    assert summary["heldout/overlap"] == 0.0 and (tmp_path / "eval" / "eval.json").is_file()

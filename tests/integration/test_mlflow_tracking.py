@@ -22,10 +22,10 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from flows.cli import app as kimivl_app
 from flows.cli_compare import compare_cmd
 from tasks.manifest import code_version, read_manifest
 from tasks.recipe import recipe_from_dict
-from tasks.tracked_run import run_pipeline_tracked
 from tasks.tracking_mlflow import PipelineTracking, clean_params, default_tracking_uri, replay_spool
 from tasks.train.runner import read_result
 from tests.integration.conftest import short_recipe
@@ -37,6 +37,7 @@ PHASES = {"text_pretrain": 1024, "align": 512}
 def _raw_recipe(**train) -> dict:
     raw = short_recipe(**train).model_dump(mode="json", by_alias=True)
     raw["phases"] = [p for p in raw["phases"] if p["name"] in PHASES]
+    raw["eval"]["points"] = []
     for p in raw["phases"]:
         p["token_budget"] = PHASES[p["name"]]
     return raw
@@ -49,27 +50,31 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tracked(tiny_data, tmp_path_factory):
-    """One tracked pipeline (data + 2 short phases) into the embedded default store."""
+def tracked(prefect_harness, tiny_data, tmp_path_factory):
+    """One tracked pipeline (``kimivl run``: data + 2 short phases + one evaluation point) into the
+    embedded default store."""
     root = tmp_path_factory.mktemp("mlflow-run")
     raw = _raw_recipe()
+    raw["eval"]["points"] = [{"after": "align", "tasks": ["text_loss"]}]
     recipe_yaml = root / "recipe.yaml"
     recipe_yaml.write_text(yaml.safe_dump(raw))
     out = root / "run"
-    shutil.copytree(tiny_data[0], out / "data")
-    logs: list[str] = []
+    shutil.copytree(tiny_data[0], out / "data")  # every data step finds its output up to date
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
-        # the data steps are tested elsewhere; re-verifying the copied corpus (hashing every file) would
-        # cost seconds here, so the data step returns the fixture's summary for the corpus just copied
-        mp.setattr("tasks.data.pipeline.run_data_all", lambda recipe, root, log=print: tiny_data[1])
-        summary = run_pipeline_tracked(recipe_yaml, out, log=lambda m: logs.append(str(m)))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        res = CliRunner().invoke(
+            kimivl_app, ["run", "--recipe", str(recipe_yaml), "--out", str(out), "--no-export"]
+        )
+    assert res.exit_code == 0, res.output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
     uri = default_tracking_uri(out)
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.get_experiment_by_name("kimivl")
     return SimpleNamespace(
-        summary=summary, out=out, uri=uri, client=client, exp=exp, recipe=recipe_from_dict(raw), logs=logs
-    )
+        summary=summary, out=out, uri=uri, client=client, exp=exp, recipe=recipe_from_dict(raw),
+        logs=res.output.splitlines(),
+    )  # fmt: skip
 
 
 def _runs(t, experiment: str = "kimivl"):

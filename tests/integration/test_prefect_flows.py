@@ -28,7 +28,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tasks.manifest import read_manifest
-from tests.integration.conftest import ROOT, short_recipe
+from tests.integration.conftest import ROOT, short_recipe, subprocess_env
 
 PHASE = "text_pretrain"
 
@@ -37,22 +37,11 @@ def _one_phase_recipe(path: Path) -> Path:
     """The short recipe cut to its first phase with a one-step budget (the stage/pipeline flows' input)."""
     raw = short_recipe().model_dump(mode="json", by_alias=True)
     raw["phases"] = [p for p in raw["phases"] if p["name"] == PHASE]
+    raw["eval"]["points"] = [{"after": PHASE, "tasks": ["text_loss"]}]
     p = raw["phases"][0]
     p["token_budget"] = p["seq_len"] * p["micro_batches_per_step"]
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    # isort: off
-    import flows.prefect_common  # noqa: F401  (environment defaults before Prefect starts a server)
-    from prefect.testing.utilities import prefect_test_harness
-
-    # isort: on
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def _client():
@@ -102,8 +91,8 @@ class FakeMlflowTracking:
         self._cls = MemoryTracker
 
     @contextlib.contextmanager
-    def pipeline(self, name, params):
-        self.events.append(f"pipeline:{name}:{Path(params['recipe_path']).name}")
+    def pipeline(self, recipe, params):
+        self.events.append(f"pipeline:{recipe.name}:{Path(params['recipe_path']).name}")
         yield
         self.events.append("pipeline:end")
 
@@ -120,6 +109,12 @@ class FakeMlflowTracking:
     def phase_done(self, phase, result):
         self.events.append(f"done:{phase.name}:{result['mlflow_run_id']}")
         return {"mlflow_url": f"http://mlflow.invalid/#/runs/run-{phase.name}"}
+
+    def eval_done(self, point, result):
+        self.events.append(f"eval:{point}:{'up_to_date' if result['up_to_date'] else 'ran'}")
+
+    def report_done(self, path):
+        self.events.append(f"report:{Path(path).name}")
 
 
 # ----------------------------------------------------------------------------------- (a) test harness
@@ -222,7 +217,7 @@ def test_stage_flow_trains_phase_with_tracking_links(stage_run):
     assert res["mlflow_run_id"] == f"run-{PHASE}" and res["mlflow_url"].endswith(f"run-{PHASE}")
     # the injected tracker got the phase's metrics (and run_phase's default JSONL tracker did not)
     assert [s for s, _ in tracking.trackers[PHASE].series("loss")] == list(range(1, steps + 1))
-    assert tracking.events == [f"done:{PHASE}:run-{PHASE}"]
+    assert tracking.events == ["pipeline:tiny:recipe.yaml", f"done:{PHASE}:run-{PHASE}", "pipeline:end"]
     assert not (Path(params.out_dir) / "phases" / PHASE / "metrics.jsonl").exists()
     (run,) = _task_runs(state.state_details.flow_run_id, expected=1)
     assert run.name == f"train {PHASE}" and run.state.is_completed()
@@ -241,26 +236,34 @@ def test_pipeline_flow_skips_done_work_evaluates_and_exports(stage_run):
     from tasks.model_io import load_hf, load_native
 
     stage_params, _, _ = stage_run
-    seen = {}
-
-    def eval_hook(ctx):
-        seen.update(ctx)
-        return {"niah": 1.0}
-
     params = PipelineParams(
         recipe_path=stage_params.recipe_path, out_dir=stage_params.out_dir, data_dir=stage_params.data_dir
     )
     tracking = FakeMlflowTracking()
-    state = pipeline_flow(params, tracking=tracking, eval_hook=eval_hook, return_state=True)
+    state = pipeline_flow(params, tracking=tracking, return_state=True)
     assert state.is_completed(), state
     res = state.result()
-    # the phase was complete: no phase run is opened again; parent context and data hook wrap the run
+    # the phase was complete: no phase run is opened again; parent context, data hook, the recipe's
+    # evaluation point after the phase, the run report
     data_total = res["data"]["tokens"]["total"]
-    assert tracking.events == ["pipeline:tiny:recipe.yaml", f"data:{data_total}", "pipeline:end"]
+    assert tracking.events == [
+        "pipeline:tiny:recipe.yaml", f"data:{data_total}", f"eval:{PHASE}:ran", "report:report.md",
+        "pipeline:end",
+    ]  # fmt: skip
     assert res["phase_order"] == [PHASE] and res["results"][0]["up_to_date"] is True
-    assert res["eval"] == {"niah": 1.0} and seen["checkpoint"] == Path(res["results"][0]["checkpoint"])
     out = Path(stage_params.out_dir)
     final = out / "phases" / PHASE / "final"
+    ev = res["eval"][PHASE]
+    assert ev["dir"] == str(out / "eval" / PHASE) and ev["summary"]["text_loss/loss"] > 0
+    point = json.loads((out / "eval" / PHASE / "eval.json").read_text())
+    assert point["checkpoint"] == str(final) and list(point["tasks"]) == ["text_loss"]
+    assert read_manifest(out / "eval" / PHASE).parents[0].content_hash == read_manifest(final).content_hash
+    report = (out / "eval" / "report.md").read_text()
+    assert (
+        "| Text retention | `text_loss/loss` |" in report
+        and f"| `text_loss/loss` | {ev['summary']['text_loss/loss']:.4f} |" in report
+    )
+    assert "eval" in _artifact("kimivl-pipeline-eval", state.state_details.flow_run_id).lower()
     assert res["export"]["native"] == str(out / "export" / "native")
     assert read_manifest(out / "export" / "native").content_hash == read_manifest(final).content_hash
     cfg0, sd0 = load_native(final)
@@ -270,9 +273,12 @@ def test_pipeline_flow_skips_done_work_evaluates_and_exports(stage_run):
     assert read_manifest(out / "export" / "hf").parents[0].content_hash == read_manifest(final).content_hash
     table = _artifact("kimivl-pipeline-tokens", state.state_details.flow_run_id)
     assert f"| {PHASE} | {PHASE} |" in table and "| **all** |" in table
-    # a second run: the export is up to date too
-    again = pipeline_flow(params, return_state=True).result()
+    # a second run: the evaluation point and the export are up to date
+    again_tracking = FakeMlflowTracking()
+    again = pipeline_flow(params, tracking=again_tracking, return_state=True).result()
     assert sorted(again["export"]["up_to_date"]) == ["hf", "native"]
+    assert f"eval:{PHASE}:up_to_date" in again_tracking.events
+    assert again["eval"][PHASE]["summary"] == ev["summary"]
 
 
 # ----------------------------------------------------------------------------------- (b) real server
@@ -293,21 +299,33 @@ SERVE_SCRIPT = (
 )
 
 
-def test_ui_triggered_run_on_real_prefect_server(tiny_data, tmp_path):
-    """kimivl up -> kimivl serve -> a flow run created through the API -> Completed -> kimivl down."""
+def test_ui_triggered_pipeline_tracks_to_mlflow_with_s3_artifacts(
+    tiny_data, tmp_path, s3_server, monkeypatch
+):
+    """kimivl up (Prefect + MLflow servers, MLflow artifacts in SeaweedFS) -> kimivl serve -> a pipeline run
+    created through the Prefect API (as the UI does) -> Completed -> runs, metrics, lineage and evaluation
+    read back from MLflow; MLflow artifacts and the run's published checkpoints are in S3 -> kimivl down."""
+    from mlflow import MlflowClient
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.cli_ops import healthy
+    from tasks import storage
 
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    prefix = f"s3://kimivl-test/ui-{os.urandom(4).hex()}"
     state_dir = tmp_path / "services"
     runner = CliRunner()
     up = runner.invoke(
-        _ops_app(), ["up", "--state-dir", str(state_dir), "--prefect-port", "0", "--mlflow-port", "0"]
-    )
+        _ops_app(),
+        ["up", "--state-dir", str(state_dir), "--prefect-port", "0", "--mlflow-port", "0",
+         "--artifacts-destination", f"{prefix}/mlflow"],
+    )  # fmt: skip
     assert up.exit_code == 0, up.output[-3000:]
     services = json.loads(up.stdout.strip().splitlines()[-1])["services"]
-    api = services["prefect"]["api_url"]
+    api, tracking_uri = services["prefect"]["api_url"], services["mlflow"]["tracking_uri"]
     serve = None
     try:
         assert api.startswith("http://127.0.0.1:") and healthy(services["mlflow"]["health"])
@@ -316,10 +334,16 @@ def test_ui_triggered_run_on_real_prefect_server(tiny_data, tmp_path):
         shutil.copytree(tiny_data[0], data)
         shutil.rmtree(data / "tokenizer")
         shutil.rmtree(data / "tokenized")
+        raw = short_recipe().model_dump(mode="json", by_alias=True)
+        raw["phases"] = [p for p in raw["phases"] if p["name"] in ("text_pretrain", "align")]
+        for p in raw["phases"]:
+            p["token_budget"] = 1024
+        raw["eval"]["points"] = [{"after": "align", "tasks": ["text_loss"]}]
+        raw["eval"]["config"]["sizes"]["text_loss"] = 4
         recipe = tmp_path / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump(short_recipe().model_dump(mode="json", by_alias=True)))
+        recipe.write_text(yaml.safe_dump(raw))
         env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+            **subprocess_env(),
             "PREFECT_HOME": str(tmp_path / "prefect-client"),
             "PYTHONPATH": str(ROOT),
         }
@@ -329,16 +353,48 @@ def test_ui_triggered_run_on_real_prefect_server(tiny_data, tmp_path):
              "--out", str(tmp_path / "run"), "--state-dir", str(state_dir)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+        out = tmp_path / "run"
         with temporary_settings(updates={PREFECT_API_URL: api}):
-            deployment = _wait_for_deployment("kimivl-data/serve", serve, tmp_path / "serve.log")
-            params = {"params": {"recipe_path": str(recipe), "data_dir": str(data), "io_retries": 1}}
+            deployment = _wait_for_deployment("kimivl-pipeline/serve", serve, tmp_path / "serve.log")
+            params = {
+                "params": {
+                    "recipe_path": str(recipe), "out_dir": str(out), "data_dir": str(data), "io_retries": 1,
+                    "export": False, "artifact_uri": f"{prefix}/run",
+                }
+            }  # fmt: skip
             flow_run = run_deployment(deployment.id, parameters=params, timeout=0)
-            final = _wait_final(flow_run.id, serve, tmp_path / "serve.log", timeout=240)
-        assert final.state.is_completed(), (final.state, _tail(tmp_path / "serve.log"))
+            final = _wait_final(flow_run.id, serve, tmp_path / "serve.log", timeout=480)
+            assert final.state.is_completed(), (final.state, _tail(tmp_path / "serve.log"))
+            table = _artifact("kimivl-pipeline-tokens", flow_run.id)
+        # the data steps ran in the served process
         for name, counts in tiny_data[1]["tokenized"].items():
-            m = read_manifest(data / "tokenized" / name)
-            assert m.counts["tokens"] == counts["tokens"], name
-        assert (data / "tokenizer" / "manifest.json").is_file()
+            assert read_manifest(data / "tokenized" / name).counts["tokens"] == counts["tokens"], name
+        # MLflow (the server `up` started): a parent run, a nested run per phase, metrics, lineage, eval
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name("kimivl")
+        runs = client.search_runs([exp.experiment_id])
+        parents = [r for r in runs if r.data.tags.get("kimivl.role") == "pipeline"]
+        phases = {r.data.tags["kimivl.phase"]: r for r in runs if r.data.tags.get("kimivl.role") == "phase"}
+        assert len(parents) == 1 and set(phases) == {"text_pretrain", "align"}
+        parent = parents[0]
+        assert parent.info.status == "FINISHED" and parent.data.tags["kimivl.out_dir"] == str(out)
+        assert parent.data.metrics["eval.align.text_loss/loss"] > 0
+        tp_final = out / "phases" / "text_pretrain" / "final"
+        align = phases["align"]
+        assert align.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert align.data.tags["kimivl.parent_checkpoint.hash"] == read_manifest(tp_final).content_hash
+        loss = client.get_metric_history(align.info.run_id, "loss")
+        assert len(loss) >= 1 and all(m.value > 0 for m in loss)
+        assert f"]({tracking_uri}/#/experiments/{exp.experiment_id}/runs/{align.info.run_id})" in table
+        # artifacts in S3: MLflow's (proxied by its server) and the run's published copies
+        keys = storage.list_uris(prefix + "/")
+        assert any("/mlflow/" in k and k.endswith("model.safetensors") for k in keys), keys[:20]
+        assert any("/mlflow/" in k and k.endswith("loss_curve.png") for k in keys), keys[:20]
+        published = f"{prefix}/run/phases/align/final"
+        assert storage.dir_matches(out / "phases" / "align" / "final", published)
+        assert storage.is_complete(f"{prefix}/run/data/tokenized/text") and storage.is_complete(
+            f"{prefix}/run/eval/align"
+        )
     finally:
         if serve is not None:  # serve first: it may ignore SIGTERM once the server is gone
             with contextlib.suppress(ProcessLookupError):

@@ -155,6 +155,28 @@ def test_oracle_scores_one_and_constant_near_zero(task):
     assert sum(vals) / len(vals) < (0.25 if task == "ocr" else 0.05)
 
 
+@pytest.mark.parametrize(
+    ("task", "key"), [("counting", "accuracy"), ("vqa", "exact_match"), ("chart_qa", "relaxed_accuracy")]
+)
+def test_random_guesser_scores_near_chance(task, key):
+    """A guesser drawing uniformly from the answers seen in the set scores its analytical chance level:
+    mean over items of (answers that score 1 for the item) / (answers in the pool)."""
+    hs = build_heldout(task, 24)
+    pool = sorted({it.answer for it in hs.items})
+    assert len(pool) >= 3, pool
+    hits = {it.id: [score(task, a, it)[0][key] for a in pool] for it in hs.items}
+    chance = sum(sum(h) / len(pool) for h in hits.values()) / len(hs.items)
+    assert 0 < chance < 1
+    rng = random.Random(7)
+    draws = 4000
+    got = (
+        sum(score(task, rng.choice(pool), it)[0][key] for it in (rng.choice(hs.items) for _ in range(draws)))
+        / draws
+    )
+    sigma = (chance * (1 - chance) / draws) ** 0.5
+    assert abs(got - chance) < 4 * sigma + 1e-9, (got, chance)
+
+
 # ---------------------------------------------------------------------------------------- losses
 
 

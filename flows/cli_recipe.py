@@ -1,0 +1,82 @@
+"""``kimivl recipe ...``: the recipe as DVC sees it (``tasks/dvc_pipeline.py``).
+
+- ``split``: one settings file per phase and per evaluation point (what ``dvc.yaml``'s stages depend on);
+- ``dvc``: render ``dvc.yaml`` from the recipe (``--write`` to replace it, ``--check`` to fail when the
+  committed file is stale).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from flows.cli_data import RECIPE, _recipe
+
+recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Recipe tools (DVC pipeline).")
+console = Console(stderr=True)
+
+
+@recipe_app.command("split")
+def recipe_split(
+    recipe: Path = RECIPE,
+    out: Path = typer.Option(Path("runs/dvc/recipe"), "--out", help="directory of the settings files"),
+) -> None:
+    """Write phase-<name>.json and eval-<after>.json: the settings each DVC stage depends on."""
+    from tasks.dvc_pipeline import split_recipe
+
+    files = split_recipe(_recipe(recipe), out)
+    sys.stdout.write(json.dumps({"files": [str(f) for f in files]}) + "\n")
+
+
+@recipe_app.command("dvc")
+def recipe_dvc(
+    recipe: Path = RECIPE,
+    dvc_file: Path = typer.Option(Path("dvc.yaml"), "--file", help="the dvc.yaml to write or check"),
+    write: bool = typer.Option(False, "--write", help="replace --file with the rendered pipeline"),
+    check: bool = typer.Option(False, "--check", help="exit 1 when --file differs from the rendering"),
+) -> None:
+    """Render dvc.yaml (data steps, recipe split, every phase, every evaluation point) from the recipe."""
+    from tasks.dvc_pipeline import render_dvc_yaml
+    from tasks.model_io import atomic_path
+
+    text = render_dvc_yaml(_recipe(recipe), str(recipe))
+    if check:
+        current = dvc_file.read_text() if dvc_file.is_file() else ""
+        if current != text:
+            console.print(
+                f"[bold red]stale:[/] {dvc_file} differs from `kimivl recipe dvc --recipe {recipe}`"
+            )
+            raise typer.Exit(1)
+        console.print(f"{dvc_file} is current")
+        return
+    if write:
+        with atomic_path(dvc_file) as tmp:
+            tmp.write_text(text)
+        console.print(f"wrote {dvc_file}")
+        return
+    sys.stdout.write(text)
+
+
+def dvc_remote_cmd(
+    url: str = typer.Argument(..., help="s3://bucket/prefix"),
+    endpoint_url: str | None = typer.Option(
+        None,
+        "--endpoint-url",
+        help="S3-compatible endpoint (default: $KIMIVL_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL)",
+    ),
+    repo: Path = typer.Option(Path("."), "--repo", help="the DVC repository"),
+) -> None:
+    """Make URL the default DVC remote (git-ignored local config; credentials stay in the environment)."""
+    from tasks.dvc_remote import configure_dvc_remote
+    from tasks.storage import StorageError
+
+    try:
+        configure_dvc_remote(repo, url, endpoint_url)
+    except StorageError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"DVC remote 'storage' -> {url} (in {repo / '.dvc' / 'config.local'})")
