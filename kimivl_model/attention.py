@@ -8,7 +8,7 @@ Backends (``backend=``):
 - ``"flash"``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, optional ``gpu`` extra).
 - ``"sdpa"``: the fallback for any device: segments grouped by length, one
   ``scaled_dot_product_attention`` call per distinct length (no cross-segment work at all; measured
-  fastest on CPU, ../shared/STACK.md).
+  fastest on CPU, ../shared/STACK.md and ``bench.attention``), on views of the packed tensors.
 - ``"sdpa_masked"``: one SDPA call with a dense block-diagonal boolean mask (O(T^2) memory; reference and
   benchmark baseline).
 - ``"auto"``: flash when installed, on CUDA and in half precision; sdpa otherwise.
@@ -141,32 +141,54 @@ def _flash(q, k, v, cu_q, cu_k, causal, scale, max_q, max_k) -> torch.Tensor:
 
 
 def _sdpa_grouped(q, k, v, cu_q, cu_k, causal, scale) -> torch.Tensor:
-    """One SDPA call per distinct (len_q, len_k) pair; segments of equal length are batched."""
+    """One SDPA call per distinct (len_q, len_k) pair; segments of equal length are batched.
+
+    No gather/scatter for the common case: q, k, v are split (views) into runs of consecutive segments of
+    equal lengths, each run is viewed as (segments, len, H, D); only a length that occurs in several
+    separated runs concatenates those runs. The output is one concatenation of the runs' outputs in
+    order. (Autograd-wise: one split and one cat node, no full-size zero-filled gradients per segment.)
+    """
     lens_q = (cu_q[1:] - cu_q[:-1]).tolist()
     lens_k = (cu_k[1:] - cu_k[:-1]).tolist()
-    starts_q, starts_k = cu_q[:-1].tolist(), cu_k[:-1].tolist()
-    tq, h, _ = q.shape
-    out = q.new_zeros(tq, h, v.shape[-1])
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (lq, lk) in enumerate(zip(lens_q, lens_k, strict=True)):
-        if lq > 0:
-            groups.setdefault((lq, lk), []).append(i)
-    if len(groups) == 1 and len(lens_q) == 1:  # one segment: no gather
+    h, dv = q.shape[1], v.shape[-1]
+    if len(lens_q) == 1 and lens_q[0] > 0 and lens_k[0] > 0:  # one segment: no split at all
         return _sdpa_batch(q[None], k[None], v[None], causal, scale)[0]
-    pieces, index = [], []
-    for (lq, lk), segs in groups.items():
-        iq = torch.cat([torch.arange(starts_q[s], starts_q[s] + lq) for s in segs]).to(q.device)
-        if lk == 0:  # a query segment with no keys attends to nothing: output zero (flash-attn does too)
-            pieces.append(q.new_zeros(len(segs) * lq, h, v.shape[-1]))
-            index.append(iq)
+    runs: list[list[int]] = []  # [len_q, len_k, segments] of maximal runs of equal consecutive lengths
+    for lq, lk in zip(lens_q, lens_k, strict=True):
+        if runs and runs[-1][0] == lq and runs[-1][1] == lk:
+            runs[-1][2] += 1
+        else:
+            runs.append([lq, lk, 1])
+    if len(runs) == 1 and lens_q[0] > 0 and lens_k[0] > 0:  # equal lengths (a dense batch): plain views
+        n, lq, lk = len(lens_q), lens_q[0], lens_k[0]
+        qb, kb, vb = q.reshape(n, lq, h, -1), k.reshape(n, lk, h, -1), v.reshape(n, lk, h, -1)
+        return _sdpa_batch(qb, kb, vb, causal, scale).reshape(n * lq, h, dv)
+    qs = torch.split(q, [lq * n for lq, _, n in runs])
+    ks = torch.split(k, [lk * n for _, lk, n in runs])
+    vs = torch.split(v, [lk * n for _, lk, n in runs])
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (lq, lk, _) in enumerate(runs):
+        groups.setdefault((lq, lk), []).append(i)
+    outs: list[torch.Tensor | None] = [None] * len(runs)
+    for (lq, lk), idx in groups.items():
+        rows = [runs[i][2] * lq for i in idx]
+        if lq == 0 or lk == 0:  # no queries, or queries without keys: output zero (as flash-attn)
+            for i, r in zip(idx, rows, strict=True):
+                outs[i] = q.new_zeros(r, h, dv)
             continue
-        ik = torch.cat([torch.arange(starts_k[s], starts_k[s] + lk) for s in segs]).to(q.device)
-        qb = q.index_select(0, iq).view(len(segs), lq, h, -1)
-        kb = k.index_select(0, ik).view(len(segs), lk, h, -1)
-        vb = v.index_select(0, ik).view(len(segs), lk, h, -1)
-        pieces.append(_sdpa_batch(qb, kb, vb, causal, scale).reshape(len(segs) * lq, h, -1))
-        index.append(iq)
-    return out.index_copy(0, torch.cat(index), torch.cat(pieces))
+        nseg = sum(runs[i][2] for i in idx)
+        if len(idx) == 1:
+            qb, kb, vb = qs[idx[0]], ks[idx[0]], vs[idx[0]]
+        else:
+            qb = torch.cat([qs[i] for i in idx])
+            kb = torch.cat([ks[i] for i in idx])
+            vb = torch.cat([vs[i] for i in idx])
+        ob = _sdpa_batch(
+            qb.reshape(nseg, lq, h, -1), kb.reshape(nseg, lk, h, -1), vb.reshape(nseg, lk, h, -1), causal, scale
+        ).reshape(nseg * lq, h, dv)
+        for i, o in zip(idx, torch.split(ob, rows) if len(idx) > 1 else (ob,), strict=True):
+            outs[i] = o
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _sdpa_batch(q, k, v, causal, scale) -> torch.Tensor:

@@ -264,14 +264,20 @@ class KimiLM(nn.Module):
     def _chunked_ce_sum(
         self, hidden: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        """Summed CE over labelled rows only, ``loss_chunk_size`` rows at a time (memory-bounded)."""
+        """Summed CE over labelled rows only, ``loss_chunk_size`` rows at a time (memory-bounded).
+
+        Every chunk but the last is recomputed in backward. The last one is not: backward consumes it
+        first, so keeping its log-probs costs no more peak memory than recomputing it would (activations
+        + one chunk either way), and a batch that fits in one chunk skips a second pass through the head.
+        """
         rows = valid.nonzero().squeeze(1)  # (N,)
         hs, ls = hidden.index_select(0, rows), labels.index_select(0, rows)  # (N, hidden), (N,)
         total = (hidden.sum() * 0.0).float()  # keeps the graph connected when nothing is labelled
-        recompute = torch.is_grad_enabled() and hidden.requires_grad
-        for s in range(0, hs.shape[0], self.loss_chunk_size):
+        grad = torch.is_grad_enabled() and hidden.requires_grad
+        n = hs.shape[0]
+        for s in range(0, n, self.loss_chunk_size):
             hc, lc = hs[s : s + self.loss_chunk_size], ls[s : s + self.loss_chunk_size]
-            if recompute:
+            if grad and s + self.loss_chunk_size < n:
                 total = total + checkpoint(self._ce_chunk, hc, lc, use_reentrant=False)
             else:
                 total = total + self._ce_chunk(hc, lc)

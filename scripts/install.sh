@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: creates .venv and installs the project with every pin from
 # constraints.txt. torch goes first (the pinned build), then everything else under the same constraints
-# so nothing can upgrade it. Usage: bash scripts/install.sh [extras, default "dev"]
+# so nothing can upgrade it. Usage: bash scripts/install.sh [extras, default "dev,bench"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-dev}"
+EXTRAS="${1:-dev,bench}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 if [ ! -x .venv/bin/python ]; then

@@ -1,0 +1,129 @@
+"""The benchmarks' --quick mode, in-process: JSON shape, atomic result file, and every correctness check a
+benchmark makes before timing (packed == padded loss, varlen == masked attention, loop reference == our
+MoE, analytic comm bytes == DistributedMuon's, our LM == DeepseekV3ForCausalLM). Never timing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import attention, common, mfu, moe, muon, packing, peer
+from kimivl_model.config import preset
+from kimivl_model.moe import MoE
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Nothing here is timed: one thread keeps these fast on a shared machine, where a 2-thread OpenMP
+    region stalls whenever another process holds the second core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+COMMON_KEYS = {"bench", "quick", "ours", "baseline", "ratio", "goal", "goal_met", "machine", "what"}
+MACHINE_KEYS = {"cpu", "torch_threads", "loadavg_start", "loadavg_end", "torch", "date"}
+
+
+def run_quick(module, name: str, tmp_path) -> dict:
+    out = module.main(["--quick", "--out-dir", str(tmp_path)])
+    assert set(out) >= COMMON_KEYS, COMMON_KEYS - set(out)
+    assert out["bench"] == name and out["quick"] is True
+    assert isinstance(out["goal_met"], bool)
+    assert isinstance(out["ratio"], float) and out["ratio"] > 0
+    assert set(out["machine"]) >= MACHINE_KEYS
+    assert len(out["machine"]["loadavg_start"]) == 3 and out["machine"]["torch_threads"] >= 1
+    written = json.loads((tmp_path / f"{name}.json").read_text())
+    assert written == json.loads(json.dumps(out))
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}.json"]  # no temp file left behind
+    return out
+
+
+def test_packing_quick(tmp_path):
+    out = run_quick(packing, "packing", tmp_path)
+    assert out["first_step_loss"]["agree"] is True
+    assert out["first_step_loss"]["packed"] == pytest.approx(out["first_step_loss"]["padded"], abs=1e-4)
+    assert out["useful_tokens_per_pass"] < out["padded_tokens_per_pass"]
+
+
+def test_padded_as_segments_masks_pads_and_last_tokens():
+    docs = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
+    b = packing.padded_as_segments(docs)
+    assert b["cu_seqlens"].tolist() == [0, 3, 6]
+    assert b["input_ids"].tolist() == [5, 6, 7, 8, 9, 0]
+    assert b["labels"].tolist() == [6, 7, -100, 9, -100, -100]
+
+
+def test_attention_quick(tmp_path):
+    out = run_quick(attention, "attention", tmp_path)
+    assert out["outputs_agree"] is True
+    assert all(r["max_abs_diff"] < 1e-4 for r in out["lengths"])
+    assert all(sum(attention.packed_lengths(t, seed=0)) == t for t in (256, 1000, 4096))
+
+
+def test_moe_quick_and_loop_reference_matches_ours(tmp_path):
+    out = run_quick(moe, "moe", tmp_path)
+    assert out["loop_reference_agrees"] is True
+    assert out["activated_params_per_token"]["dense"] <= out["activated_params_per_token"]["moe"]
+    torch.manual_seed(1)
+    layer = MoE(preset("tiny").lm).train()
+    x = torch.randn(64, layer.gate.weight.shape[1], requires_grad=True)
+    assert moe.check_agree(layer, x, torch.randn(64, x.shape[1])) < 1e-5
+
+
+def test_muon_quick_and_comm_model(tmp_path):
+    out = run_quick(muon, "muon", tmp_path)
+    worlds = [c["world_size"] for c in out["comm"]["per_world_size"]]
+    assert worlds == list(muon.WORLD_SIZES)
+    for c in out["comm"]["per_world_size"]:
+        assert c["payload_ratio"] == pytest.approx(1.0, abs=1e-3)
+        assert c["muon_collectives"] <= 1 + 2 * c["world_size"]
+    assert out["params"]["muon"] < out["params"]["total"]
+    assert muon.ns_flops((4, 8)) == 5 * (4 * 16 * 8 + 2 * 64)
+    assert muon.ns_flops((3, 8, 4)) == 3 * 5 * (4 * 16 * 8 + 2 * 64)  # stacked, transposed orientation
+
+
+def test_muon_comm_model_matches_distributed_muon_two_ranks():
+    from kimivl_model.lm import KimiLM
+
+    analytic = muon.comm_model(muon._group_numels(KimiLM(preset("tiny").lm)), 2)["muon_payload_bytes"]
+    assert muon.measured_comm_bytes(2) == [analytic, analytic]
+
+
+def test_mfu_quick(tmp_path):
+    out = run_quick(mfu, "mfu", tmp_path)
+    row = next(iter(out["ours"].values()))
+    assert 0 < row["mfu"] == out["ratio"]
+    assert out["peak_gemm_gflop_per_s"] > 0
+    cfg = preset("tiny").lm
+    # one document of S tokens: 6 * L * S * H * (d_qk + d_v) per token
+    expect = 6.0 * cfg.num_layers * 64 * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    assert mfu.attention_flops_per_token(cfg, [64, 64]) == pytest.approx(expect)
+
+
+def test_lognormal_lengths_and_batches():
+    lens = common.lognormal_lengths(200, lo=32, hi=2048, seed=0)
+    assert min(lens) >= 32 and max(lens) <= 2048 and lens == common.lognormal_lengths(200, seed=0)
+    docs = common.random_docs([3, 2], vocab=50)
+    p, d = common.packed_batch(docs), common.padded_batch(docs)
+    assert p["cu_seqlens"].tolist() == [0, 3, 5] and p["labels"].tolist()[2] == -100
+    assert d["input_ids"].shape == (2, 3) and d["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert d["labels"][1, 2] == -100
+
+
+@pytest.mark.skipif(
+    not peer.transformers_available(),
+    reason="transformers 5.x is not installed (the 'bench' extra): bench.peer needs DeepseekV3ForCausalLM",
+)
+def test_peer_quick_same_weights_same_loss(tmp_path):
+    out = run_quick(peer, "peer", tmp_path)
+    first = out["first_step_loss"]
+    assert first["agree"] is True and first["abs_diff"] <= 1e-4
+    assert out["doc_mix"]["useful_tokens"] < out["doc_mix"]["theirs_padded_tokens"]
+    ours, theirs = peer.build_pair(preset("tiny").lm)  # strict load: every tensor mapped
+    sd = theirs.state_dict()
+    gate = ours.model.layers[1].mlp.experts.gate_proj
+    assert torch.equal(sd["model.layers.1.mlp.experts.gate_up_proj"][:, : gate.shape[1]], gate.detach())
