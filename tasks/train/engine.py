@@ -144,6 +144,17 @@ def _install_step_guard(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = step
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The tensors of a micro-batch (nested dicts, lists, tuples) on ``device``; loaders yield CPU tensors."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if type(batch) in (list, tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -271,7 +282,7 @@ class TrainEngine:
         for i, mb in enumerate(mbs):
             last = i == len(mbs) - 1
             self.ds.set_gradient_accumulation_boundary(last)
-            loss = self.ds(mb)
+            loss = self.ds(to_device(mb, self.device))
             res, self._wrapper.last = self._wrapper.last, None
             assert res is not None
             if int(res.num_tokens) != counts[i]:
