@@ -25,6 +25,7 @@ deploy it so runs start from the Prefect UI with ``PipelineParams`` as a validat
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -64,7 +65,10 @@ class PipelineParams(BaseModel):
     evaluate: bool = Field(default=True, description="run the recipe's evaluation points")
     artifact_uri: str | None = Field(
         default=None,
-        description="s3://bucket/prefix (or a directory): verified copies of datasets, checkpoints, evals, export",
+        description=(
+            "s3://bucket/prefix (or a directory): verified copies of datasets, checkpoints, evals, export "
+            "(default: $KIMIVL_ARTIFACT_URI/<run directory name> when set)"
+        ),
     )
     export: bool = Field(default=True, description="export the final model (native + public HF layout)")
     export_max_shard_gb: float = Field(default=5.0, gt=0, description="HF export shard size")
@@ -156,7 +160,9 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
     stage_of = {p.name: p.stage for p in recipe.phases} | {INIT_POINT: "text_pretrain"}
     points: dict[str, dict[str, Any]] = {}
 
-    uri = params.artifact_uri
+    uri = params.artifact_uri or os.environ.get("KIMIVL_ARTIFACT_URI") or None  # compose workers set it
+    if uri is not None and params.artifact_uri is None:
+        uri = join(uri, out.resolve().name)  # one prefix per run directory
 
     def copy(local: Path, *parts: str) -> str | None:
         if uri is None:

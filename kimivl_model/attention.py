@@ -184,7 +184,11 @@ def _sdpa_grouped(q, k, v, cu_q, cu_k, causal, scale) -> torch.Tensor:
             kb = torch.cat([ks[i] for i in idx])
             vb = torch.cat([vs[i] for i in idx])
         ob = _sdpa_batch(
-            qb.reshape(nseg, lq, h, -1), kb.reshape(nseg, lk, h, -1), vb.reshape(nseg, lk, h, -1), causal, scale
+            qb.reshape(nseg, lq, h, -1),
+            kb.reshape(nseg, lk, h, -1),
+            vb.reshape(nseg, lk, h, -1),
+            causal,
+            scale,
         ).reshape(nseg * lq, h, dv)
         for i, o in zip(idx, torch.split(ob, rows) if len(idx) > 1 else (ob,), strict=True):
             outs[i] = o

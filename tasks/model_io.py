@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,26 @@ def save_safetensors_atomic(
 ) -> None:
     with atomic_path(path) as tmp:
         save_file(_contiguous_unshared(tensors), str(tmp), metadata=metadata)
+        _canonical_metadata_order(tmp)
+
+
+def _canonical_metadata_order(path: Path) -> None:
+    """Sort the header's ``__metadata__`` keys in place. safetensors (Rust) writes that map in hash-map
+    order, which differs between processes: the same tensors and metadata would give different file bytes
+    (and checkpoint hashes) in a resumed run than in an uninterrupted one. The header keeps its length."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n:  # never grow the header (it would move every tensor): leave the file as written
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

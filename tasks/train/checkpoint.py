@@ -143,6 +143,11 @@ def verify_checksums(directory: Path, files: list[str] | None = None) -> None:
             raise CheckpointError(f"{path}: sha256 mismatch (file corrupted or modified after saving)")
 
 
+def _phase_of(ckpt: Path) -> str:
+    """The phase a checkpoint belongs to (``.../phases/<phase>/checkpoints/step-N``), for crash-point names."""
+    return Path(ckpt).parent.parent.name
+
+
 def publish(staging: Path, final: Path) -> None:
     """Rename a fully written staging directory onto ``final`` (replacing an older one)."""
     staging, final = Path(staging), Path(final)
@@ -151,7 +156,7 @@ def publish(staging: Path, final: Path) -> None:
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
-        crash_point("checkpoint:publish:old_moved")
+        crash_point(f"checkpoint:publish_old_moved:{_phase_of(final)}")
     os.replace(staging, final)
     fsync_dir(final.parent)
     if old.exists():
@@ -279,7 +284,7 @@ def _save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any
         dist.barrier()
     mine = [rank_file("optimizer", engine.rank), rank_file("rng", engine.rank)]
     torch_save_atomic(_optimizer_state(engine), staging / mine[0])
-    crash_point("checkpoint:optimizer_written")
+    crash_point(f"checkpoint:optimizer_written:{_phase_of(final)}")
     torch_save_atomic(rng_state(), staging / mine[1])
     if engine.rank == 0:
         save_safetensors_atomic(
@@ -306,10 +311,10 @@ def _save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any
         dist.all_gather_object(gathered, sums)  # all ranks' files are written once this returns
         sums = {k: v for part in gathered for k, v in part.items()}
     if engine.rank == 0:
-        crash_point("checkpoint:before_checksums")
+        crash_point(f"checkpoint:before_checksums:{_phase_of(final)}")
         write_checksums(staging, sums)
         fsync_dir(staging)
-        crash_point("checkpoint:before_publish")
+        crash_point(f"checkpoint:before_publish:{_phase_of(final)}")
         publish(staging, final)
     if multi:
         dist.barrier()

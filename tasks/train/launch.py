@@ -20,6 +20,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -38,10 +39,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+STALE_BUILD_LOCK_S = 900.0
+
+
 def ensure_torch_extensions_dir() -> Path:
-    """Set ``TORCH_EXTENSIONS_DIR`` to ``<repo>/.torch_extensions`` unless the caller already set it."""
+    """Set ``TORCH_EXTENSIONS_DIR`` to ``<repo>/.torch_extensions`` unless the caller already set it, and
+    remove build locks left by a killed process.
+
+    torch's JIT build (DeepSpeed's comm op) guards a build with a ``lock`` file and waits, forever, for it
+    to disappear: a process killed mid-build (SIGKILL, OOM, a CI timeout) would hang every later run. A
+    build takes 1-2 minutes here; a lock untouched for ``STALE_BUILD_LOCK_S`` belongs to a dead build."""
     path = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR)))
     path.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for lock in path.glob("*/lock"):
+        try:
+            if now - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+                lock.unlink()
+                print(
+                    f"[launch] removed a stale extension build lock {lock} (its build was killed)", flush=True
+                )
+        except FileNotFoundError:
+            pass
     return path
 
 

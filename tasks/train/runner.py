@@ -59,8 +59,9 @@ def final_dir(out_root: Path, phase: PhaseConfig) -> Path:
 
 
 def read_result(out_root: Path, phase: PhaseConfig) -> dict[str, Any] | None:
-    p = final_dir(out_root, phase) / RESULT
-    return json.loads(p.read_text()) if p.is_file() else None
+    fdir = final_dir(out_root, phase)
+    p = fdir / RESULT
+    return {**json.loads(p.read_text()), "checkpoint": str(fdir)} if p.is_file() else None
 
 
 # ------------------------------------------------------------------------------------- schedules
@@ -300,7 +301,7 @@ def run_phase(
                 "parent_checkpoint": parent.uri if parent else "scratch",
             }
         )
-    mfu = MfuMeter(vcfg, phase.objective)
+    mfu = MfuMeter(vcfg, phase.objective, device=engine.device_type)
     budget, t0, steps_here = phase.token_budget, time.perf_counter(), 0
     base_tokens = sum(tokens.values())
     while sum(tokens.values()) < budget:
@@ -343,7 +344,7 @@ def run_phase(
             )
         if engine.rank == 0:
             tracker.log_metrics(metrics, step=engine.step)
-        crash_point("train:step")
+        crash_point(f"train:step:{phase.name}")
         done_budget = sum(tokens.values()) >= budget
         if engine.step % t.checkpoint_every_steps == 0 or done_budget:
             state = {"loader": loader.state_dict(), "tokens": tokens, "losses": losses, "phase": phase.name}
@@ -389,7 +390,9 @@ def _finish(
     }
     if engine.rank == 0:
         write_json_atomic(vcfg.to_dict(), stage / NATIVE_CONFIG)
-        (stage / RESULT).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        # location-free: the checkpoint's content (and hash) must not depend on where the run directory is
+        stored = {k: v for k, v in result.items() if k != "checkpoint"}
+        (stage / RESULT).write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
         parents = [parent] if parent else []
         for s in phase.sources:
             d = Path(data_root) / "tokenized" / s.name
@@ -402,9 +405,9 @@ def _finish(
             parents=parents,
             counts={"tokens": result["tokens"], "steps": result["steps"]},
         )
-        crash_point("train:final:before_rename")
+        crash_point(f"train:final_before_rename:{phase.name}")
         shutil.rmtree(fdir, ignore_errors=True)
-        crash_point("train:final:removed_old")
+        crash_point(f"train:final_removed_old:{phase.name}")
         stage.replace(fdir)
         tracker.log_artifact(fdir, name=f"{phase.name}-final")
     engine._barrier()

@@ -65,15 +65,7 @@ def prefect_harness():
         yield
 
 
-DIST_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-)
+from flows.cli_train import _DIST_ENV as DIST_ENV  # noqa: E402  (the launcher's variables)
 
 
 def subprocess_env() -> dict[str, str]:

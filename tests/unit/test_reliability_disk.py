@@ -291,3 +291,22 @@ def test_cli_data_step_on_a_full_disk_exits_1(dataset, tmp_path, monkeypatch):
     text = " ".join(res.output.split())
     assert res.exit_code == 1 and "No space left on device" in text, text
     assert not (out / "in").exists() and leftovers(tmp_path) == []
+
+
+def test_stale_extension_build_lock_is_removed(tmp_path, monkeypatch):
+    """A JIT-build lock left by a killed process would make every later run wait forever: an old one is
+    removed, a fresh one (a build in progress) is kept."""
+    import os
+    import time
+
+    from tasks.train import launch
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    past = time.time() - launch.STALE_BUILD_LOCK_S - 60
+    os.utime(old, (past, past))
+    assert launch.ensure_torch_extensions_dir() == tmp_path
+    assert not old.exists() and fresh.exists()

@@ -1,0 +1,183 @@
+"""Orchestration overhead: the tiny pipeline through Prefect + MLflow (``kimivl run``'s flow) and through
+DVC (``dvc repro`` of the generated ``dvc.yaml``) vs calling the step functions directly, same work.
+
+    python -m bench.overhead [--quick] [--no-dvc]
+
+Each contender runs in a fresh process (so each pays its own imports and start-up, as a user would) on
+a fresh output directory:
+
+- ``direct``: ``run_data_all`` -> ``run_phase`` per phase (JSONL metrics) -> ``run_point`` per evaluation
+  point: the step functions, nothing else;
+- ``flow``: ``pipeline_flow`` (Prefect local mode, MLflow in SQLite under the run, tokens/eval artifacts);
+- ``dvc``: ``dvc repro`` in a scratch repository (git + DVC) holding the recipe and the generated
+  ``dvc.yaml``: every stage is a ``kimivl`` process, DVC hashes every output.
+
+Same work is checked, not assumed: every phase's final weights must be bit-identical across contenders
+(``same_weights``). ``ratio`` = flow seconds / direct seconds; goal <= 1.10 (10% overhead). ``--quick``
+uses a two-phase recipe on a small corpus (the fixed costs then dominate: expect a much larger ratio).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.common import bench_main, rnd
+
+ROOT = Path(__file__).resolve().parents[1]
+GOAL = 1.10
+
+
+def quick_recipe() -> dict[str, Any]:
+    """params.yaml cut to text_pretrain + align with small budgets, a small corpus, one eval point."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    synth = raw["data"].setdefault("synth", {})
+    synth.update(
+        caption=24, grounding=12, ocr=12, chart_qa=8, doc_qa=8, interleaved=8, video_qa=6, video_haystack=1,
+        long_doc=1, text=24, sft=8, cot=8, long_doc_words=400,
+    )  # fmt: skip
+    raw["phases"] = [p for p in raw["phases"] if p["name"] in ("text_pretrain", "align")]
+    for p in raw["phases"]:
+        p["token_budget"] = 2048
+    raw["eval"]["points"] = [{"after": "align", "tasks": ["text_loss"]}]
+    raw["eval"]["config"]["sizes"]["text_loss"] = 4
+    return raw
+
+
+# ------------------------------------------------------------------------------- contenders (child side)
+
+
+def run_direct(recipe_path: Path, out: Path) -> None:
+    from tasks.data.pipeline import run_data_all
+    from tasks.eval.points import run_point
+    from tasks.recipe import load_recipe
+    from tasks.tracking import JsonlTracker
+    from tasks.train.runner import phase_dir, run_phase
+
+    recipe = load_recipe(recipe_path)
+    quiet = lambda *_: None  # noqa: E731
+    run_data_all(recipe.data, out / "data", log=quiet)
+    for phase in recipe.phases:
+        res = run_phase(
+            recipe, phase, out / "data", out, tracker=JsonlTracker(phase_dir(out, phase)), log=quiet
+        )
+        for point in recipe.eval.points_after(phase.name):
+            run_point(recipe.eval, point, Path(res["checkpoint"]), out / "data", out, log=quiet)
+
+
+def run_flow(recipe_path: Path, out: Path) -> None:
+    from flows.pipeline import PipelineParams, pipeline_flow
+
+    pipeline_flow(PipelineParams(recipe_path=str(recipe_path), out_dir=str(out), export=False))
+
+
+# ------------------------------------------------------------------------------- parent side
+
+
+def _child_env() -> dict[str, str]:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    import torch
+
+    return {
+        **env, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),  # --threads reaches every contender process
+    }  # fmt: skip
+
+
+def _timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return dt
+
+
+def _weights(out: Path) -> dict[str, str]:
+    return {
+        p.parent.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.glob("phases/*/final/model.safetensors"))
+    }
+
+
+def run(quick: bool = False, dvc: bool = True, repeats: int | None = None) -> dict[str, Any]:
+    """Time the contenders (``repeats`` rounds each, default 2 with --quick, 1 otherwise; median)."""
+    repeats = repeats or (2 if quick else 1)
+    work = Path(tempfile.mkdtemp(prefix="kimivl-overhead-"))
+    try:
+        recipe = work / "recipe.yaml"
+        if quick:
+            recipe.write_text(yaml.safe_dump(quick_recipe(), sort_keys=False))
+        else:
+            shutil.copy(ROOT / "params.yaml", recipe)
+        env = _child_env()
+        me = [sys.executable, "-m", "bench.overhead", "--contender"]
+        samples: dict[str, list[float]] = {"direct": [], "flow": []}
+        # A B B A ... on fresh output directories: load from other processes hits both alike
+        order = [("direct", "flow"), ("flow", "direct")] * max(1, repeats // 2 + repeats % 2)
+        for i, pair in enumerate(order[:repeats]):
+            for name in pair:
+                samples[name].append(_timed([*me, name, str(recipe), str(work / f"{name}{i}")], ROOT, env))
+        secs = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+        weights = {"direct": _weights(work / "direct0"), "flow": _weights(work / "flow0")}
+        if dvc:
+            from tasks.dvc_pipeline import render_dvc_yaml
+            from tasks.recipe import load_recipe
+
+            repo = work / "dvc"
+            repo.mkdir()
+            for d in ("tasks", "data_contracts", "kimivl_model"):
+                shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy(recipe, repo / "params.yaml")
+            (repo / "dvc.yaml").write_text(render_dvc_yaml(load_recipe(repo / "params.yaml")))
+            denv = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+            subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+            subprocess.run(["dvc", "init", "-q"], cwd=repo, env=denv, check=True)
+            secs["dvc"] = _timed(["dvc", "repro"], repo, denv)
+            weights["dvc"] = _weights(repo / "runs" / "dvc")
+        same = all(w == weights["direct"] and w for w in weights.values())
+        ratio = secs["flow"] / secs["direct"]
+        return {
+            "seconds": {k: rnd(v) for k, v in secs.items()},
+            "samples": {k: [rnd(x) for x in v] for k, v in samples.items()},
+            "overhead_flow": rnd(ratio - 1),
+            **({"overhead_dvc": rnd(secs["dvc"] / secs["direct"] - 1)} if "dvc" in secs else {}),
+            "ratio": rnd(ratio),
+            "goal": f"flow/direct <= {GOAL} (<= 10% overhead)",
+            "goal_met": bool(ratio <= GOAL),
+            "same_weights": same,
+            "phases": sorted(weights["direct"]),
+            "recipe": "quick (2 phases, small corpus)" if quick else "params.yaml (the tiny recipe)",
+            "notes": (
+                "Each contender is a fresh process and pays its own imports; flow adds Prefect (local server "
+                "start, task/flow state bookkeeping) and MLflow (SQLite writes, artifact copies, plots); dvc "
+                "adds one process per stage (imports + DeepSpeed init each time) and output hashing."
+            ),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--contender"]:
+        _, which, recipe, out = argv[:4]
+        {"direct": run_direct, "flow": run_flow}[which](Path(recipe), Path(out))
+        return None
+    dvc = "--no-dvc" not in argv
+    argv = [a for a in argv if a != "--no-dvc"]
+    return bench_main("overhead", __doc__, lambda quick: run(quick=quick, dvc=dvc), argv)
+
+
+if __name__ == "__main__":
+    main()

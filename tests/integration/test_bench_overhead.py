@@ -1,0 +1,17 @@
+"""bench.overhead does the same work through both paths: the Prefect + MLflow flow and the plain step
+functions produce bit-identical weights for every phase (the figures are timing; they are not checked)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.overhead import run
+
+
+@pytest.mark.integration
+def test_flow_and_direct_steps_do_the_same_work():
+    res = run(quick=True, dvc=False, repeats=1)
+    assert res["same_weights"] is True and res["phases"] == ["align", "text_pretrain"]
+    assert set(res["seconds"]) == {"direct", "flow"} and all(v > 0 for v in res["seconds"].values())
+    assert res["ratio"] == pytest.approx(res["seconds"]["flow"] / res["seconds"]["direct"], rel=1e-3)
+    assert isinstance(res["goal_met"], bool) and res["goal"].startswith("flow/direct <=")
