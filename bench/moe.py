@@ -39,7 +39,7 @@ def loop_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
             continue
         xe = x[tok]
         y = F.linear(F.silu(F.linear(xe, ex.gate_proj[e])) * F.linear(xe, ex.up_proj[e]), ex.down_proj[e])
-        out.index_add_(0, tok, y * topk_weight[tok, slot, None].to(y.dtype))
+        out.index_add_(0, tok, (y * topk_weight[tok, slot, None].to(y.dtype)).to(out.dtype))
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(x)
     return out

@@ -1,7 +1,7 @@
 """Orchestration overhead: the tiny pipeline through Prefect + MLflow (``kimivl run``'s flow) and through
 DVC (``dvc repro`` of the generated ``dvc.yaml``) vs calling the step functions directly, same work.
 
-    python -m bench.overhead [--quick] [--no-dvc]
+    python -m bench.overhead [--quick] [--no-dvc] [--repeats N] [--threads N]
 
 Each contender runs in a fresh process (so each pays its own imports and start-up, as a user would) on
 a fresh output directory:
@@ -176,7 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     dvc = "--no-dvc" not in argv
     argv = [a for a in argv if a != "--no-dvc"]
-    return bench_main("overhead", __doc__, lambda quick: run(quick=quick, dvc=dvc), argv)
+    repeats = None
+    if "--repeats" in argv:  # rounds of the A B B A order (median of each contender)
+        i = argv.index("--repeats")
+        repeats = int(argv[i + 1])
+        del argv[i : i + 2]
+    return bench_main("overhead", __doc__, lambda quick: run(quick=quick, dvc=dvc, repeats=repeats), argv)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,13 @@
   document: f_i = E / (k T_s) * #{t : i in topk(t)}, P_i = mean_t s'_{i,t} with s' = s / sum_j s_j,
   L = alpha * mean_docs sum_i f_i P_i.
 
-Routed experts are dispatched by grouping tokens by expert (argsort of the T*k assignments, one gather,
-each expert runs on a contiguous slice, weighted scatter-add back); on CUDA bf16 ``torch._grouped_mm``
-runs all experts in one call.
+Routed experts are dispatched by grouping tokens by expert: one argsort of the T*k assignments, one
+gather of the tokens into expert order, each expert on a contiguous slice, one gather back into
+(token, slot) order and a weighted sum over the k slots. Both gathers are permutation gathers whose
+backward is the inverse gather (``_PermuteRows``), never a scatter-add: no atomics, deterministic on
+CUDA. On CUDA in bf16 (bf16 weights, or fp32 weights under bf16 autocast: the expert weights are then
+cast once per layer call) ``torch._grouped_mm`` runs all experts in one call per projection; elsewhere
+the experts run one after another on their slices.
 """
 
 from __future__ import annotations
@@ -103,6 +107,55 @@ def _swiglu_grouped(
     return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)  # (N, hidden)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """y = x[perm] for a permutation ``perm`` of x's rows; backward = grad[inv] (a gather, not index_add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
+
+
+class _DispatchRows(torch.autograd.Function):
+    """xs = x[order // k]: each token copied to its k expert slots in expert order.
+
+    Backward: the slots' gradients are gathered back into (token, slot) order with the inverse
+    permutation and summed over the k slots (instead of index_add with k-fold collisions).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inv,) = ctx.saved_tensors
+        g = grad.index_select(0, inv)  # (T*k, hidden) in (token, slot) order
+        return g.view(-1, ctx.k, g.shape[-1]).sum(dim=1), None, None, None
+
+
+def expert_counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert (E,) int64. ``torch.bincount`` would wait for the GPU to size its output
+    (a host sync per MoE layer); a scatter-add into E slots does not (exact: integer adds)."""
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The lower-precision dtype when CUDA autocast is on for x's device, else None."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as 3D weights (E, out, in) (nn.Linear layout per expert)."""
 
@@ -119,33 +172,37 @@ class RoutedExperts(nn.Module):
         for p in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(p, std=cfg.initializer_range)
 
-    def _use_grouped(self, x: torch.Tensor) -> bool:
+    def _use_grouped(self, x: torch.Tensor, compute_dtype: torch.dtype) -> bool:
         if self.impl != "auto":
             return self.impl == "grouped"
         return (
             hasattr(torch, "_grouped_mm")
             and x.is_cuda
-            and x.dtype == torch.bfloat16
-            and self.gate_proj.dtype == torch.bfloat16
+            and compute_dtype == torch.bfloat16
             and x.shape[-1] % 8 == 0
             and self.gate_proj.shape[1] % 8 == 0
         )
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x (T, hidden), topk_idx (T, k), topk_weight (T, k) -> sum_j w_tj FFN_{idx_tj}(x_t): (T, hidden)."""
-        k = topk_idx.shape[1]
-        flat = topk_idx.reshape(-1)  # (T*k,) expert of each assignment
+        t, k = topk_idx.shape
+        flat = topk_idx.reshape(-1)  # (T*k,) expert of each assignment, (token, slot) order
         order = torch.argsort(flat, stable=True)  # (T*k,) assignments grouped by expert
-        token = torch.div(order, k, rounding_mode="floor")  # (T*k,) source token of each sorted assignment
-        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
-        xs = x.index_select(0, token)  # (T*k, hidden), contiguous per expert
-        if self._use_grouped(x):
-            ys = _swiglu_grouped(xs, counts, self.gate_proj, self.up_proj, self.down_proj)
+        inv = torch.argsort(order)  # (T*k,) inverse permutation: sorted position of each (token, slot)
+        counts = expert_counts(flat, self.num_experts)  # (E,)
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        low = _autocast_dtype(x)
+        compute = low if low is not None else self.gate_proj.dtype
+        if low is not None:  # one cast of each 3D weight per call (autocast would cast every expert's slice)
+            weights = tuple(p.to(low) for p in weights)
+        xs = _DispatchRows.apply(x.to(compute), order, inv, k)  # (T*k, hidden), contiguous per expert
+        if self._use_grouped(x, compute):
+            ys = _swiglu_grouped(xs, counts, *weights)
         else:
-            ys = _swiglu_loop(xs, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj)
-        w = topk_weight.reshape(-1).index_select(0, order).to(ys.dtype)  # (T*k,)
-        # accumulate in the residual dtype (under bf16 autocast the expert outputs are bf16, x is fp32)
-        return torch.zeros_like(x).index_add(0, token, (ys * w[:, None]).to(x.dtype))  # (T, hidden)
+            ys = _swiglu_loop(xs, counts.tolist(), *weights)
+        ys = _PermuteRows.apply(ys, inv, order).view(t, k, -1)  # (T, k, hidden) back in (token, slot) order
+        # weighted sum over the k slots in the residual dtype (fp32 under autocast over fp32 weights)
+        return (ys.to(x.dtype) * topk_weight.to(x.dtype)[..., None]).sum(dim=1)  # (T, hidden)
 
 
 def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -207,7 +264,7 @@ class MoE(nn.Module):
         out = self.experts(x, topk_idx, topk_weight)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        load = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).to(torch.float32)  # (E,)
+        load = expert_counts(topk_idx.reshape(-1), self.num_experts).to(torch.float32)  # (E,)
         if self.training and self.aux_loss_alpha > 0:
             aux = self.aux_loss_alpha * sequence_aux_loss(scores, topk_idx, cu_seqlens)
         else:

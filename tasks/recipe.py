@@ -28,8 +28,16 @@ class ModelSettings(BaseModel):
     init_checkpoint: Path | None = Field(
         default=None, description="native checkpoint the first phase starts from (e.g. an imported model)"
     )
-    attn_backend: Literal["auto", "flash", "sdpa", "sdpa_masked"] = "auto"
+    attn_backend: Literal["auto", "flash", "torch_varlen", "sdpa", "sdpa_masked"] = Field(
+        default="auto",
+        description="varlen attention backend; auto: flash-attn, else torch varlen_attn on CUDA bf16, else SDPA",
+    )
     gradient_checkpointing: bool = False
+    compile: bool = Field(
+        default=False,
+        description="torch.compile every decoder layer and ViT block (for the CUDA path; attention, the aux "
+        "loss and the per-expert loop stay eager; kimivl_model/compile.py)",
+    )
 
     @model_validator(mode="after")
     def _known_preset(self) -> ModelSettings:

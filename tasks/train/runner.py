@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from kimivl_model.compile import compile_blocks
 from kimivl_model.config import VLMConfig
 from kimivl_model.vlm import KimiVL
 from tasks.data.loader import LinearSchedule, MixtureConfig, PackedLoader, SourceSpec, tokens_by_modality
@@ -149,6 +150,8 @@ def build_model(
         cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, rope_theta=phase.rope_theta))
     model.set_gradient_checkpointing(recipe.model.gradient_checkpointing)
     model.set_trainable(list(phase.trainable))
+    if recipe.model.compile:
+        compile_blocks(model)  # in place: parameter names (checkpoints) unchanged
     return model, cfg, parent
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -28,7 +27,12 @@ import torch.nn.functional as F
 # cuBLAS reads this when its first handle is created: needed for deterministic matmuls (resume test).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from kimivl_model.attention import flash_attn_available, resolve_backend, varlen_attention
+from kimivl_model.attention import (
+    flash_attn_available,
+    resolve_backend,
+    torch_varlen_available,
+    varlen_attention,
+)
 from kimivl_model.config import preset
 from kimivl_model.moe import MoE, RoutedExperts
 
@@ -128,9 +132,10 @@ def test_varlen_attention_sdpa_and_masked_agree_bf16(causal):
 @needs_cuda
 def test_auto_backend_on_cuda_bf16():
     qkv, _ = _attn_inputs(torch.bfloat16)
-    expected = "flash" if flash_attn_available() else "sdpa"  # flash-attn is an optional extra
+    # flash-attn is an optional extra; torch's varlen_attn is the fallback fused kernel
+    expected = "flash" if flash_attn_available() else ("torch_varlen" if torch_varlen_available() else "sdpa")
     assert resolve_backend("auto", qkv[0]) == expected
-    assert resolve_backend("auto", qkv[0].float()) == "sdpa"  # flash needs half precision
+    assert resolve_backend("auto", qkv[0].float()) == "sdpa"  # fused kernels need half precision
     cu = _cu(LENS, DEV)
     a = varlen_attention(*qkv, cu, causal=True, backend="auto")
     b = varlen_attention(*qkv, cu, causal=True, backend="sdpa")
@@ -149,50 +154,39 @@ def test_flash_backend_matches_reference(causal):
         assert rel_err(a, b) < 1.5e-2, (name, rel_err(a, b))
 
 
-def torch_varlen_attn():
-    """torch.nn.attention.varlen.varlen_attn, or None when this torch lacks it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-def call_torch_varlen(q, k, v, cu, max_len: int, causal: bool, scale: float):
-    """torch's varlen_attn with our semantics (v zero-padded to q/k's head dim; its causal flag is
-    ``is_causal`` in torch 2.10 and ``window_size=(-1, 0)`` later)."""
-    fn = torch_varlen_attn()
-    params = inspect.signature(fn).parameters
-    dv = v.shape[-1]
-    if dv < q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - dv))
-    kw = {}
-    if "is_causal" in params:
-        kw["is_causal"] = causal
-    elif "window_size" in params:
-        kw["window_size"] = (-1, 0) if causal else (-1, -1)
-    elif causal:
-        raise RuntimeError(f"varlen_attn: no causal argument in {list(params)}")
-    if "scale" in params:
-        kw["scale"] = scale
-    elif not math.isclose(scale, q.shape[-1] ** -0.5):
-        q = q * (scale / q.shape[-1] ** -0.5)
-    cu = cu.to(torch.int32)
-    return fn(q, k, v, cu, cu, max_len, max_len, **kw)[..., :dv]
-
-
 @needs_cuda
-@pytest.mark.skipif(torch_varlen_attn() is None, reason="this torch has no torch.nn.attention.varlen")
+@pytest.mark.skipif(not torch_varlen_available(), reason="this torch has no torch.nn.attention.varlen")
 @pytest.mark.parametrize("causal", [True, False])
-def test_torch_varlen_attn_matches_reference(causal):
-    """torch's own FA2 varlen kernel (a flash-attn stand-in that needs no extra package) on our shapes."""
+def test_torch_varlen_backend_matches_reference(causal):
+    """torch's own FA2 varlen kernel (``backend="torch_varlen"``, the CUDA default without flash-attn)."""
     qkv, gout = _attn_inputs(torch.bfloat16)
     cu = _cu(LENS, DEV)
     scale = D_QK**-0.5
-    got = _fwd_bwd(lambda q, k, v: call_torch_varlen(q, k, v, cu, max(LENS), causal, scale), qkv, gout)
+    got = _fwd_bwd(
+        lambda q, k, v: varlen_attention(
+            q, k, v, cu, causal=causal, softmax_scale=scale, backend="torch_varlen"
+        ),
+        qkv,
+        gout,
+    )
     ref = _reference(qkv, gout, causal, scale)
+    assert got[0].shape == (sum(LENS), HEADS, D_V)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < 1.5e-2, (name, rel_err(a, b))
+    assert not got[0][sum(LENS[:2]) : sum(LENS[:3])].any()  # the empty document
+
+
+@needs_cuda
+def test_auto_backend_under_autocast_casts_fp32_inputs_like_sdpa():
+    """fp32 q/k/v inside bf16 autocast: the fused varlen backend runs in bf16, as SDPA would."""
+    qkv, _ = _attn_inputs(torch.float32)
+    cu = _cu(LENS, DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = varlen_attention(*qkv, cu, causal=True, backend="auto")
+        b = varlen_attention(*qkv, cu, causal=True, backend="sdpa")
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert rel_err(a, b) < 1.5e-2
 
 
 # ----------------------------------------------------------------------------------------- MoE
@@ -248,9 +242,9 @@ def test_routed_experts_cuda_match_per_token_reference(dtype, impl):
     xg = x.to(DEV, dtype).requires_grad_()
     wg = w.to(DEV).requires_grad_()
     if dtype == torch.bfloat16 and impl == "auto":
-        assert ex._use_grouped(xg) == hasattr(torch, "_grouped_mm")
+        assert ex._use_grouped(xg, dtype) == hasattr(torch, "_grouped_mm")
     else:
-        assert not ex._use_grouped(xg)
+        assert not ex._use_grouped(xg, dtype)
     y = ex(xg, idx.to(DEV), wg)
     y.backward(gout.to(DEV, dtype))
     assert y.dtype == dtype and y.is_cuda
@@ -365,6 +359,72 @@ def test_moe_layer_under_bf16_autocast_is_close_to_fp32():
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and torch.isfinite(aux)
     assert torch.equal(load, ref_load)  # same routing (fp32 router)
     assert rel_err(out, ref) < 3e-2
+    # fp32 weights under bf16 autocast take the grouped GEMM path (one bf16 cast of the expert weights)
+    assert m.experts._use_grouped(x, torch.bfloat16) == hasattr(torch, "_grouped_mm")
+
+
+@needs_cuda
+def test_moe_dispatch_is_deterministic_on_cuda():
+    """Gather-only dispatch/combine (no index_add atomics): two fwd+bwd passes give identical bits."""
+    cfg = dataclasses.replace(preset("a3b").lm, num_layers=1)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        m = MoE(cfg).train()
+    x = torch.randn(2048, cfg.hidden_size, device=DEV)
+    cu = torch.tensor([0, 700, 2048], device=DEV)
+    runs = []
+    for _ in range(2):
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, aux, _ = m(xi, cu)
+        (out.float().square().mean() + aux).backward()
+        runs.append([out.detach(), xi.grad, m.experts.gate_proj.grad, m.experts.down_proj.grad])
+    for name, a, b in zip(("out", "dx", "dgate", "ddown"), *runs, strict=True):
+        assert torch.equal(a, b), name
+
+
+@needs_cuda
+def test_compiled_lm_on_cuda_matches_eager_under_autocast():
+    """``model.compile: true`` on the CUDA path (grouped experts, fused varlen attention): same loss and
+    gradients as eager within bf16 noise; after one recompile (cu_seqlens' length becomes dynamic) a new
+    document mix does not recompile."""
+    from torch._dynamo.utils import counters
+
+    from kimivl_model.compile import compile_blocks
+    from kimivl_model.lm import KimiLM
+
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(preset("small").lm, num_layers=2, first_k_dense=1)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        eager = KimiLM(cfg).train()
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled)
+
+    def step(model, lens, seed):
+        g = torch.Generator().manual_seed(seed)
+        docs = [torch.randint(4, cfg.vocab_size, (n,), generator=g) for n in lens]
+        labels = torch.cat([torch.cat([d[1:], d.new_full((1,), -100)]) for d in docs]).to(DEV)
+        cu = torch.cumsum(torch.tensor([0, *lens]), 0).to(DEV)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(torch.cat(docs).to(DEV), cu_seqlens=cu, labels=labels, return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        return out.loss.detach(), torch.cat(
+            [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        )
+
+    counters.clear()
+    # the first new document count recompiles once with cu_seqlens' length dynamic (automatic dynamic)
+    for seed, lens in enumerate(([700, 324], [100, 400, 300, 224], [24, 500, 500])):
+        le, ge = step(eager, lens, seed)
+        lc, gc = step(compiled, lens, seed)
+        assert abs(float(lc - le)) < 1e-2 * abs(float(le)), (float(lc), float(le))
+        assert rel_err(gc, ge) < 5e-2
+    graphs = counters["stats"]["unique_graphs"]
+    step(compiled, [200, 200, 200, 200, 224], 9)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new document mix recompiled the layers"
 
 
 # ----------------------------------------------------------------------------------------- KimiVL tiny
@@ -596,3 +656,16 @@ def test_bench_gpu_without_cuda_prints_skipped_and_writes_nothing(tmp_path, caps
     assert out["skipped"] == "no CUDA" and out["bench"] == "gpu"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_cuda
+def test_host_cu_seqlens_is_cached_per_tensor_and_version():
+    """Every layer gets the same cu_seqlens: one device->host copy per tensor; an in-place edit is seen."""
+    from kimivl_model.attention import host_cu_seqlens
+
+    cu = _cu([3, 5], DEV)
+    first = host_cu_seqlens(cu)
+    assert first == [0, 3, 8] and host_cu_seqlens(cu) is first  # cached
+    cu[1] = 4  # in-place edit bumps the version
+    assert host_cu_seqlens(cu) == [0, 4, 8]
+    assert host_cu_seqlens(_cu([3, 5], DEV)) == [0, 3, 8]  # another tensor with other values
