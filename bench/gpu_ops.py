@@ -101,7 +101,7 @@ def run_attention(quick: bool, reps: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ MoE
 def run_moe(quick: bool, reps: int) -> dict[str, Any]:
     """bench.moe's comparison at A3B expert shapes on the GPU (bf16 autocast over fp32 weights)."""
-    from bench.moe import loop_reference
+    from bench.moe import loop_reference, moe_shape
     from kimivl_model.moe import MoE, SwiGLU
 
     cfg = a3b_layers_cfg(layers=1)
@@ -140,15 +140,7 @@ def run_moe(quick: bool, reps: int) -> dict[str, Any]:
     s = interleaved(fns, reps=reps, warmup=2)
     t = {n: med(v) for n, v in s.items()}
     out: dict[str, Any] = {
-        "shape": {
-            "tokens": tokens,
-            "hidden": cfg.hidden_size,
-            "experts": cfg.num_routed_experts,
-            "top_k": cfg.num_experts_per_tok,
-            "shared": cfg.num_shared_experts,
-            "moe_intermediate": cfg.moe_intermediate_size,
-            "dense_intermediate": width,
-        },
+        "shape": moe_shape(cfg, tokens, width),
         "rel_diff_ours_vs_loop_bf16": rnd(rel, 3),
         "errors": errors,
         **{n: {"ms": rnd(1e3 * v), "tokens_per_s": rnd(tokens / v)} for n, v in t.items()},

@@ -45,6 +45,19 @@ def loop_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def moe_shape(cfg, tokens: int, dense_width: int) -> dict[str, int]:
+    """The benchmarked MoE shape (shared with bench.gpu's MoE section)."""
+    return {
+        "tokens": tokens,
+        "hidden": cfg.hidden_size,
+        "experts": cfg.num_routed_experts,
+        "top_k": cfg.num_experts_per_tok,
+        "shared": cfg.num_shared_experts,
+        "moe_intermediate": cfg.moe_intermediate_size,
+        "dense_intermediate": dense_width,
+    }
+
+
 def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad.clone() for p in params]
 
@@ -107,15 +120,7 @@ def run(quick: bool = False, tokens: int = 4096, repeats: int = 5) -> dict:
         "what": "MoE layer forward+backward: ours (expert-grouped dispatch) vs (a) per-expert Python-loop "
         "reference, (b) dense SwiGLU with the same activated parameters",
         "preset": "tiny" if quick else "small",
-        "shape": {
-            "tokens": tokens,
-            "hidden": cfg.hidden_size,
-            "experts": cfg.num_routed_experts,
-            "top_k": cfg.num_experts_per_tok,
-            "shared": cfg.num_shared_experts,
-            "moe_intermediate": cfg.moe_intermediate_size,
-            "dense_intermediate": activated_width,
-        },
+        "shape": moe_shape(cfg, tokens, activated_width),
         "activated_params_per_token": {"moe": moe_activated, "dense": 3 * cfg.hidden_size * activated_width},
         "loop_reference_agrees": True,
         "max_abs_diff_vs_loop": rnd(max_diff, 3),
