@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from kimivl_model.config import preset
 from kimivl_model.moe import MoE, RoutedExperts
 from tests.unit.test_gpu_path import CUDA, DEV, _cu, needs_cuda, rel_err
+from tests.unit.test_moe import _randomize
 
 
 # ----------------------------------------------------------------------------------------- MoE
@@ -33,13 +33,6 @@ def _moe_cfg(**kw):
     )
     base.update(kw)
     return dataclasses.replace(preset("tiny").lm, **base)
-
-
-def _randomize(m: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
 
 
 def naive_routed(x, idx, w, gate, up, down):
