@@ -8,7 +8,8 @@ a fresh output directory:
 
 - ``direct``: ``run_data_all`` -> ``run_phase`` per phase (JSONL metrics) -> ``run_point`` per evaluation
   point: the step functions, nothing else;
-- ``flow``: ``pipeline_flow`` (Prefect local mode, MLflow in SQLite under the run, tokens/eval artifacts);
+- ``flow``: ``run_pipeline`` (what ``kimivl run`` calls: ``pipeline_flow`` in Prefect local mode, MLflow in
+  SQLite under the run, tokens/eval artifacts);
 - ``dvc``: ``dvc repro`` in a scratch repository (git + DVC) holding the recipe and the generated
   ``dvc.yaml``: every stage is a ``kimivl`` process, DVC hashes every output.
 
@@ -75,9 +76,12 @@ def run_direct(recipe_path: Path, out: Path) -> None:
 
 
 def run_flow(recipe_path: Path, out: Path) -> None:
-    from flows.pipeline import PipelineParams, pipeline_flow
+    from flows.local_api import start_early
 
-    pipeline_flow(PipelineParams(recipe_path=str(recipe_path), out_dir=str(out), export=False))
+    start_early()  # as `kimivl run` does, before anything imports Prefect
+    from flows.pipeline import PipelineParams, run_pipeline
+
+    run_pipeline(PipelineParams(recipe_path=str(recipe_path), out_dir=str(out), export=False))
 
 
 # ------------------------------------------------------------------------------- parent side

@@ -245,9 +245,14 @@ def run_cmd(
     """
     import time
 
+    from flows.local_api import start_early
+
+    t0 = time.perf_counter()
+    start_early()  # Prefect's local server starts while the rest is imported and the recipe checked
+
     from pydantic import ValidationError
 
-    from flows.pipeline import PipelineParams, pipeline_flow
+    from flows.pipeline import PipelineParams, run_pipeline
     from flows.prefect_common import console_logs_to_current_stderr
     from flows.stage_flow import make_tracking
     from tasks.data.io import DatasetError
@@ -255,7 +260,6 @@ def run_cmd(
     from tasks.model_io import write_json_atomic
     from tasks.train.checkpoint import CheckpointError, DivergenceError
 
-    t0 = time.perf_counter()
     r = _check_init(_recipe(recipe), recipe)
     try:
         params = PipelineParams(
@@ -270,7 +274,7 @@ def run_cmd(
     progress = ConsoleProgress(make_tracking(params), 1 + len(r.phases) + (n_points if evaluate else 0))
     try:
         with console_logs_to_current_stderr():
-            res = pipeline_flow(params, tracking=progress)
+            res = run_pipeline(params, tracking=progress)
     except (FileNotFoundError, DatasetError, ManifestError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None

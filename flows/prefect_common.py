@@ -14,12 +14,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
-_ENV_DEFAULTS = {
-    # machines without internet: the server's telemetry call would only log errors
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # the ephemeral server takes 10-20 s to start on a busy 2-core machine; Prefect's default gives up at 20
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
+from flows.local_api import ENV_DEFAULTS as _ENV_DEFAULTS  # imports no Prefect
+
 for _k, _v in _ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 
@@ -59,6 +55,27 @@ def io_task_options(retries: int = 3) -> dict[str, Any]:
         "retry_condition_fn": retry_on_transient_error,
         "cache_policy": NO_CACHE,
     }
+
+
+def start_local_server() -> str | None:
+    """Start Prefect's local (ephemeral) API server now, as the first flow run would, and return its URL;
+    None when ``PREFECT_API_URL`` names a server (nothing to start).
+
+    Starting it is mostly waiting for a ``uvicorn`` subprocess to come up (~5 s on 2 cores), so a caller
+    can overlap other start-up work with it (``flows.pipeline.run_pipeline``). Prefect keeps one server
+    per process: the flow run that follows finds it running and uses it.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.local_api import wait_ready
+
+    if wait_ready() is not None or PREFECT_API_URL.value():  # started early (flows.local_api), or a server
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
 
 
 def run_log() -> Log:
