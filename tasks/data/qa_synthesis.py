@@ -42,12 +42,11 @@ from tasks.data.qa_facts import (
     answers_match,
     meta_facts,
     normalize,
-    passage_fact_for,
     record_passage,
-    sample_passage_fact,
     tokens,
 )
 from tasks.data.qa_openai import GeneratorError, GeneratorOutputError, OpenAICompatibleGenerator
+from tasks.data.qa_passage import passage_fact_for, sample_passage_fact
 from tasks.data.schema import IMAGE_TOKEN, KINDS, QUARANTINE_SCHEMA, RECORD_SCHEMA, VIDEO_TOKEN
 from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
