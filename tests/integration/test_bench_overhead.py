@@ -14,4 +14,6 @@ def test_flow_and_direct_steps_do_the_same_work():
     assert res["same_weights"] is True and res["phases"] == ["align", "text_pretrain"]
     assert set(res["seconds"]) == {"direct", "flow"} and all(v > 0 for v in res["seconds"].values())
     assert res["ratio"] == pytest.approx(res["seconds"]["flow"] / res["seconds"]["direct"], rel=1e-3)
+    fastest = min(res["samples"]["flow"]) / min(res["samples"]["direct"])
+    assert res["ratio_of_fastest"] == pytest.approx(fastest, rel=1e-2)
     assert isinstance(res["goal_met"], bool) and res["goal"].startswith("flow/direct <=")
