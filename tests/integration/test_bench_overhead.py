@@ -16,4 +16,8 @@ def test_flow_and_direct_steps_do_the_same_work():
     assert res["ratio"] == pytest.approx(res["seconds"]["flow"] / res["seconds"]["direct"], rel=1e-3)
     fastest = min(res["samples"]["flow"]) / min(res["samples"]["direct"])
     assert res["ratio_of_fastest"] == pytest.approx(fastest, rel=1e-2)
+    assert all(len(v) == 1 and v[0] > 0 for v in res["cpu_samples"].values())
+    assert res["cpu_ratio"] == pytest.approx(
+        res["cpu_seconds"]["flow"] / res["cpu_seconds"]["direct"], rel=1e-2
+    )
     assert isinstance(res["goal_met"], bool) and res["goal"].startswith("flow/direct <=")
