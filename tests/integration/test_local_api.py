@@ -92,6 +92,61 @@ def test_the_server_dies_with_a_killed_parent(tmp_path):
     assert _gone(started["pid"])
 
 
+FALLBACK_CHILD = textwrap.dedent(
+    """
+    import json, os
+    from flows import prefect_common as pc
+
+    def servers():  # this process's children that serve Prefect's API
+        out = []
+        for d in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(") ", 1)[1].split()[1])
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == os.getpid() and b"prefect.server.api.server" in cmd:
+                out.append(int(d))
+        return out
+
+    url = pc.start_local_server()
+    before = servers()
+    from prefect import flow, get_client
+
+    @flow(name="fallback-probe")
+    def probe(x: int) -> int:
+        return x + 1
+
+    assert probe(1) == 2 and probe(2) == 3
+    with get_client(sync_client=True) as c:
+        api = str(c.api_url)
+        n = len([r for r in c.read_flow_runs() if r.state and r.state.is_completed()])
+    print(json.dumps({"url": url, "client_url": api, "before": before, "after": servers(), "runs": n}))
+    """
+)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_without_the_early_server_the_fallback_starts_the_one_server_the_flows_use(tmp_path):
+    """``prefect_common.start_local_server`` (library callers of ``run_pipeline``: no ``start_early``)
+    starts Prefect's own temporary server ahead of the flow; the flow runs must reuse it, not start a
+    second one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(ROOT), PREFECT_LOGGING_LEVEL="WARNING")
+    p = subprocess.run(
+        [sys.executable, "-c", FALLBACK_CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["url"] and got["url"].startswith("http://127.0.0.1:")
+    assert len(got["before"]) == 1 and got["after"] == got["before"]  # one server, still the same process
+    assert got["client_url"].rstrip("/") == got["url"].rstrip("/")
+    assert got["runs"] == 2  # both flow runs recorded by that server's (fresh) database
+
+
 def test_nothing_is_started_once_prefect_is_imported_or_a_server_is_configured(monkeypatch, tmp_path):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
