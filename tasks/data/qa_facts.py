@@ -42,12 +42,25 @@ SIZE_WORDS = ("small", "medium", "large")
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
-def _words(s: str) -> list[str]:
-    return s.split()
-
-
 _NUM_WORDS = {
-    w: i for i, w in enumerate(_words("zero one two three four five six seven eight nine ten eleven twelve"))
+    w: i
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+        ]
+    )
 }
 _NUM_RE = re.compile(r"-?\d+(?:\.\d+)?")
 

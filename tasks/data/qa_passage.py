@@ -13,17 +13,69 @@ from typing import Any, Literal
 
 from tasks.data.qa_facts import Fact
 
-
-def _words(s: str) -> list[str]:
-    return s.split()
-
-
 STOPWORDS = frozenset(
-    _words(
-        "the a an and or but if then than that this these those with from into onto over under about which what "
-        "when where while there their they them have has had been being were was are is for not can will would "
-        "should could also such each other more most some only very just its it's your you our"
-    )
+    [
+        "the",
+        "a",
+        "an",
+        "and",
+        "or",
+        "but",
+        "if",
+        "then",
+        "than",
+        "that",
+        "this",
+        "these",
+        "those",
+        "with",
+        "from",
+        "into",
+        "onto",
+        "over",
+        "under",
+        "about",
+        "which",
+        "what",
+        "when",
+        "where",
+        "while",
+        "there",
+        "their",
+        "they",
+        "them",
+        "have",
+        "has",
+        "had",
+        "been",
+        "being",
+        "were",
+        "was",
+        "are",
+        "is",
+        "for",
+        "not",
+        "can",
+        "will",
+        "would",
+        "should",
+        "could",
+        "also",
+        "such",
+        "each",
+        "other",
+        "more",
+        "most",
+        "some",
+        "only",
+        "very",
+        "just",
+        "its",
+        "it's",
+        "your",
+        "you",
+        "our",
+    ]
 )
 WORD_RE = re.compile(r"[A-Za-z]+")
 BLANK = "____"
