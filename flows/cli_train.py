@@ -248,7 +248,10 @@ def run_cmd(
     from flows.local_api import start_early
 
     t0 = time.perf_counter()
-    start_early()  # Prefect's local server starts while the rest is imported and the recipe checked
+    if recipe.is_file():  # (a missing recipe fails below without starting anything)
+        start_early()  # Prefect's local server starts while the rest is imported and the recipe checked
+    # A recipe that exists but fails validation still started the server: loading the recipe imports the
+    # data pipeline (~5 s), exactly the time the server needs; it is stopped when this process exits.
 
     from pydantic import ValidationError
 
