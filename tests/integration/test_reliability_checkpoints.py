@@ -8,7 +8,7 @@ checkpoint can run code.
   phase refuses to start from a corrupted parent (``kimivl stage`` exits 1 naming the file);
 - weights are safetensors only; no ``torch.load`` without ``weights_only=True`` and no ``pickle`` anywhere.
 
-``tests/integration/test_engine.py::test_corrupted_or_missing_file_is_named`` covers flipped bytes and a
+``tests/integration/test_engine_checkpoints.py::test_corrupted_or_missing_file_is_named`` covers flipped bytes and a
 missing file of an engine checkpoint; this file adds the other damage and the pickle payloads.
 """
 
