@@ -21,3 +21,13 @@ def test_flow_and_direct_steps_do_the_same_work():
         res["cpu_seconds"]["flow"] / res["cpu_seconds"]["direct"], rel=1e-2
     )
     assert isinstance(res["goal_met"], bool) and res["goal"].startswith("flow/direct <=")
+    # the work clock: time inside the shared step functions is most of each run, the rest is outside
+    for k in ("direct", "flow"):
+        assert 0 < res["work_seconds"][k] < res["seconds"][k]
+        assert res["outside_seconds"][k] == pytest.approx(
+            res["seconds"][k] - res["work_seconds"][k], abs=0.02
+        )
+    overhead = res["outside_seconds"]["flow"] - res["outside_seconds"]["direct"]
+    assert res["overhead_seconds"] == pytest.approx(overhead, abs=0.02)
+    assert res["ratio_accounted"] == pytest.approx(1 + overhead / res["seconds"]["direct"], rel=1e-2)
+    assert isinstance(res["goal_met_accounted"], bool) and res["work_ratio"] > 0
