@@ -86,3 +86,21 @@ def prefect_api_env(prefect_harness) -> dict[str, str]:
     env = subprocess_env()
     env.update({"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     return env
+
+
+def stop_process_group(proc, timeout: float = 15.0) -> None:
+    """SIGTERM the process group a test started (``start_new_session=True``), SIGKILL it if it has not
+    exited within ``timeout`` seconds, and reap it."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

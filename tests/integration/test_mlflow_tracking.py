@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from tasks.manifest import code_version, read_manifest
 from tasks.recipe import recipe_from_dict
 from tasks.tracking_mlflow import PipelineTracking, clean_params, default_tracking_uri, replay_spool
 from tasks.train.runner import read_result
-from tests.integration.conftest import short_recipe
+from tests.integration.conftest import short_recipe, stop_process_group
 
 ENV_SECRET = "kimivl-test-env-secret-9f8e7d6c"
 PHASES = {"text_pretrain": 1024, "align": 512}
@@ -411,9 +410,4 @@ def test_real_mlflow_server_down_then_up(tracked, tmp_path, monkeypatch):
         assert Path(got).read_text() == "artifact through the server"
         assert client.get_run(report["parent_run_id"]).info.status == "FINISHED"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        stop_process_group(proc, timeout=15)

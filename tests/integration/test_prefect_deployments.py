@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from typer.testing import CliRunner
 
 from tasks.manifest import read_manifest
 from tests.integration._prefect_common import _artifact, _client
-from tests.integration.conftest import ROOT, short_recipe, subprocess_env
+from tests.integration.conftest import ROOT, short_recipe, stop_process_group, subprocess_env
 
 # ----------------------------------------------------------------------------------- real servers
 
@@ -146,13 +145,7 @@ def test_ui_triggered_pipeline_tracks_to_mlflow_with_s3_artifacts(
         )
     finally:
         if serve is not None:  # serve first: it may ignore SIGTERM once the server is gone
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(serve.pid, signal.SIGTERM)
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(serve.pid, signal.SIGKILL)
-                serve.wait(timeout=10)
+            stop_process_group(serve, timeout=30)
         down = runner.invoke(_ops_app(), ["down", "--state-dir", str(state_dir)])
     assert down.exit_code == 0, down.output
     assert json.loads(down.stdout.strip().splitlines()[-1])["stopped"] == {"prefect": True, "mlflow": True}
