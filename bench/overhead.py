@@ -18,11 +18,12 @@ Same work is checked, not assumed: every phase's final weights must be bit-ident
 overhead). Wall-clock samples of a run spread by 20% or more on a shared machine, more than the overhead
 being measured, so the JSON also carries ``ratio_of_fastest`` and ``cpu_ratio`` (CPU seconds of each
 contender's whole process tree, insensitive to time spent waiting for a core).
-``ratio_accounted`` (``bench/work_clock.py``) splits each run into the seconds inside the step functions both contenders call and the seconds around
-them: 1 + (outside_flow - outside_direct) / direct, a difference of two ~10-30 s quantities instead of two
-noisy ~180 s ones; ``work_ratio`` (flow / direct seconds inside the step functions, ~1 when the flow's
-background work takes no CPU from them) is reported beside it, since the clock cannot see that. ``--quick``
-uses a two-phase recipe on a small corpus (the fixed costs then dominate: expect a much larger ratio).
+``ratio_accounted`` (``bench/work_clock.py``) splits each run into the seconds inside the step functions
+both contenders call and the seconds around them: 1 + (outside_flow - outside_direct) / direct, a
+difference of two ~10-30 s quantities instead of two noisy ~180 s ones; ``work_ratio`` (flow / direct
+seconds inside the step functions, ~1 when the flow's background work takes no CPU from them) is reported
+beside it, since the clock cannot see that. ``--quick`` uses a two-phase recipe on a small corpus (the
+fixed costs then dominate: expect a much larger ratio).
 """
 
 from __future__ import annotations

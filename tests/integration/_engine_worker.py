@@ -1,4 +1,5 @@
-"""Worker for tests/integration/test_engine.py and test_engine_checkpoints.py: trains a tiny MoE LM with ``TrainEngine`` on 1..N ranks.
+"""Worker for tests/integration/test_engine.py and test_engine_checkpoints.py: trains a tiny MoE LM with
+``TrainEngine`` on 1..N ranks.
 
 Also the shared fixtures of those tests (model, deterministic packed batches, loss function), so the
 in-process runs and the subprocess runs train exactly the same thing.
