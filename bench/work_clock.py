@@ -25,6 +25,7 @@ Only the contender processes install a clock; nothing in the product imports thi
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import threading
@@ -109,8 +110,6 @@ class WorkClock:
     def install(self, functions: list[tuple[str, str]] = WORK_FUNCTIONS) -> WorkClock:
         """Patch the step functions in their modules. Call it before the contender imports them by name
         (``from tasks.train.runner import run_phase`` copies whatever is there at that moment)."""
-        import importlib
-
         for mod_name, attr in functions:
             mod = importlib.import_module(mod_name)
             setattr(mod, attr, self.work(getattr(mod, attr)))

@@ -50,10 +50,11 @@ CHILD = textwrap.dedent(
 )
 
 
-def _child(mode: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def _child(mode: str, tmp_path: Path, script: str = CHILD) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter: no Prefect settings inherited, its own PREFECT_HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(ROOT), PREFECT_LOGGING_LEVEL="WARNING")
-    cmd = [sys.executable, "-c", CHILD, mode]
+    cmd = [sys.executable, "-c", script, mode]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -134,11 +135,7 @@ def test_without_the_early_server_the_fallback_starts_the_one_server_the_flows_u
     """``prefect_common.start_local_server`` (library callers of ``run_pipeline``: no ``start_early``)
     starts Prefect's own temporary server ahead of the flow; the flow runs must reuse it, not start a
     second one."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(ROOT), PREFECT_LOGGING_LEVEL="WARNING")
-    p = subprocess.run(
-        [sys.executable, "-c", FALLBACK_CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    p = _child("run", tmp_path, FALLBACK_CHILD)
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["url"] and got["url"].startswith("http://127.0.0.1:")
