@@ -88,14 +88,28 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
         raise
 
 
-def bench_main(name: str, doc: str | None, run: Callable[..., dict], argv: list[str] | None) -> dict:
-    """Parse the common CLI, run ``run(quick=...)``, add ``bench`` + ``machine``, print and write."""
-    args = parser(doc).parse_args(argv)
+COMMON_ARGS = ("quick", "threads", "out_dir", "no_write")
+
+
+def bench_main(
+    name: str,
+    doc: str | None,
+    run: Callable[..., dict],
+    argv: list[str] | None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> dict:
+    """Parse the common CLI (+ ``add_args``' options), run ``run(quick=..., **those options)``, add
+    ``bench`` + ``machine``, print and write."""
+    ap = parser(doc)
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()
-    figures = run(quick=args.quick)
+    extra = {k: v for k, v in vars(args).items() if k not in COMMON_ARGS}
+    figures = run(quick=args.quick, **extra)
     out = {"bench": name, "quick": bool(args.quick), **figures, "machine": machine_info(load_start)}
     print(json.dumps(out, sort_keys=True))
     if not args.no_write:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from bench import attention, common, mfu, moe, muon, packing, peer
+from bench import attention, common, data_pipeline, mfu, moe, muon, packing, peer
 from kimivl_model.config import preset
 from kimivl_model.moe import MoE
 
@@ -40,6 +40,24 @@ def run_quick(module, name: str, tmp_path) -> dict:
     assert written == json.loads(json.dumps(out))
     assert [p.name for p in tmp_path.iterdir()] == [f"{name}.json"]  # no temp file left behind
     return out
+
+
+def test_data_pipeline_quick(tmp_path):
+    out = run_quick(data_pipeline, "data_pipeline", tmp_path)
+    assert out["seq_len"] == 256 and out["documents_packed"] > 0 and out["rows"] > 0
+    eff, padded = out["packing_efficiency"], out["baseline"]["efficiency"]
+    assert 0 < padded <= 1 and 0 < eff <= 1 and out["ours"]["efficiency"] == eff
+    assert out["ratio"] == pytest.approx(eff / padded, abs=2e-3)
+    assert out["goal_met"] == (eff >= data_pipeline.GOAL_EFFICIENCY and out["ratio"] > 1)
+    for step in ("synth", "filter", "dedup", "tokenize"):
+        assert out[f"{step}_rows_per_s"] > 0
+
+
+def test_data_pipeline_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="--scale must be >= 1"):
+        data_pipeline.run(scale=0)
+    with pytest.raises(SystemExit):  # argparse: --scale takes an int
+        data_pipeline.main(["--scale", "x", "--no-write"])
 
 
 def test_packing_quick(tmp_path):
