@@ -11,8 +11,10 @@ start-up work (``flows.pipeline.run_pipeline`` overlaps it with Prefect's local 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -48,15 +50,56 @@ def _clip(s: str, limit: int) -> str:
     return s if len(s) <= limit else s[: limit - len(_TRUNC)] + _TRUNC
 
 
+# MLflow's rule for metric, param and tag names (mlflow.utils.validation), minus the colon that a Windows
+# tracking server refuses: letters, digits, "_", "-", ".", " " and "/"; no empty, "." or ".." path segment
+# and no leading "/" or ".." (names double as file paths in the file store).
+_BAD_KEY_CHARS = re.compile(r"[^\w.\- /]")
+
+
+def mlflow_key(name: str) -> str:
+    """``name`` as a valid MLflow metric/param/tag name: every other character becomes "_" (so a data
+    contract's ``expect_column_values_to_be_in_set(answer_verified)`` becomes ``..._in_set_answer_verified_``),
+    empty path segments are dropped, "." / ".." segments become "_" / "__", a leading ".." gets a "_", and a
+    name over 250 characters is cut, with a digest of the original appended. Names that every MLflow server
+    accepts come back unchanged."""
+    parts = [seg for seg in _BAD_KEY_CHARS.sub("_", str(name)).split("/") if seg]
+    parts = ["_" * len(seg) if seg in (".", "..") else seg for seg in parts]
+    key = "/".join(parts) or "_"
+    return _clip_key("_" + key if key.startswith("..") else key, str(name))  # MLflow refuses a leading ".."
+
+
+def _clip_key(key: str, original: str, limit: int = MAX_KEY) -> str:
+    """``key`` if within ``limit``, else its head + "_" + an 8-hex digest of ``original`` (still valid and
+    unique, unlike the "...[truncated]" marker of values, whose brackets MLflow refuses in names)."""
+    if len(key) <= limit:
+        return key
+    return key[: limit - 9] + "_" + hashlib.sha1(original.encode()).hexdigest()[:8]
+
+
+def clean_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every key through ``mlflow_key``. A changed key whose clean name another key of
+    ``values`` also has (cleaned or as is) gets an 8-hex digest of its original appended, so nothing is
+    silently overwritten and the result does not depend on the keys' order."""
+    cleaned = {k: mlflow_key(k) for k in values}
+    uses: dict[str, int] = {}
+    for c in cleaned.values():
+        uses[c] = uses.get(c, 0) + 1
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        c = cleaned[k]
+        if c != k and uses[c] > 1:
+            c = _clip_key(c, str(k), MAX_KEY - 9) + "_" + hashlib.sha1(str(k).encode()).hexdigest()[:8]
+        out[c] = v
+    return out
+
+
 def clean_params(params: dict[str, Any]) -> dict[str, str]:
-    """Flattened, redacted, scrubbed string params within MLflow's key/value length limits."""
-    return {
-        _clip(k, MAX_KEY): _clip(scrub(str(v)), MAX_PARAM) for k, v in flatten(redact_keys(params)).items()
-    }
+    """Flattened, redacted, scrubbed string params with valid names, within MLflow's length limits."""
+    return {k: _clip(scrub(str(v)), MAX_PARAM) for k, v in clean_keys(flatten(redact_keys(params))).items()}
 
 
 def clean_tags(tags: dict[str, Any]) -> dict[str, str]:
-    return {_clip(k, MAX_KEY): _clip(scrub(str(v)), MAX_TAG) for k, v in redact_keys(tags).items()}
+    return {k: _clip(scrub(str(v)), MAX_TAG) for k, v in clean_keys(redact_keys(tags)).items()}
 
 
 # --------------------------------------------------------------------------------------------- records

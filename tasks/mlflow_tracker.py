@@ -23,6 +23,7 @@ from tasks.mlflow_store import (
     _q,
     _Spool,
     _write_json,
+    clean_keys,
     clean_params,
     clean_tags,
 )
@@ -109,7 +110,7 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         def add() -> None:
-            vals = {str(k): float(v) for k, v in metrics.items()}
+            vals = {k: float(v) for k, v in clean_keys({str(k): v for k, v in metrics.items()}).items()}
             self._mem.metrics.append((int(step), time.time(), vals))
             self.last.update(vals)
             for k in _SERIES_KEYS:

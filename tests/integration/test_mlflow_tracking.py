@@ -292,6 +292,26 @@ def test_long_param_values_are_truncated_not_rejected(tracked):
     assert len(params["huge"]) == 6000 and params["token_budget"] == "5"  # "token_budget" is no secret
 
 
+def test_invalid_names_are_cleaned_not_rejected(tracked):
+    """A data contract's per-expectation count is named like GX's expectation, parentheses included: MLflow
+    refuses such a name and, with it, the whole batch of the pipeline's data metrics (seen in a real run)."""
+    gx = "data.validated.cot.by_expectation.expect_column_values_to_be_in_set(answer_verified)"
+    pt = PipelineTracking(
+        tracked.uri, experiment="names", local_dir=tracked.out / "tracking-names", log=print
+    )
+    pt.start_pipeline(tracked.recipe, "names")
+    pt.parent.log_metrics({gx: 3.0, "data.raw.cot.rows": 128.0}, step=0)
+    pt.parent.log_params({"contract": {"expect(x)": "ok"}})
+    report = pt.end_pipeline()
+    assert report["rejected"] == 0 and report["undelivered"] == 0
+    data = tracked.client.get_run(report["parent_run_id"]).data
+    assert (
+        data.metrics[gx.replace("(", "_").replace(")", "_")] == 3.0
+        and data.metrics["data.raw.cot.rows"] == 128
+    )
+    assert data.params["contract.expect_x_"] == "ok"
+
+
 def test_secrets_never_reach_the_store(tracked, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
     secrets = ["sk-live-param-123456", "hunter2-password-xyz", "tag-token-abcdef99", "userinfo-pw-778899"]
