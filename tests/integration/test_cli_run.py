@@ -39,6 +39,8 @@ def test_kimivl_run_writes_summary_with_every_phase(tmp_path):
         assert (out / "phases" / name / "final" / "model.safetensors").is_file(), name
         assert p["checkpoint"].endswith(f"phases/{name}/final")
     assert summary["data_tokens"]["total"] > 0
+    # every MLflow record was delivered: none refused (e.g. a metric name MLflow does not accept), none spooled
+    assert summary["mlflow"]["rejected"] == 0 and summary["mlflow"]["undelivered"] == 0, summary["mlflow"]
     # a second run finds everything complete and redoes nothing
     res2 = _kimivl_run(recipe, out, tmp_path / "prefect")
     assert res2.returncode == 0 and "already complete" in res2.stdout + res2.stderr, res2.stdout[-2000:]
