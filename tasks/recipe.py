@@ -75,7 +75,12 @@ class TrainSettings(BaseModel):
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    name: str = Field(description="recipe name, e.g. 'tiny' or 'a3b'")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=100,
+        description="recipe name, e.g. 'tiny' or 'a3b' (letters, digits, '_', '.', '-'): it names the MLflow "
+        "registered model 'kimivl-NAME', which may not contain '/' or ':'",
+    )
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataRecipe = Field(default_factory=DataRecipe)
     train: TrainSettings = Field(default_factory=TrainSettings)

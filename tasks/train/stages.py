@@ -94,7 +94,12 @@ class ResolutionStep(_Strict):
 
 
 class PhaseConfig(_Strict):
-    name: str = Field(description="unique phase name, e.g. 'long_context.1'")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=100,
+        description="unique phase name, e.g. 'long_context.1' (letters, digits, '_', '.', '-'; starts with a "
+        "letter or digit): it names the phase's directory, its DVC stage and `kimivl stage NAME`",
+    )
     stage: Literal[
         "text_pretrain", "vit", "align", "joint_pretrain", "cooldown", "long_context", "sft", "cot_sft"
     ]

@@ -112,6 +112,8 @@ BAD = {
         lambda d: ph(d, "joint_pretrain")["share_schedule"].update(end=1.5),
         [f"phases.{JOINT}.share_schedule.end"],
     ),
+    "phase name that is a path": (lambda d: ph(d, "sft.2").update(name="../sft"), [f"phases.{SFT2}.name"]),
+    "recipe name with a colon": (lambda d: d.update(name="tiny:v2"), ["name", "pattern"]),
     "duplicate phase names": (lambda d: d["phases"].append(copy.deepcopy(d["phases"][-1])), ["phases", "duplicate"]),
     "stages out of order": (lambda d: d["phases"].reverse(), ["phases", "order"]),
     "first phase continues a schedule": (
