@@ -4,9 +4,10 @@
 
 Prints one JSON object (and writes ``bench/results/data_pipeline.json``): rows/s of synthesis, filter,
 dedup, tokenize and pack on the synthetic corpus (default row counts x ``--scale``; ``--quick``: 1/4 of
-the default counts (``scale`` 0 in the JSON) and sequences of 256), and ``packing_efficiency`` (real tokens / row capacity of packed ``seq_len`` rows) with
-its ``ratio`` against pad-to-longest batching of the same documents in the same order (the baseline most
-trainers use without packing). Timing lives here, never in tests.
+the default counts (``scale`` 0 in the JSON) and sequences of 256), and ``packing_efficiency`` (real
+tokens / row capacity of packed ``seq_len`` rows) with its ``ratio`` against pad-to-longest batching of
+the same documents in the same order (the baseline most trainers use without packing). Timing lives
+here, never in tests.
 """
 
 from __future__ import annotations
