@@ -252,16 +252,37 @@ class MlflowTracker:
             self._spool.reject(what, payload, e)
             self._conn.log(f"[tracking] MLflow rejected {what} of {self.spec.key}: {str(e)[:200]}")
 
+    def _try_split(
+        self, what: str, items: list, send: Callable[[list], Any], payload: Callable[[list], Any]
+    ) -> None:
+        """Deliver ``items`` in one ``send``; when MLflow refuses the batch for good, deliver each half on its
+        own, down to single records, so that only the records MLflow refuses are rejected (``log_batch``
+        validates a whole batch before it writes any of it; one bad name used to cost up to 1000 metrics).
+        ``payload(items)`` is what ``rejected.jsonl`` records. Other errors raise (the batch is spooled)."""
+        try:
+            send(items)
+        except Exception as e:
+            if not _permanent(e):
+                raise
+            if len(items) > 1:
+                mid = len(items) // 2
+                self._try_split(what, items[:mid], send, payload)
+                self._try_split(what, items[mid:], send, payload)
+                return
+            self.rejected += 1
+            self._spool.reject(what, payload(items), e)
+            self._conn.log(f"[tracking] MLflow rejected {what} of {self.spec.key}: {str(e)[:200]}")
+
     def _chunks(
         self, what: str, values: dict[str, str], send: Callable[[list], Any], entity: type
     ) -> Iterator[dict[str, str]]:
         """Deliver ``values`` (sorted by key) in requests of at most 100 (MLflow's batch limit for params
-        and tags), yielding each chunk once it is delivered or permanently rejected."""
+        and tags), yielding each chunk once it is delivered or (record by record) permanently rejected."""
         items = sorted(values.items())
         for i in range(0, len(items), 100):
-            chunk = dict(items[i : i + 100])
-            self._try(what, chunk, send, [entity(k, v) for k, v in chunk.items()])
-            yield chunk
+            chunk = items[i : i + 100]
+            self._try_split(what, chunk, lambda its: send([entity(k, v) for k, v in its]), dict)
+            yield dict(chunk)
 
     def _deliver(self, run_id: str, b: _Batch) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -289,9 +310,17 @@ class MlflowTracker:
             while k < len(b.metrics) and (k == 0 or n + len(b.metrics[k][2]) <= 1000):
                 n += len(b.metrics[k][2])
                 k += 1
-            rows = b.metrics[:k]
-            ms = [Metric(key, v, int(t * 1000), step) for step, t, vals in rows for key, v in vals.items()]
-            self._try("metrics", rows, lambda ms=ms: c.log_batch(run_id, metrics=ms))
+            flat = [(step, t, key, v) for step, t, vals in b.metrics[:k] for key, v in vals.items()]
+            self._try_split(
+                "metrics",
+                flat,
+                lambda ms: c.log_batch(
+                    run_id, metrics=[Metric(key, v, int(t * 1000), st) for st, t, key, v in ms]
+                ),
+                lambda ms: [
+                    [st, t, {key: v}] for st, t, key, v in ms
+                ],  # the spool's (step, time, values) rows
+            )
             del b.metrics[:k]
         if b.inputs:
             self._deliver_inputs(run_id, b)

@@ -7,7 +7,8 @@ undelivered is appended to a local spool (``tasks.tracking.JsonlTracker`` files 
 ``register.json``, ``terminal.json``, ``run.json`` in ``SPOOL/<run>/``) and retried on the next call after
 an exponential back-off; the spool is delivered first, then emptied. ``replay_spool`` delivers a spool left
 by a process that ended while the server was down. MLflow rejections (a bad value, a changed param) are
-not retried: they are written to ``rejected.jsonl`` and reported. Names MLflow would refuse (e.g. a data
+not retried: a refused batch is split down to the refused records, which are written to ``rejected.jsonl``
+and reported. Names MLflow would refuse (e.g. a data
 contract's ``expect_..._in_set(answer_verified)`` count, whose parentheses made MLflow reject the pipeline's
 whole batch of data metrics) are made valid first (``mlflow_key``: "(" -> "_", ...); the datasets'
 ``manifest.json`` counts keep the original names.
