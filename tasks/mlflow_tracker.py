@@ -258,7 +258,9 @@ class MlflowTracker:
         """Deliver ``items`` in one ``send``; when MLflow refuses the batch for good, deliver each half on its
         own, down to single records, so that only the records MLflow refuses are rejected (``log_batch``
         validates a whole batch before it writes any of it; one bad name used to cost up to 1000 metrics).
-        ``payload(items)`` is what ``rejected.jsonl`` records. Other errors raise (the batch is spooled)."""
+        ``payload(items)`` is what ``rejected.jsonl`` records. Other errors raise (the batch is spooled);
+        re-sending the halves already delivered is harmless: MLflow keeps one copy of an identical metric
+        (key, value, step, timestamp) or param."""
         try:
             send(items)
         except Exception as e:
@@ -317,9 +319,7 @@ class MlflowTracker:
                 lambda ms: c.log_batch(
                     run_id, metrics=[Metric(key, v, int(t * 1000), st) for st, t, key, v in ms]
                 ),
-                lambda ms: [
-                    [st, t, {key: v}] for st, t, key, v in ms
-                ],  # the spool's (step, time, values) rows
+                lambda ms: [[st, t, {key: v}] for st, t, key, v in ms],  # as the spool's (step, time, values)
             )
             del b.metrics[:k]
         if b.inputs:
