@@ -88,9 +88,6 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
         raise
 
 
-COMMON_ARGS = ("quick", "threads", "out_dir", "no_write")
-
-
 def bench_main(
     name: str,
     doc: str | None,
@@ -108,7 +105,8 @@ def bench_main(
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()
-    extra = {k: v for k, v in vars(args).items() if k not in COMMON_ARGS}
+    common = vars(parser(doc).parse_args([]))
+    extra = {k: v for k, v in vars(args).items() if k not in common}
     figures = run(quick=args.quick, **extra)
     out = {"bench": name, "quick": bool(args.quick), **figures, "machine": machine_info(load_start)}
     print(json.dumps(out, sort_keys=True))

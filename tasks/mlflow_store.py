@@ -68,12 +68,14 @@ def mlflow_key(name: str) -> str:
     return _clip_key("_" + key if key.startswith("..") else key, str(name))  # MLflow refuses a leading ".."
 
 
-def _clip_key(key: str, original: str, limit: int = MAX_KEY) -> str:
-    """``key`` if within ``limit``, else its head + "_" + an 8-hex digest of ``original`` (still valid and
+def _with_digest(key: str, original: str) -> str:
+    """``key`` cut to leave room for "_" + an 8-hex digest of ``original``, plus that digest (valid and
     unique, unlike the "...[truncated]" marker of values, whose brackets MLflow refuses in names)."""
-    if len(key) <= limit:
-        return key
-    return key[: limit - 9] + "_" + hashlib.sha1(original.encode()).hexdigest()[:8]
+    return key[: MAX_KEY - 9] + "_" + hashlib.sha1(original.encode()).hexdigest()[:8]
+
+
+def _clip_key(key: str, original: str) -> str:
+    return key if len(key) <= MAX_KEY else _with_digest(key, original)
 
 
 def clean_keys(values: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +90,7 @@ def clean_keys(values: dict[str, Any]) -> dict[str, Any]:
     for k, v in values.items():
         c = cleaned[k]
         if c != k and uses[c] > 1:
-            c = _clip_key(c, str(k), MAX_KEY - 9) + "_" + hashlib.sha1(str(k).encode()).hexdigest()[:8]
+            c = _with_digest(c, str(k))
         out[c] = v
     return out
 

@@ -15,7 +15,7 @@ from kimivl_model.config import PRESETS, ConfigError, VLMConfig, preset
 from tasks.data.pipeline import QA_NAME, DataRecipe
 from tasks.data.synth import SYNTH_KINDS
 from tasks.eval.points import INIT_POINT, RecipeEval
-from tasks.train.stages import STAGES, PhaseConfig
+from tasks.train.stages import NAME_PATTERN, STAGES, PhaseConfig
 
 
 class RecipeError(ValueError):
@@ -76,7 +76,7 @@ class TrainSettings(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=NAME_PATTERN,
         max_length=100,
         description="recipe name, e.g. 'tiny' or 'a3b' (letters, digits, '_', '.', '-'): it names the MLflow "
         "registered model 'kimivl-NAME', which may not contain '/' or ':'",

@@ -93,9 +93,13 @@ class ResolutionStep(_Strict):
     max_patches: int = Field(gt=0, description="max patches per image (images are downscaled to fit)")
 
 
+# recipe and phase names: a directory, a DVC stage, a CLI argument, part of an MLflow model name
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
 class PhaseConfig(_Strict):
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=NAME_PATTERN,
         max_length=100,
         description="unique phase name, e.g. 'long_context.1' (letters, digits, '_', '.', '-'; starts with a "
         "letter or digit): it names the phase's directory, its DVC stage and `kimivl stage NAME`",
