@@ -164,7 +164,16 @@ def train_cmd(
 
 
 def _summary(recipe: Path, results: list[dict], extra: dict | None = None) -> dict:
-    keys = ("stage", "tokens", "steps", "final_loss", "checkpoint", "skipped_steps")
+    keys = (
+        "stage",
+        "tokens",
+        "tokens_by_source",
+        "tokens_by_group",
+        "steps",
+        "final_loss",
+        "checkpoint",
+        "skipped_steps",
+    )
     return {
         "recipe": str(recipe),
         **(extra or {}),

@@ -246,6 +246,11 @@ class PipelineTracking:
             "steps": result.get("steps"),
             "skipped_steps": result.get("skipped_steps"),
             **{f"tokens_final_{k}": v for k, v in tok.items()},
+            **{f"tokens_final_source.{k}": v for k, v in result.get("tokens_by_source", {}).items()},
+            **{
+                f"share_final.{g}": v / max(tok.get("total", 0), 1)
+                for g, v in result.get("tokens_by_group", {}).items()
+            },
         }
         summary = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
         tr.log_metrics(summary, step=int(result.get("steps", 0)))

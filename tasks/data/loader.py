@@ -1,7 +1,8 @@
 """Stage mixtures and the resumable packed-batch loader.
 
 Mixture sampling: at each document draw one source is chosen with probability equal to its current weight
-(weights are per-DOCUMENT draw probabilities, normalised), using one seeded ``numpy`` Generator. With a
+(weights are per-DOCUMENT draw probabilities, normalised; with ``weight_unit: tokens`` they are token shares
+and each is divided by the source's mean document length before drawing), using one seeded ``numpy`` Generator. With a
 ``linear`` schedule the chosen source group's share moves from ``start`` to ``end`` as the tokens drawn so
 far go from 0 to ``token_budget`` (joint pretraining's rising multimodal share, REFERENCE.md stage 3):
 share(p) = start + (end - start) * min(p, 1); the group's sources split that share by their weights, the
@@ -28,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -76,6 +78,11 @@ class MixtureConfig(BaseModel):
     micro_batch_tokens: int = Field(8192, ge=8, description="tokens per batch: a multiple of seq_len")
     seed: int = Field(0, ge=0, description="seed of the source sampler and the per-epoch shuffles")
     pack_buffer_docs: int = Field(64, ge=1, description="pieces buffered before packing (FFD window)")
+    weight_unit: Literal["documents", "tokens"] = Field(
+        "documents",
+        description="weights (and schedule shares) are per drawn document, or per token: the draw "
+        "probability of each source is then divided by its mean document length",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MixtureConfig:
@@ -123,6 +130,8 @@ class MixtureConfig(BaseModel):
         d = self.model_dump(mode="json")
         for s in d["sources"]:
             s.pop("path")
+        if d["weight_unit"] == "documents":  # the default: states saved before the field existed still load
+            d.pop("weight_unit")
         return config_hash(d)
 
 
@@ -150,6 +159,8 @@ class _Source:
         self.position = 0
         self.docs_drawn = 0
         self._perm: np.ndarray | None = None
+        # mean tokens per document (all modalities): converts token weights into draw probabilities
+        self.mean_tokens = float(pc.mean(pc.list_value_length(self.table.column("input_ids"))).as_py())
 
     def permutation(self) -> np.ndarray:
         if self._perm is None:
@@ -183,9 +194,24 @@ class PackedLoader:
         self.tokens_emitted = {"text": 0, "image": 0, "video": 0}
         self.batches = 0
 
+    @property
+    def source_names(self) -> list[str]:
+        """Source names in ``source_ids`` order (a batch's ``source_ids`` index this list)."""
+        return [s.name for s in self.sources]
+
     # ----------------------------------------------------------------------------------- sampling
+    def draw_probabilities(self) -> np.ndarray:
+        """(num_sources,) probabilities of the next document draw. With ``weight_unit: tokens`` each
+        source's share is divided by its mean document length: source i then yields tokens at the rate
+        p_i / mean_i * mean_i, i.e. the expected token shares are the configured shares."""
+        p = self.cfg.probabilities(self.tokens_drawn)
+        if self.cfg.weight_unit == "tokens":
+            p = p / np.array([s.mean_tokens for s in self.sources])
+            p = p / p.sum()
+        return p
+
     def _draw(self) -> None:
-        cum = np.cumsum(self.cfg.probabilities(self.tokens_drawn))
+        cum = np.cumsum(self.draw_probabilities())
         k = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
         src = self.sources[min(k, len(self.sources) - 1)]
         doc = src.document(src.next_row())
@@ -315,6 +341,20 @@ class PackedLoader:
             pieces.append(Piece(docs[key], int(e["start"]), int(e["end"])))
         self.packer = Packer(self.cfg.seq_len, self.cfg.pack_buffer_docs)
         self.packer.add_pieces(pieces)
+
+
+def tokens_by_source(batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, int]:
+    """Tokens of a packed batch per source (text + image + video, all of a document's tokens), from its
+    ``cu_seqlens`` segments and their ``source_ids``; sums to the batch's token count. ``names`` is the
+    loader's ``source_names``."""
+    lens = batch["cu_seqlens"].to(torch.int64).diff()
+    ids = batch["source_ids"].to(torch.int64)
+    if ids.numel() != lens.numel():
+        raise ValueError(f"batch has {lens.numel()} segments but {ids.numel()} source_ids")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
+        raise ValueError(f"batch source_ids {ids.unique().tolist()} outside the {len(names)} sources {names}")
+    per = torch.zeros(len(names), dtype=torch.int64).index_add_(0, ids, lens)
+    return {n: int(v) for n, v in zip(names, per.tolist(), strict=True)}
 
 
 def tokens_by_modality(batch: dict[str, torch.Tensor], merge: int = 2) -> dict[str, int]:

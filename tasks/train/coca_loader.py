@@ -41,6 +41,10 @@ class CaptionLoader:
     ) -> None:
         if captions_per_batch < 2:
             raise ValueError(f"captions_per_batch must be >= 2 (contrastive pairs), got {captions_per_batch}")
+        if cfg.weight_unit != "documents":
+            raise ValueError(
+                "CaptionLoader: weights are per (image, caption) document; weight_unit must be 'documents'"
+            )
         self.cfg = cfg
         self.sources = [_Source(s, cfg.seed) for s in cfg.sources]
         self.rng = np.random.default_rng(cfg.seed)
@@ -52,6 +56,10 @@ class CaptionLoader:
         self.skipped = 0
         self.batches = 0
 
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
     def max_patches(self) -> int | None:
         p = self.tokens_drawn / self.token_budget
         for until, patches in self.resolution:
@@ -59,7 +67,7 @@ class CaptionLoader:
                 return patches
         return self.resolution[-1][1] if self.resolution else None
 
-    def _next_pair(self) -> tuple[torch.Tensor, tuple[int, int], list[int], int]:
+    def _next_pair(self) -> tuple[torch.Tensor, tuple[int, int], list[int], int, str]:
         for _ in range(100_000):
             cum = np.cumsum(self.cfg.probabilities(self.tokens_drawn))
             k = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
@@ -81,7 +89,7 @@ class CaptionLoader:
             )
             image_tokens = (hw[0] // icfg["merge"]) * (hw[1] // icfg["merge"])
             self.tokens_drawn += image_tokens + len(caption)
-            return patches, hw, caption, image_tokens
+            return patches, hw, caption, image_tokens, src.name
         raise RuntimeError("CaptionLoader: no single-image document with a caption in 100,000 draws")
 
     def __iter__(self) -> CaptionLoader:
@@ -89,12 +97,14 @@ class CaptionLoader:
 
     def __next__(self) -> dict[str, Any]:
         patches, grids, captions, img_tok = [], [], [], 0
+        by_source = dict.fromkeys(self.source_names, 0)
         for _ in range(self.captions_per_batch):
-            p, hw, cap, n_img = self._next_pair()
+            p, hw, cap, n_img, name = self._next_pair()
             patches.append(p)
             grids.append(hw)
             captions.append(cap)
             img_tok += n_img
+            by_source[name] += n_img + len(cap)
         lens = [len(c) for c in captions]
         self.batches += 1
         return {
@@ -103,6 +113,7 @@ class CaptionLoader:
             "caption_ids": torch.tensor([t for c in captions for t in c], dtype=torch.int64),  # (Tc,)
             "caption_cu_seqlens": torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int64),
             "tokens": {"text": sum(lens), "image": img_tok, "video": 0},
+            "tokens_by_source": by_source,  # image + caption tokens per source; sums to the tokens above
         }
 
     def state_dict(self) -> dict[str, Any]:

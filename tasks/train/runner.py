@@ -29,7 +29,14 @@ import torch
 from kimivl_model.compile import compile_blocks
 from kimivl_model.config import VLMConfig
 from kimivl_model.vlm import KimiVL
-from tasks.data.loader import LinearSchedule, MixtureConfig, PackedLoader, SourceSpec, tokens_by_modality
+from tasks.data.loader import (
+    LinearSchedule,
+    MixtureConfig,
+    PackedLoader,
+    SourceSpec,
+    tokens_by_modality,
+    tokens_by_source,
+)
 from tasks.faults import crash_point
 from tasks.manifest import Parent, read_manifest, write_manifest
 from tasks.model_io import NATIVE_CONFIG, NATIVE_WEIGHTS, load_native, write_json_atomic
@@ -172,6 +179,7 @@ def mixture(recipe: Recipe, phase: PhaseConfig, data_root: Path) -> MixtureConfi
         seq_len=phase.seq_len,
         micro_batch_tokens=phase.seq_len,
         seed=recipe.train.seed,
+        weight_unit=phase.weight_unit,
     )
 
 
@@ -188,6 +196,21 @@ def batch_tokens(phase: PhaseConfig, batch: dict[str, Any]) -> dict[str, int]:
         return dict(batch["tokens"])
     t = tokens_by_modality(batch)
     return {k: int(t[k]) for k in ("text", "image", "video")}
+
+
+def batch_tokens_by_source(phase: PhaseConfig, batch: dict[str, Any], names: list[str]) -> dict[str, int]:
+    """All tokens of a batch per mixture source (sums to ``batch_tokens``)."""
+    if phase.objective == "coca":
+        return dict(batch["tokens_by_source"])
+    return tokens_by_source(batch, names)
+
+
+def by_group(phase: PhaseConfig, by_source: dict[str, int]) -> dict[str, int]:
+    """Per-source token counts summed per share group (``sources[].group``)."""
+    out: dict[str, int] = {}
+    for s in phase.sources:
+        out[s.group] = out.get(s.group, 0) + by_source.get(s.name, 0)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- loss
@@ -287,6 +310,9 @@ def run_phase(
     )
     loader = build_loader(recipe, phase, data_root, vcfg)
     tokens = {"text": 0, "image": 0, "video": 0}
+    # tokens per mixture source: what the phase actually consumed of each dataset (None: a checkpoint
+    # written before this accounting existed was resumed, so the counts would be partial)
+    by_source: dict[str, int] | None = dict.fromkeys(loader.source_names, 0)
     losses: list[float] = []
     ckpt_root = pdir / "checkpoints"
     last = latest_checkpoint(ckpt_root)
@@ -294,6 +320,11 @@ def run_phase(
         extra = engine.load_checkpoint(last)
         loader.load_state_dict(extra["loader"])
         tokens, losses = extra["tokens"], extra["losses"]
+        by_source = extra.get("tokens_by_source")
+        if by_source is None:
+            log(
+                f"[{phase.name}] {last.name} predates per-source token accounting: not reported for this phase"
+            )
         log(f"[{phase.name}] resumed from {last.name} at {sum(tokens.values()):,} tokens")
     elif engine.rank == 0:
         tracker.log_params({"phase": phase.model_dump(mode="json"), "engine": ecfg.model_dump(mode="json")})
@@ -311,9 +342,17 @@ def run_phase(
         batches = [next(loader) for _ in range(phase.micro_batches_per_step)]
         mine = batches[engine.rank :: engine.world_size]
         res = engine.train_step(mine)
+        step_tokens, step_groups = 0, dict.fromkeys(by_group(phase, {}), 0)
         for b in batches:
             for k, v in batch_tokens(phase, b).items():
                 tokens[k] += v
+                step_tokens += v
+            src = batch_tokens_by_source(phase, b, loader.source_names)
+            for g, v in by_group(phase, src).items():
+                step_groups[g] += v
+            if by_source is not None:
+                for k, v in src.items():
+                    by_source[k] += v
         if (
             not res.skipped
             and phase.router_bias_update
@@ -325,10 +364,6 @@ def run_phase(
         losses.append(res.loss)
         steps_here += 1
         elapsed = time.perf_counter() - t0
-        step_tokens = sum(
-            batch_tokens(phase, b)["text"] + batch_tokens(phase, b)["image"] + batch_tokens(phase, b)["video"]
-            for b in batches
-        )
         metrics = {
             "loss": res.loss,
             "lr": res.lr,
@@ -337,6 +372,9 @@ def run_phase(
             **{f"tokens_{k}": float(v) for k, v in tokens.items()},
             "tokens_total": float(sum(tokens.values())),
             "tokens_per_s": (sum(tokens.values()) - base_tokens) / max(elapsed, 1e-9),
+            # this step's token share per group: the mixture's (scheduled) shares as actually trained on
+            **{f"share.{g}": v / max(step_tokens, 1) for g, v in step_groups.items()},
+            **{f"tokens_source.{k}": float(v) for k, v in (by_source or {}).items()},
             **{k: float(v) for k, v in res.metrics.items()},
             **mfu.update(step_tokens, time.perf_counter()),
         }
@@ -350,7 +388,13 @@ def run_phase(
         crash_point(f"train:step:{phase.name}")
         done_budget = sum(tokens.values()) >= budget
         if engine.step % t.checkpoint_every_steps == 0 or done_budget:
-            state = {"loader": loader.state_dict(), "tokens": tokens, "losses": losses, "phase": phase.name}
+            state = {
+                "loader": loader.state_dict(),
+                "tokens": tokens,
+                "losses": losses,
+                "phase": phase.name,
+                **({"tokens_by_source": by_source} if by_source is not None else {}),
+            }
             engine.save_checkpoint(checkpoint_path(ckpt_root, engine.step), extra_state=state)
             _prune(ckpt_root, t.keep_checkpoints)
         if engine.step % 10 == 0 or done_budget:
@@ -359,7 +403,9 @@ def run_phase(
             )
         if stop_after_steps is not None and steps_here >= stop_after_steps and not done_budget:
             return {"phase": phase.name, "interrupted_at_step": engine.step}
-    return _finish(recipe, phase, out_root, engine, vcfg, parent, tokens, losses, data_root, tracker)
+    return _finish(
+        recipe, phase, out_root, engine, vcfg, parent, tokens, by_source, losses, data_root, tracker
+    )
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -369,7 +415,7 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def _finish(
-    recipe, phase, out_root, engine, vcfg, parent, tokens, losses, data_root, tracker
+    recipe, phase, out_root, engine, vcfg, parent, tokens, by_source, losses, data_root, tracker
 ) -> dict[str, Any]:
     fdir = final_dir(out_root, phase)
     stage = fdir.parent / ".final.staging"
@@ -385,6 +431,11 @@ def _finish(
         "skipped_steps": engine.skipped_steps,
         "schedule_end_step": engine.cfg.schedule.start_step + engine.step,
         "tokens": {**tokens, "total": sum(tokens.values())},
+        **(
+            {"tokens_by_source": dict(by_source), "tokens_by_group": by_group(phase, by_source)}
+            if by_source is not None
+            else {}
+        ),
         "token_budget": phase.token_budget,
         "final_loss": sum(losses[-k:]) / k,
         "first_loss": sum(losses[:k]) / k,

@@ -41,12 +41,15 @@ class MixtureSource(_Strict):
     name: str = Field(
         description="tokenized dataset name produced by the data pipeline (e.g. 'caption', 'text')"
     )
-    weight: float = Field(ge=0, description="relative sampling weight within its group")
+    weight: float = Field(
+        ge=0, description="relative sampling weight (of documents or tokens: the phase's weight_unit)"
+    )
     group: str = Field(default="text", description="share group, e.g. 'text' or 'multimodal'")
 
 
 class ShareSchedule(_Strict):
-    """Linear change of one group's share of sampled documents over the phase's token budget."""
+    """Linear change of one group's share (of documents or tokens: the phase's ``weight_unit``) over the
+    phase's token budget."""
 
     group: str = Field(description="the group whose share changes (e.g. 'multimodal')")
     start: float = Field(ge=0, le=1, description="share at the first token of the phase")
@@ -111,6 +114,12 @@ class PhaseConfig(_Strict):
     trainable: tuple[Literal["vit", "projector", "lm", "coca"], ...]
     sources: tuple[MixtureSource, ...] = Field(min_length=1)
     share_schedule: ShareSchedule | None = None
+    weight_unit: Literal["documents", "tokens"] = Field(
+        default="documents",
+        description="what sources[].weight and share_schedule shares measure: drawn documents, or tokens "
+        "(each source's draw probability is divided by its mean document length, so the expected token "
+        "shares are the weights: '25% long / 75% replay' as written). LM/SFT objectives only",
+    )
     seq_len: int = Field(ge=8, description="packed sequence length in tokens (the packer needs >= 8)")
     token_budget: int = Field(
         gt=0, description="tokens consumed (all modalities, padding excluded) before stopping"
@@ -142,6 +151,11 @@ class PhaseConfig(_Strict):
             raise ValueError("objective 'coca' needs 'coca' in trainable")
         if self.objective != "coca" and "coca" in self.trainable:
             raise ValueError(f"'coca' is trainable only with objective 'coca' (got {self.objective!r})")
+        if self.objective == "coca" and self.weight_unit == "tokens":
+            raise ValueError(
+                "weight_unit 'tokens' is for packed LM/SFT phases; objective 'coca' draws (image, caption) "
+                "pairs at the current resolution, so its weights are per document"
+            )
         names = [s.name for s in self.sources]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

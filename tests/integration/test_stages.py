@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from kimivl_model.vlm import KimiVL
-from tasks.data.loader import PackedLoader, tokens_by_modality
+from tasks.data.loader import PackedLoader, tokens_by_modality, tokens_by_source
 from tasks.data.special_tokens import SPECIAL_IDS
 from tasks.manifest import read_manifest
 from tasks.model_io import load_native, load_safetensors
@@ -23,6 +23,7 @@ from tasks.train.runner import (
     MissingParentError,
     build_loader,
     build_model,
+    by_group,
     final_dir,
     lm_loss,
     mixture,
@@ -106,6 +107,7 @@ def test_tokens_equal_real_tokens_of_the_batches_seen_and_budget_stops(tiny_run)
         r = results[name]
         loader = build_loader(RECIPE, phase, data_root, RECIPE.model.vlm_config())
         seen = {"text": 0, "image": 0, "video": 0}
+        per_source = dict.fromkeys(loader.source_names, 0)
         last = 0
         for _ in range(r["steps"] * phase.micro_batches_per_step):
             b = next(loader)
@@ -113,7 +115,18 @@ def test_tokens_equal_real_tokens_of_the_batches_seen_and_budget_stops(tiny_run)
             last = sum(t[k] for k in seen)
             for k in seen:
                 seen[k] += int(t[k])
+            src = (
+                b["tokens_by_source"]
+                if phase.objective == "coca"
+                else tokens_by_source(b, loader.source_names)
+            )
+            assert sum(src.values()) == last, name  # every token of the batch belongs to exactly one source
+            for k, v in src.items():
+                per_source[k] += v
         assert {k: r["tokens"][k] for k in seen} == seen, name
+        assert r["tokens_by_source"] == per_source, name
+        assert r["tokens_by_group"] == by_group(phase, per_source), name
+        assert sum(r["tokens_by_group"].values()) == r["tokens"]["total"], name
         total = sum(seen.values())
         assert total >= phase.token_budget > total - last, name  # stopped at the first step past the budget
 
@@ -165,6 +178,7 @@ def test_resume_after_interruption_continues_the_identical_trajectory(tiny_data,
     resumed = run_phase(RECIPE, phase, data_root, work, log=lambda *_: None)
     ref = results["joint_pretrain"]
     assert resumed["tokens"] == ref["tokens"] and resumed["steps"] == ref["steps"]
+    assert resumed["tokens_by_source"] == ref["tokens_by_source"]
     assert resumed["final_loss"] == ref["final_loss"]
     a = load_safetensors(final_dir(work, phase) / "model.safetensors")
     b = _weights(ref_out, "joint_pretrain")

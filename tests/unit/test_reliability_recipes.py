@@ -73,6 +73,14 @@ BAD = {
         [f"phases.{SFT2}.seq_len"],
     ),
     "unknown preset": (lambda d: d["model"].update(preset="huge"), ["model", "preset", "huge"]),
+    "token weights on the coca phase": (
+        lambda d: ph(d, "vit").update(weight_unit="tokens"),
+        [f"phases.{VIT}", "weight_unit", "coca"],
+    ),
+    "unknown weight unit": (
+        lambda d: ph(d, "long_context.1").update(weight_unit="bytes"),
+        [f"phases.{LC1}.weight_unit", "documents", "tokens"],
+    ),
     "unknown attention backend": (lambda d: d["model"].update(attn_backend="magic"), ["model.attn_backend"]),
     "unknown optimizer": (lambda d: d["train"].update(optimizer="sgd"), ["train.optimizer"]),
     "zero_stage 3 with muon": (lambda d: d["train"].update(zero_stage=3), ["train.zero_stage"]),

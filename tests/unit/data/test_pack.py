@@ -11,7 +11,14 @@ import torch
 
 from kimivl_model.config import preset
 from kimivl_model.vlm import KimiVL
-from tasks.data.loader import LinearSchedule, MixtureConfig, PackedLoader, SourceSpec, tokens_by_modality
+from tasks.data.loader import (
+    LinearSchedule,
+    MixtureConfig,
+    PackedLoader,
+    SourceSpec,
+    tokens_by_modality,
+    tokens_by_source,
+)
 from tasks.data.pack import Document, pack_documents, packing_efficiency, split_document
 from tasks.data.special_tokens import SPECIAL_IDS
 from tasks.data.tokenize import TokenizeConfig, run_tokenize
@@ -243,6 +250,68 @@ def test_mixture_ratios_converge(datasets):
         counts += np.bincount(next(loader)["source_ids"].numpy(), minlength=3)
     share = counts / counts.sum()
     assert np.allclose(share, list(weights.values()), atol=0.03), share
+
+
+def test_tokens_by_source_counts_every_token_of_each_segment_once(datasets):
+    cfg = MixtureConfig(
+        sources=[SourceSpec(name=n, path=datasets / "text", weight=w) for n, w in (("a", 2.0), ("b", 1.0))],
+        seq_len=512,
+        micro_batch_tokens=1024,
+        seed=3,
+    )
+    loader = PackedLoader(cfg)
+    assert loader.source_names == ["a", "b"]
+    total = dict.fromkeys("ab", 0)
+    for _ in range(6):
+        b = next(loader)
+        got = tokens_by_source(b, loader.source_names)
+        want = dict.fromkeys("ab", 0)  # naive: walk the segments
+        cu = b["cu_seqlens"].tolist()
+        for k, sid in enumerate(b["source_ids"].tolist()):
+            want["ab"[sid]] += cu[k + 1] - cu[k]
+        assert got == want and sum(got.values()) == b["input_ids"].numel()
+        for k in total:
+            total[k] += got[k]
+    assert total["a"] > total["b"] > 0  # a is drawn twice as often (same documents)
+    bad = dict(b, source_ids=b["source_ids"][:-1])
+    with pytest.raises(ValueError, match="segments but"):
+        tokens_by_source(bad, loader.source_names)
+    with pytest.raises(ValueError, match="outside the 1 sources"):
+        tokens_by_source(dict(b, source_ids=torch.ones_like(b["source_ids"])), ["a"])
+
+
+def _token_shares(cfg: MixtureConfig, tokens: int) -> tuple[np.ndarray, PackedLoader]:
+    loader = PackedLoader(cfg)
+    got = np.zeros(len(cfg.sources))
+    while got.sum() < tokens:
+        got += list(tokens_by_source(next(loader), loader.source_names).values())
+    return got / got.sum(), loader
+
+
+@pytest.mark.parametrize("unit", ["documents", "tokens"])
+def test_weight_unit_tokens_makes_the_weights_token_shares(datasets, unit):
+    cfg = MixtureConfig(
+        sources=[
+            SourceSpec(name="mm", path=datasets / "mm", weight=0.5),
+            SourceSpec(name="text", path=datasets / "text", weight=0.5),
+        ],
+        seq_len=256,
+        micro_batch_tokens=512,
+        seed=4,
+        weight_unit=unit,
+    )
+    share, loader = _token_shares(cfg, 60_000)
+    means = np.array([s.mean_tokens for s in loader.sources])
+    assert means[1] > 1.5 * means[0]  # the text documents are much longer than the (small) image ones
+    if unit == "tokens":  # equal token shares although the documents' lengths differ
+        assert np.allclose(share, [0.5, 0.5], atol=0.04), share
+        assert np.allclose(loader.draw_probabilities(), (0.5 / means) / (0.5 / means).sum())
+    else:  # equal DOCUMENT shares: tokens follow the mean lengths
+        assert np.allclose(share, means / means.sum(), atol=0.04), (share, means)
+    # the default unit keeps the hash of states saved before weight_unit existed
+    assert (cfg.state_hash() == cfg.model_copy(update={"weight_unit": "documents"}).state_hash()) == (
+        unit == "documents"
+    )
 
 
 def test_linear_schedule_raises_share(datasets):
