@@ -121,7 +121,10 @@ def run(quick: bool = False, scale: int = 4, seq_len: int = 512) -> dict:
         "scale": scale,
         "documents_packed": len(docs),
         "packing_efficiency": round(packing, 4),
-        "ours": {"name": "pack_documents (buffered first-fit-decreasing)", "efficiency": round(packing, 4)},
+        "ours": {
+            "name": "pack_documents (buffered: oldest piece first, then first-fit-decreasing)",
+            "efficiency": round(packing, 4),
+        },
         "baseline": {"name": "pad_to_longest", "batch_docs": batch_docs, "efficiency": round(padded, 4)},
         "ratio": round(ratio, 3),
         "goal": f"packing_efficiency >= {GOAL_EFFICIENCY} and ratio > 1",

@@ -17,10 +17,14 @@ Algorithm (deterministic): documents enter a buffer in arrival order; a document
 enters as consecutive chunks of at most ``seq_len`` tokens, each cut moved back to the start of a media
 block it would fall in (a block is ``<|media_start|> ... <|media_end|>``; a block longer than ``seq_len`` is
 an error naming the document). Once the buffer holds at least ``buffer_docs`` pieces AND at least
-2 x ``seq_len`` tokens, one sequence is emitted by first-fit-decreasing over the buffer: pieces sorted by
-length (descending, ties by arrival), each added if it still fits. Pieces left behind stay buffered for the
-next sequences (small ones become fillers). A chunk is its own document for attention, positions and
-labels (its first token is not predicted).
+2 x ``seq_len`` tokens, one sequence is emitted: the OLDEST buffered piece first, then first-fit-decreasing
+over the rest (pieces sorted by length, descending, ties by arrival; each added if it still fits). Pieces
+left behind stay buffered for the next sequences (small ones become fillers). Because every sequence takes
+the oldest piece, a piece with k pieces ahead of it is emitted within k + 1 sequences: nothing starves.
+(Plain first-fit-decreasing packs as tightly but can leave short documents waiting indefinitely: in the
+tiny SFT phases one source's short documents were never emitted at all, so the trained mixture was not the
+drawn one.) A chunk is its own document for attention, positions and labels (its first token is not
+predicted).
 """
 
 from __future__ import annotations
@@ -215,7 +219,8 @@ def build_sequence(pieces: list[Piece], seq_len: int) -> PackedSequence:
 
 
 class Packer:
-    """Buffered first-fit-decreasing packer (see the module docstring); its buffer is loader state."""
+    """Buffered packer: oldest piece first, then first-fit-decreasing (see the module docstring); its
+    buffer is loader state."""
 
     def __init__(self, seq_len: int, buffer_docs: int = 64) -> None:
         if seq_len <= 0 or buffer_docs <= 0:
@@ -236,18 +241,20 @@ class Packer:
         return len(self.buffer) >= self.buffer_docs and self.buffered_tokens >= 2 * self.seq_len
 
     def pop(self) -> list[Piece]:
-        """Choose and remove the pieces of the next sequence (first-fit-decreasing)."""
+        """Choose and remove the pieces of the next sequence: the oldest piece (it always fits: pieces are
+        at most ``seq_len``), then first-fit-decreasing over the others."""
         if not self.buffer:
             raise ValueError("Packer.pop: the buffer is empty")
-        order = sorted(range(len(self.buffer)), key=lambda i: -len(self.buffer[i]))  # stable: ties by arrival
-        room, chosen = self.seq_len, []
+        # stable sort: ties by arrival
+        order = sorted(range(1, len(self.buffer)), key=lambda i: -len(self.buffer[i]))
+        room, chosen = self.seq_len - len(self.buffer[0]), [0]
         for i in order:
+            if room == 0:
+                break
             n = len(self.buffer[i])
             if n <= room:
                 chosen.append(i)
                 room -= n
-                if room == 0:
-                    break
         taken = set(chosen)
         out = [self.buffer[i] for i in chosen]
         self.buffer = [p for i, p in enumerate(self.buffer) if i not in taken]

@@ -19,7 +19,7 @@ from tasks.data.loader import (
     tokens_by_modality,
     tokens_by_source,
 )
-from tasks.data.pack import Document, pack_documents, packing_efficiency, split_document
+from tasks.data.pack import Document, Packer, pack_documents, packing_efficiency, split_document
 from tasks.data.special_tokens import SPECIAL_IDS
 from tasks.data.tokenize import TokenizeConfig, run_tokenize
 from tasks.data.tokenizer import TokenizerConfig, run_train_tokenizer
@@ -100,6 +100,28 @@ def test_pack_never_crosses_documents():
     check_packing(seqs, docs, 256)
     assert any("@" in n for s in seqs for n in s.doc_ids)
     assert pack_documents(docs, 256, 16)[3].input_ids.tolist() == seqs[3].input_ids.tolist()  # deterministic
+
+
+def test_no_piece_waits_longer_than_the_pieces_ahead_of_it():
+    """Oldest-first packing: a piece with k pieces ahead of it in the buffer is emitted within k + 1
+    sequences. Many short documents among long ones: plain first-fit-decreasing leaves some of the short
+    ones buffered for hundreds of sequences."""
+    rng = np.random.default_rng(3)
+    packer = Packer(seq_len=256, buffer_docs=16)
+    ahead: dict[tuple[str, int], tuple[int, int]] = {}  # piece -> (sequences emitted, pieces ahead) at arrival
+    waits, emitted = [], 0
+    for i in range(3000):
+        n = int(rng.integers(150, 250)) if rng.random() < 0.7 else int(rng.integers(1, 12))
+        for p in split_document(synth_doc(i, n), 256):
+            ahead[(p.doc.id, p.start)] = (emitted, len(packer.buffer))
+            packer.add_pieces([p])
+        while packer.ready():
+            for p in packer.pop():
+                at, k = ahead.pop((p.doc.id, p.start))
+                assert emitted - at <= k, (p.doc.id, emitted - at, k)
+                waits.append(emitted - at)
+            emitted += 1
+    assert len(waits) > 2500 and max(waits) <= 16 + 2
 
 
 def test_split_moves_cut_before_media_block_and_rejects_huge_blocks():
