@@ -108,7 +108,8 @@ def test_no_piece_waits_longer_than_the_pieces_ahead_of_it():
     ones buffered for hundreds of sequences."""
     rng = np.random.default_rng(3)
     packer = Packer(seq_len=256, buffer_docs=16)
-    ahead: dict[tuple[str, int], tuple[int, int]] = {}  # piece -> (sequences emitted, pieces ahead) at arrival
+    # piece -> (sequences emitted, pieces ahead of it) when it arrived
+    ahead: dict[tuple[str, int], tuple[int, int]] = {}
     waits, emitted = [], 0
     for i in range(3000):
         n = int(rng.integers(150, 250)) if rng.random() < 0.7 else int(rng.integers(1, 12))
