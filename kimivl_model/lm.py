@@ -13,9 +13,11 @@ input_ids[t+1] of the same document); the last token of each document and every 
 
 The training objective is ``out.loss + out.aux_loss``; after the optimizer step the caller applies
 ``update_router_bias(out.expert_load)`` (aux-loss-free balancing; all-reduce the load first when data
-parallel). Cross-entropy is computed in fp32; with ``return_logits=False`` only labelled rows are projected,
-in chunks of ``loss_chunk_size`` tokens, each chunk recomputed in backward (activation checkpointing), so
-(T, V) logits are never all alive at once.
+parallel). Cross-entropy is computed in fp32; with ``return_logits=False`` (training) only labelled rows
+are projected, by the fused head + CE of ``linear_ce.linear_cross_entropy_sum``: ``loss_chunk_size`` rows at
+a time, each chunk's gradient computed right away, so (T, V) logits never exist. That path reads
+``lm_head.weight`` directly: fine for DDP and ZeRO 0-2, not for ZeRO-3 (which gathers parameters in module
+hooks; it is not supported here).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kimivl_model.config import LMConfig
+from kimivl_model.linear_ce import linear_cross_entropy_sum
 from kimivl_model.mla import MLA
 from kimivl_model.moe import MoE, RoutedExperts, Router, SwiGLU, aux_free_bias_update
 from kimivl_model.norm import RMSNorm
@@ -133,7 +136,7 @@ class LMBackbone(nn.Module):
 class KimiLM(nn.Module):
     """Causal MoE LM with an output head; see the module docstring for the packed input contract."""
 
-    loss_chunk_size: int = 4096  # tokens per logits/CE chunk when return_logits=False
+    loss_chunk_size: int = 1024  # tokens per logits/CE chunk when return_logits=False
 
     def __init__(self, cfg: LMConfig, attn_backend: str = "auto", *, expert_impl: str = "auto") -> None:
         super().__init__()
@@ -257,31 +260,16 @@ class KimiLM(nn.Module):
             hidden_states=hidden,
         )
 
-    def _ce_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # hidden (N, hidden), labels (N,) all valid -> summed fp32 CE ()
-        return F.cross_entropy(self.lm_head(hidden).float(), labels, reduction="sum")
-
     def _chunked_ce_sum(
         self, hidden: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        """Summed CE over labelled rows only, ``loss_chunk_size`` rows at a time (memory-bounded).
-
-        Every chunk but the last is recomputed in backward. The last one is not: backward consumes it
-        first, so keeping its log-probs costs no more peak memory than recomputing it would (activations
-        + one chunk either way), and a batch that fits in one chunk skips a second pass through the head.
-        """
+        """Summed fp32 CE over labelled rows only, by the fused head + CE (``loss_chunk_size`` rows at a
+        time; see the module docstring)."""
         rows = valid.nonzero().squeeze(1)  # (N,)
+        if rows.numel() == 0:
+            return (hidden.sum() * 0.0).float()  # keeps the graph connected when nothing is labelled
         hs, ls = hidden.index_select(0, rows), labels.index_select(0, rows)  # (N, hidden), (N,)
-        total = (hidden.sum() * 0.0).float()  # keeps the graph connected when nothing is labelled
-        grad = torch.is_grad_enabled() and hidden.requires_grad
-        n = hs.shape[0]
-        for s in range(0, n, self.loss_chunk_size):
-            hc, lc = hs[s : s + self.loss_chunk_size], ls[s : s + self.loss_chunk_size]
-            if grad and s + self.loss_chunk_size < n:
-                total = total + checkpoint(self._ce_chunk, hc, lc, use_reentrant=False)
-            else:
-                total = total + self._ce_chunk(hc, lc)
-        return total
+        return linear_cross_entropy_sum(hs, self.lm_head.weight, ls, self.loss_chunk_size)
 
 
 def lm_param_counts(cfg: LMConfig) -> dict[str, int]:

@@ -32,4 +32,8 @@ def _assert_equal_state(a: dict, b: dict, exact: bool = True) -> None:
         if exact:
             assert torch.equal(a[k], b[k]), k
         else:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+            # 1e-5 is ~300x below one update at the tests' LR (3e-3). Adam(W) divides each element's
+            # gradient by its own running RMS, which amplifies fp32 summation-order noise (micro-batch
+            # accumulation vs one backward; the fused head's chunked sums) in elements with small, fresh
+            # gradients: measured 1.8e-6 after 3 steps, in an embedding row first seen at step 2 or 3.
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)

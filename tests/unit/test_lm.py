@@ -135,8 +135,12 @@ def test_rope_theta_switch():
         m.set_rope_theta(0.0)
 
 
-def test_loss_paths_agree_and_ignore_index():
-    m = _model()
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_paths_agree_and_ignore_index(tied):
+    """The training path (fused head + CE, chunked) == full logits + F.cross_entropy: loss and gradients,
+    also when the head shares the embedding matrix."""
+    m = _model(tie_word_embeddings=tied)
+    assert (m.lm_head.weight is m.model.embed_tokens.weight) == tied
     m.train()
     ids = torch.randint(0, 512, (23,))
     labels = torch.randint(0, 512, (23,))
