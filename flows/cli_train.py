@@ -88,14 +88,16 @@ def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dic
 
 
 def _table(results: list[dict]) -> None:
+    from tasks.train.stages import token_mix
+
     t = Table(title="phases")
-    for c in ("phase", "steps", "text", "image", "video", "first loss", "final loss"):
+    for c in ("phase", "steps", "text", "image", "video", "mix (tokens)", "first loss", "final loss"):
         t.add_column(c, justify="right" if c != "phase" else "left")
     for r in results:
         tok = r["tokens"]
         t.add_row(
             r["phase"], str(r["steps"]), f"{tok['text']:,}", f"{tok['image']:,}", f"{tok['video']:,}",
-            f"{r['first_loss']:.3f}", f"{r['final_loss']:.3f}",
+            token_mix(r.get("tokens_by_group")), f"{r['first_loss']:.3f}", f"{r['final_loss']:.3f}",
         )  # fmt: skip
     console.print(t)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
 from flows.local_api import ENV_DEFAULTS as _ENV_DEFAULTS  # imports no Prefect
+from tasks.train.stages import token_mix
 
 for _k, _v in _ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
@@ -130,8 +131,12 @@ def mlflow_cell(result: dict[str, Any]) -> str:
 
 
 def tokens_table(results: Iterable[dict[str, Any]]) -> str:
-    """Markdown: tokens per phase (text/image/video/total), steps, final loss, checkpoint, MLflow run."""
-    head = "| phase | stage | text | image | video | total | steps | final loss | checkpoint | MLflow run |"
+    """Markdown: tokens per phase (text/image/video/total), token mix by group, steps, final loss,
+    checkpoint, MLflow run."""
+    head = (
+        "| phase | stage | text | image | video | total | mix (tokens) | steps | final loss | checkpoint "
+        "| MLflow run |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     total = {"text": 0, "image": 0, "video": 0, "total": 0}
     steps = 0
@@ -142,11 +147,11 @@ def tokens_table(results: Iterable[dict[str, Any]]) -> str:
         steps += int(r.get("steps", 0))
         lines.append(
             f"| {r['phase']} | {r.get('stage', '-')} | {tok.get('text', 0):,} | {tok.get('image', 0):,} | "
-            f"{tok.get('video', 0):,} | {tok.get('total', 0):,} | {r.get('steps', 0)} | "
+            f"{tok.get('video', 0):,} | {tok.get('total', 0):,} | {token_mix(r.get('tokens_by_group'))} | {r.get('steps', 0)} | "
             f"{_loss(r.get('final_loss'))} | `{r.get('checkpoint', '-')}` | {mlflow_cell(r)} |"
         )
     lines.append(
-        f"| **all** | | {total['text']:,} | {total['image']:,} | {total['video']:,} | {total['total']:,} | "
+        f"| **all** | | {total['text']:,} | {total['image']:,} | {total['video']:,} | {total['total']:,} | | "
         f"{steps} | | | |"
     )
     return "\n".join(lines) + "\n"

@@ -187,3 +187,12 @@ class PhaseConfig(_Strict):
         if self.token_budget < self.seq_len:
             raise ValueError(f"token_budget ({self.token_budget}) must be >= seq_len ({self.seq_len})")
         return self
+
+
+def token_mix(tokens_by_group: dict[str, int] | None) -> str:
+    """A phase's token share per mixture group, largest first: 'replay 75% · long 25%' ('-' if unknown)."""
+    total = sum((tokens_by_group or {}).values())
+    if not total:
+        return "-"
+    ranked = sorted(tokens_by_group.items(), key=lambda kv: (-kv[1], kv[0]))
+    return " · ".join(f"{g} {100 * v / total:.0f}%" for g, v in ranked)

@@ -98,3 +98,17 @@ def test_cli_bad_recipe_exits_2_before_any_work(tmp_path):
         assert res.exit_code == 2, res.output
         assert "peak_lr" in res.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_token_mix_ranks_groups_by_share_and_shows_in_the_tokens_table():
+    from flows.prefect_common import tokens_table
+    from tasks.train.stages import token_mix
+
+    assert token_mix({"long": 1024, "replay": 3072}) == "replay 75% · long 25%"
+    assert token_mix({"b": 1, "a": 1}) == "a 50% · b 50%"  # ties by name
+    assert token_mix(None) == token_mix({}) == token_mix({"x": 0}) == "-"
+    row = {"phase": "long_context.1", "tokens": {"text": 4096, "total": 4096}, "steps": 2, "final_loss": 2.0}
+    table = tokens_table([{**row, "tokens_by_group": {"long": 1024, "replay": 3072}}, row])
+    lines = table.splitlines()
+    assert "mix (tokens)" in lines[0] and lines[0].count("|") == lines[1].count("|") == lines[-1].count("|")
+    assert "| replay 75% · long 25% |" in lines[2] and "| - |" in lines[3]
