@@ -196,6 +196,36 @@ def test_resume_after_interruption_continues_the_identical_trajectory(tiny_data,
     assert losses_res[6:] == losses_ref[4:]
 
 
+def test_resume_from_a_checkpoint_without_per_source_counts_omits_them(
+    tiny_data, tiny_run, tmp_path, monkeypatch
+):
+    """A checkpoint written before per-source accounting existed: the phase finishes with the same tokens
+    but reports no (partial) per-source counts, and says so."""
+    from tasks.train.engine import TrainEngine
+
+    data_root, ref_out, results = tiny_run
+    phase = RECIPE.phase("joint_pretrain")
+    work = tmp_path / "old"
+    (work / "phases").mkdir(parents=True)
+    for prev in RECIPE.phases[: list(RECIPE.phases).index(phase)]:
+        os.symlink(ref_out / "phases" / prev.name, work / "phases" / prev.name)
+    save = TrainEngine.save_checkpoint
+
+    def old_save(self, directory, extra_state=None):
+        return save(
+            self, directory, {k: v for k, v in (extra_state or {}).items() if k != "tokens_by_source"}
+        )
+
+    monkeypatch.setattr(TrainEngine, "save_checkpoint", old_save)
+    run_phase(RECIPE, phase, data_root, work, log=lambda *_: None, stop_after_steps=6)
+    monkeypatch.setattr(TrainEngine, "save_checkpoint", save)
+    said: list[str] = []
+    resumed = run_phase(RECIPE, phase, data_root, work, log=said.append)
+    assert resumed["tokens"] == results["joint_pretrain"]["tokens"]
+    assert "tokens_by_source" not in resumed and "tokens_by_group" not in resumed
+    assert any("predates per-source token accounting" in m for m in said), said
+
+
 def test_missing_parent_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     data_root, _ = tiny_data
     with pytest.raises(MissingParentError, match="starts from phase 'vit'.*run 'vit' first"):
