@@ -91,15 +91,23 @@ def _table(results: list[dict]) -> None:
     from tasks.train.stages import token_mix
 
     t = Table(title="phases")
-    for c in ("phase", "steps", "text", "image", "video", "mix (tokens)", "first loss", "final loss"):
+    for c in ("phase", "steps", "text", "image", "video", "first loss", "final loss"):
         t.add_column(c, justify="right" if c != "phase" else "left")
     for r in results:
         tok = r["tokens"]
         t.add_row(
             r["phase"], str(r["steps"]), f"{tok['text']:,}", f"{tok['image']:,}", f"{tok['video']:,}",
-            token_mix(r.get("tokens_by_group")), f"{r['first_loss']:.3f}", f"{r['final_loss']:.3f}",
+            f"{r['first_loss']:.3f}", f"{r['final_loss']:.3f}",
         )  # fmt: skip
     console.print(t)
+    mixed = [r for r in results if len(r.get("tokens_by_group") or {}) > 1]
+    if mixed:  # its own table: an 80-column console has no room for it in the one above
+        m = Table(title="token mix by mixture group")
+        m.add_column("phase", no_wrap=True)
+        m.add_column("share of the phase's tokens")
+        for r in mixed:
+            m.add_row(r["phase"], token_mix(r["tokens_by_group"]))
+        console.print(m)
 
 
 def stage_cmd(
