@@ -191,8 +191,12 @@ def test_stage_flow_trains_phase_with_tracking_links(stage_run):
     table = _artifact(f"kimivl-stage-{PHASE.replace('_', '-')}-tokens", state.state_details.flow_run_id)
     tok = res["tokens"]
     assert (
-        f"| {PHASE} | {PHASE} | {tok['text']:,} | {tok['image']:,} | {tok['video']:,} | {tok['total']:,} | {steps} |"
-        in table
+        f"| {PHASE} | {PHASE} | {tok['text']:,} | {tok['image']:,} | {tok['video']:,} | {tok['total']:,} "
+        f"| text 100% | {steps} |" in table  # one share group: every token is 'text'
+    )
+    assert (
+        res["tokens_by_group"] == {"text": tok["total"]}
+        and sum(res["tokens_by_source"].values()) == tok["total"]
     )
     assert f"[run-{PHASE}](http://mlflow.invalid/#/runs/run-{PHASE})" in table
 
