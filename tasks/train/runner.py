@@ -29,24 +29,16 @@ import torch
 from kimivl_model.compile import compile_blocks
 from kimivl_model.config import VLMConfig
 from kimivl_model.vlm import KimiVL
-from tasks.data.loader import (
-    LinearSchedule,
-    MixtureConfig,
-    PackedLoader,
-    SourceSpec,
-    tokens_by_modality,
-    tokens_by_source,
-)
 from tasks.faults import crash_point
 from tasks.manifest import Parent, read_manifest, write_manifest
 from tasks.model_io import NATIVE_CONFIG, NATIVE_WEIGHTS, load_native, write_json_atomic
 from tasks.recipe import Recipe
 from tasks.tracking import JsonlTracker, Tracker
 from tasks.train.checkpoint import checkpoint_path, latest_checkpoint
-from tasks.train.coca_loader import CaptionLoader
 from tasks.train.engine import LossResult, TrainEngine
 from tasks.train.engine_config import EngineConfig
 from tasks.train.flops import MfuMeter
+from tasks.train.phase_data import batch_tokens, batch_tokens_by_source, build_loader, by_group
 from tasks.train.schedule import LRScheduleConfig
 from tasks.train.stages import PhaseConfig
 
@@ -160,57 +152,6 @@ def build_model(
     if recipe.model.compile:
         compile_blocks(model)  # in place: parameter names (checkpoints) unchanged
     return model, cfg, parent
-
-
-# ------------------------------------------------------------------------------------------- data
-
-
-def mixture(recipe: Recipe, phase: PhaseConfig, data_root: Path) -> MixtureConfig:
-    sched = phase.share_schedule
-    return MixtureConfig(
-        sources=[
-            SourceSpec(
-                name=s.name, path=Path(data_root) / "tokenized" / s.name, weight=s.weight, group=s.group
-            )
-            for s in phase.sources
-        ],
-        schedule=LinearSchedule(source=sched.group, start=sched.start, end=sched.end) if sched else None,
-        token_budget=phase.token_budget,
-        seq_len=phase.seq_len,
-        micro_batch_tokens=phase.seq_len,
-        seed=recipe.train.seed,
-        weight_unit=phase.weight_unit,
-    )
-
-
-def build_loader(recipe: Recipe, phase: PhaseConfig, data_root: Path, cfg: VLMConfig):
-    mix = mixture(recipe, phase, data_root)
-    if phase.objective == "coca":
-        res = [(r.until_fraction, r.max_patches) for r in phase.progressive_resolution]
-        return CaptionLoader(mix, phase.captions_per_batch, cfg.coca.max_text_len, res, phase.token_budget)
-    return PackedLoader(mix)
-
-
-def batch_tokens(phase: PhaseConfig, batch: dict[str, Any]) -> dict[str, int]:
-    if phase.objective == "coca":
-        return dict(batch["tokens"])
-    t = tokens_by_modality(batch)
-    return {k: int(t[k]) for k in ("text", "image", "video")}
-
-
-def batch_tokens_by_source(phase: PhaseConfig, batch: dict[str, Any], names: list[str]) -> dict[str, int]:
-    """All tokens of a batch per mixture source (sums to ``batch_tokens``)."""
-    if phase.objective == "coca":
-        return dict(batch["tokens_by_source"])
-    return tokens_by_source(batch, names)
-
-
-def by_group(phase: PhaseConfig, by_source: dict[str, int]) -> dict[str, int]:
-    """Per-source token counts summed per share group (``sources[].group``)."""
-    out: dict[str, int] = {}
-    for s in phase.sources:
-        out[s.group] = out.get(s.group, 0) + by_source.get(s.name, 0)
-    return out
 
 
 # ------------------------------------------------------------------------------------------- loss

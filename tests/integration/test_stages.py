@@ -19,16 +19,8 @@ from tasks.data.loader import PackedLoader, tokens_by_modality, tokens_by_source
 from tasks.data.special_tokens import SPECIAL_IDS
 from tasks.manifest import read_manifest
 from tasks.model_io import load_native, load_safetensors
-from tasks.train.runner import (
-    MissingParentError,
-    build_loader,
-    build_model,
-    by_group,
-    final_dir,
-    lm_loss,
-    mixture,
-    run_phase,
-)
+from tasks.train.phase_data import build_loader, by_group, mixture
+from tasks.train.runner import MissingParentError, build_model, final_dir, lm_loss, run_phase
 from tests.integration.conftest import ROOT, short_recipe
 
 RECIPE = short_recipe()

@@ -1,0 +1,69 @@
+"""A phase's data side for the stage runner: its mixture config, its loader (packed mixture for lm/sft,
+image-caption batches for coca) and the exact token accounting of its batches (per modality, per mixture
+source, per share group)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kimivl_model.config import VLMConfig
+from tasks.data.loader import (
+    LinearSchedule,
+    MixtureConfig,
+    PackedLoader,
+    SourceSpec,
+    tokens_by_modality,
+    tokens_by_source,
+)
+from tasks.recipe import Recipe
+from tasks.train.coca_loader import CaptionLoader
+from tasks.train.stages import PhaseConfig
+
+
+def mixture(recipe: Recipe, phase: PhaseConfig, data_root: Path) -> MixtureConfig:
+    sched = phase.share_schedule
+    return MixtureConfig(
+        sources=[
+            SourceSpec(
+                name=s.name, path=Path(data_root) / "tokenized" / s.name, weight=s.weight, group=s.group
+            )
+            for s in phase.sources
+        ],
+        schedule=LinearSchedule(source=sched.group, start=sched.start, end=sched.end) if sched else None,
+        token_budget=phase.token_budget,
+        seq_len=phase.seq_len,
+        micro_batch_tokens=phase.seq_len,
+        seed=recipe.train.seed,
+        weight_unit=phase.weight_unit,
+    )
+
+
+def build_loader(recipe: Recipe, phase: PhaseConfig, data_root: Path, cfg: VLMConfig):
+    mix = mixture(recipe, phase, data_root)
+    if phase.objective == "coca":
+        res = [(r.until_fraction, r.max_patches) for r in phase.progressive_resolution]
+        return CaptionLoader(mix, phase.captions_per_batch, cfg.coca.max_text_len, res, phase.token_budget)
+    return PackedLoader(mix)
+
+
+def batch_tokens(phase: PhaseConfig, batch: dict[str, Any]) -> dict[str, int]:
+    if phase.objective == "coca":
+        return dict(batch["tokens"])
+    t = tokens_by_modality(batch)
+    return {k: int(t[k]) for k in ("text", "image", "video")}
+
+
+def batch_tokens_by_source(phase: PhaseConfig, batch: dict[str, Any], names: list[str]) -> dict[str, int]:
+    """All tokens of a batch per mixture source (sums to ``batch_tokens``)."""
+    if phase.objective == "coca":
+        return dict(batch["tokens_by_source"])
+    return tokens_by_source(batch, names)
+
+
+def by_group(phase: PhaseConfig, by_source: dict[str, int]) -> dict[str, int]:
+    """Per-source token counts summed per share group (``sources[].group``)."""
+    out: dict[str, int] = {}
+    for s in phase.sources:
+        out[s.group] = out.get(s.group, 0) + by_source.get(s.name, 0)
+    return out
