@@ -361,3 +361,35 @@ def test_linear_schedule_raises_share(datasets):
     assert early < 0.12 and late > 0.33, (early, late)
     with pytest.raises(ValueError, match="token_budget"):
         MixtureConfig(sources=cfg.sources, schedule=cfg.schedule, seq_len=512, micro_batch_tokens=512)
+
+
+def test_share_schedule_in_tokens_follows_the_schedule_per_quarter(datasets):
+    """With weight_unit tokens the share schedule is a TOKEN share (joint pretraining: multimodal 0 -> 50% of
+    tokens) although multimodal and text documents differ in length; per document it would not be."""
+    budget = 80_000
+    shares = {}
+    for unit in ("tokens", "documents"):
+        cfg = MixtureConfig(
+            sources=[
+                SourceSpec(name="text", path=datasets / "text", weight=1.0),
+                SourceSpec(name="mm", path=datasets / "mm", weight=1.0, group="multimodal"),
+            ],
+            schedule=LinearSchedule(source="multimodal", start=0.0, end=0.5),
+            token_budget=budget,
+            seq_len=256,
+            micro_batch_tokens=512,
+            seed=3,
+            weight_unit=unit,
+        )
+        loader = PackedLoader(cfg)
+        per_quarter = np.zeros((4, 2))
+        done = 0
+        while done < budget:
+            got = np.array(list(tokens_by_source(next(loader), loader.source_names).values()), dtype=float)
+            per_quarter[min(3, done * 4 // budget)] += got
+            done += int(got.sum())
+        shares[unit] = per_quarter[:, 1] / per_quarter.sum(1)
+    want = np.array([0.0625, 0.1875, 0.3125, 0.4375])  # the linear 0 -> 0.5 schedule's mean per quarter
+    assert np.allclose(shares["tokens"], want, atol=0.05), shares
+    # per document the short multimodal documents get far fewer tokens than the schedule says
+    assert shares["documents"].mean() < want.mean() - 0.05 < shares["tokens"].mean(), shares
