@@ -9,7 +9,8 @@ A failed check raises ``Reject``, whose ``reason`` reads ``<rule>: <where> field
 - ``bad_utf8`` (bytes that are not UTF-8, or lone surrogates from JSON escapes, in text, id or meta),
   ``empty_text``; ``bad_field`` also covers a ``meta`` holding NaN/Infinity (not JSON);
 - ``placeholder_mismatch`` (``<image>`` count != images, or a video without exactly one ``<video>``);
-- ``duplicate_id``, ``bad_json`` (a malformed JSON member inside a sample), ``unsupported``.
+- ``duplicate_id``, ``bad_json`` (a malformed JSON member inside a sample, or a JSONL line that is not a
+  JSON object), ``unsupported``.
 """
 
 from __future__ import annotations

@@ -218,16 +218,20 @@ def _jsonl(src: Path, cfg: IngestConfig) -> tuple[list[Parent], Iterator[Item]]:
                 except Reject as r:
                     yield Item(where, None, dict, line, r)
                     continue
+                # JSONL lines are independent records: a line that is not a JSON object (a syntax error,
+                # a truncated last line) is quarantined like any bad row, with its text, and the rest go on
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise DatasetError(
-                        f"{f}: line {n}: malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
-                    ) from None
-                if not isinstance(obj, dict):
-                    raise DatasetError(
-                        f"{f}: line {n}: expected a JSON object, got a JSON {type(obj).__name__}"
+                    detail = (
+                        f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
                     )
+                    yield Item(where, None, dict, line, Reject("bad_json", where, "<line>", detail))
+                    continue
+                if not isinstance(obj, dict):
+                    detail = f"expected a JSON object, got a JSON {type(obj).__name__}"
+                    yield Item(where, None, dict, line, Reject("bad_json", where, "<line>", detail))
+                    continue
                 rid, err = id_of(obj, where, required=False)
                 rid = rid if rid is not None or err else f"{f.stem}-{n:07d}"
                 yield Item(where, rid, lambda o=obj, f=f, n=n, w=where, r=rid: build(o, f, n, w, r), obj, err)

@@ -222,9 +222,17 @@ def test_jsonl(tmp_path):
         "img": ("placeholder_mismatch", "line 11", "1 <image> placeholders", "0 images"),
     } | {"t1": ("duplicate_id", "line 7")})  # fmt: skip
     assert "caf" in json.loads(bad["<no id> docs.jsonl:line 3"]["meta"])["raw"]
-    broken = write(tmp_path / "broken" / "x.jsonl", b'{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(DatasetError, match=r"x\.jsonl: line 2: malformed JSON"):
-        run_ingest(broken.parent, tmp_path / "o2", IngestConfig(format="jsonl"))
+    # a line that is not a JSON object (a syntax error, a truncated last line, a list) is one bad row: the
+    # other lines of the file are ingested and the bad one is quarantined with its text
+    broken = write(tmp_path / "broken" / "x.jsonl", b'{"text": "ok"}\n{"text": oops}\n[1, 2]\n{"text": "tr')
+    m, ok, bad = run(broken.parent, tmp_path / "o2", format="jsonl")
+    assert m.counts["input"] == 4 and list(ok) == ["x-0000001"]
+    assert_reasons(bad, {
+        "<no id> x.jsonl:line 2": ("bad_json", "malformed JSON", "column 10", "one JSON object per line"),
+        "<no id> x.jsonl:line 3": ("bad_json", "expected a JSON object, got a JSON list"),
+        "<no id> x.jsonl:line 4": ("bad_json", "malformed JSON", "Unterminated string"),
+    })  # fmt: skip
+    assert json.loads(bad["<no id> x.jsonl:line 2"]["meta"])["raw"] == '{"text": oops}'
 
 
 def tar_shard(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
