@@ -52,10 +52,13 @@ def _relaunch(argv: list[str], nproc: int, launcher: str, hostfile: Path | None)
 
 
 def _check_init(r, recipe_path: Path):
+    from tasks.data.pipeline import relative_note
+
     init = r.model.init_checkpoint
     if init is not None and not (Path(init) / "model.safetensors").is_file():
         console.print(
             f"[bold red]error:[/] {recipe_path}: field model.init_checkpoint: {init} holds no model.safetensors"
+            + relative_note(Path(init))
         )
         raise typer.Exit(2)
     return r

@@ -15,8 +15,9 @@ Formats (``IngestConfig.format``) and what ``src`` is:
   (``caption``/``text``). Members are read in memory, never extracted to disk.
 - ``parquet``: a file (or folder) already in ``RECORD_SCHEMA``; a wrong schema is a ``DatasetError``.
 
-Whole-file problems (unreadable file, malformed JSON, wrong top-level shape or schema) raise
-``DatasetError`` naming the file (and line for JSONL). Row problems go to quarantine with a reason naming
+Whole-file problems (unreadable file, malformed JSON in a llava/coco file, wrong top-level shape or
+schema) raise ``DatasetError`` naming the file; a JSONL line that is not a JSON object is a quarantined
+row (``bad_json``). Row problems go to quarantine with a reason naming
 the file, row/key and field (``tasks/data/ingest_checks.py`` lists the rules); ``accepted + quarantined ==
 input``. Ids must be unique within the input: a repeated id is quarantined (the first occurrence counts).
 

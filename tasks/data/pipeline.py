@@ -36,6 +36,14 @@ LAYERS = ("raw", "filtered", "dedup", "validated", "tokenizer", "tokenized")
 QA_NAME = "synthetic_qa"
 
 
+def relative_note(path: Path) -> str:
+    """Relative recipe paths resolve from the working directory (the repository root for `dvc repro` and
+    the CLI's defaults), not from the recipe file's folder: say so where a relative path is not found."""
+    return (
+        "" if path.is_absolute() else f"; relative paths are resolved from the working directory {Path.cwd()}"
+    )
+
+
 class UserSource(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=r"^[a-z0-9_][a-z0-9_.-]*$", description="dataset name (a directory name)")
@@ -46,14 +54,18 @@ class UserSource(BaseModel):
     def _exists(self) -> UserSource:
         # checked with the recipe, so a missing source stops the run before any data step writes anything
         if not self.path.exists():
-            raise ValueError(f"path: {self.path} does not exist (source {self.name!r})")
+            raise ValueError(
+                f"path: {self.path} does not exist (source {self.name!r}){relative_note(self.path)}"
+            )
         if self.ingest.format in ("llava", "coco") and not self.path.is_file():
             raise ValueError(
                 f"path: the {self.ingest.format} format needs a JSON file, {self.path} is not one"
             )
         root = self.ingest.image_root
         if root is not None and not root.is_dir():
-            raise ValueError(f"ingest.image_root: {root} is not a directory (source {self.name!r})")
+            raise ValueError(
+                f"ingest.image_root: {root} is not a directory (source {self.name!r}){relative_note(root)}"
+            )
         return self
 
 

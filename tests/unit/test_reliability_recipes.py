@@ -155,6 +155,10 @@ BAD = {
         lambda d: _sources(d, "/nonexistent/kimivl/data.jsonl"),
         ["data.sources.0", "path", "/nonexistent/kimivl/data.jsonl"],
     ),
+    "relative user data path": (  # resolved from the working directory, not the recipe's folder: say so
+        lambda d: _sources(d, "no/such/mine.jsonl"),
+        ["data.sources.0", "no/such/mine.jsonl", "relative paths are resolved from the working directory"],
+    ),
     "llava source is a directory": (
         lambda d: _sources(d, ROOT / "configs", "llava"),
         ["data.sources.0", "path", "JSON file"],
@@ -162,6 +166,10 @@ BAD = {
     "init checkpoint that does not exist": (
         lambda d: d["model"].update(init_checkpoint="/nonexistent/kimivl/ckpt"),
         ["model.init_checkpoint", "/nonexistent/kimivl/ckpt"],
+    ),
+    "relative init checkpoint that does not exist": (
+        lambda d: d["model"].update(init_checkpoint="no/such/ckpt"),
+        ["model.init_checkpoint", "no/such/ckpt", "relative paths are resolved from the working directory"],
     ),
 }  # fmt: skip
 
