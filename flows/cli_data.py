@@ -132,19 +132,31 @@ def data_ingest(
     src: Path = typer.Argument(..., help="file or directory of user data"),
     fmt: str = typer.Option(..., "--format", help="llava | coco | jsonl | webdataset | parquet"),
     out: Path = typer.Option(..., "--out", help="dataset directory to write"),
-    source: str = typer.Option("user", "--source"),
-    image_root: Path | None = typer.Option(None, "--image-root"),
+    source: str = typer.Option("user", "--source", help="dataset name written to each record's source"),
+    image_root: Path | None = typer.Option(
+        None,
+        "--image-root",
+        help="folder llava/coco image paths are relative to (default: the JSON's folder)",
+    ),
+    kind: str | None = typer.Option(
+        None, "--kind", help="record kind for every row (default: the format's; parquet keeps each row's)"
+    ),
+    max_image_pixels: int | None = typer.Option(
+        None, "--max-image-pixels", help="images with more pixels are quarantined (default 4096 x 4096)"
+    ),
 ) -> None:
-    """Ingest one user dataset in a standard format into a record dataset."""
+    """Ingest one user dataset in a standard format into a record dataset (formats: docs/DATA.md)."""
     from pydantic import ValidationError
 
     from tasks.data.ingest import IngestConfig, run_ingest
     from tasks.data.io import DatasetError
 
     try:
-        cfg = IngestConfig(format=fmt, source=source, image_root=image_root)
+        extra = {"max_image_pixels": max_image_pixels} if max_image_pixels is not None else {}
+        cfg = IngestConfig(format=fmt, source=source, image_root=image_root, kind=kind, **extra)
     except ValidationError as e:
-        console.print(f"[bold red]error:[/] {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+        err = e.errors()[0]
+        console.print(f"[bold red]error:[/] --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
         raise typer.Exit(2) from None
     try:
         m = run_ingest(src, out, cfg)

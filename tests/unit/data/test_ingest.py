@@ -360,3 +360,53 @@ def test_config_validation():
         IngestConfig(format="jsonl", source="has space")
     with pytest.raises(pydantic.ValidationError):
         IngestConfig(format="jsonl", imageroot="x")
+
+
+def test_cli_ingest_options_and_errors(tmp_path):
+    """`kimivl data ingest`: counts as JSON on stdout; --kind / --source / --max-image-pixels reach the
+    records; a bad option or a missing source exits 2 naming it, and writes nothing."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    src = write(
+        tmp_path / "docs.jsonl", '{"id": "a", "text": "one two three"}\n{"id": "b", "text": "four"}\n'
+    )
+
+    def ingest(*args: str):
+        return CliRunner().invoke(app, ["data", "ingest", *args], env={"COLUMNS": "300", "NO_COLOR": "1"})
+
+    res = ingest(
+        str(src), "--format", "jsonl", "--out", str(tmp_path / "o"), "--kind", "long_doc", "--source", "notes"
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1]) == {
+        "accepted": 2,
+        "images": 0,
+        "input": 2,
+        "quarantined": 0,
+    }
+    rows = list(iter_rows(tmp_path / "o", RECORD_SCHEMA))
+    assert {(r["kind"], r["source"]) for r in rows} == {("long_doc", "notes")}
+
+    pic = write(tmp_path / "img" / "a.png", png_bytes(20, 16))
+    llava = write(tmp_path / "l.json", json.dumps([{"id": "x", "image": pic.name, "conversations": [
+        {"from": "human", "value": "What?"}, {"from": "gpt", "value": "Red."}]}]))  # fmt: skip
+    res = ingest(str(llava), "--format", "llava", "--out", str(tmp_path / "l"), "--image-root", str(pic.parent),
+                 "--max-image-pixels", "100")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["quarantined"] == 1  # 20 x 16 > 100 pixels
+
+    for args, piece in [
+        (["--kind", "poetry"], "--kind"),
+        (["--max-image-pixels", "0"], "--max-image-pixels"),
+        (["--source", "bad name!"], "--source"),
+        (["--format", "csv"], "--format"),
+    ]:
+        opts = {"--format": "jsonl", **dict(zip(args[::2], args[1::2], strict=True))}
+        flat = [x for kv in opts.items() for x in kv]
+        res = ingest(str(src), "--out", str(tmp_path / "bad"), *flat)
+        assert res.exit_code == 2 and piece in res.output, (args, res.output)
+    res = ingest(str(tmp_path / "missing.jsonl"), "--format", "jsonl", "--out", str(tmp_path / "bad"))
+    assert res.exit_code == 2 and "missing.jsonl" in res.output and "does not exist" in res.output
+    assert not (tmp_path / "bad").exists()
