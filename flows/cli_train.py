@@ -40,10 +40,42 @@ def _recipe(path: Path):
         raise typer.Exit(2) from None
 
 
-def _relaunch(argv: list[str], nproc: int, launcher: str, hostfile: Path | None) -> None:
-    from tasks.train.launch import build_launch_command
+def _relaunch(
+    argv: list[str],
+    nproc: int,
+    launcher: str,
+    hostfile: Path | None,
+    recipe_path: Path,
+    phases_sel,
+    data: Path,
+) -> None:
+    """Check what every rank would check (recipe, init checkpoint, data, the phases' batch split over the
+    world size) once here, then relaunch under the launcher: a bad setting is one exit-2 message, not a
+    traceback per rank after the processes and their process group came up."""
+    from tasks.train.launch import build_launch_command, launch_world_size
 
-    cmd = build_launch_command([str(ENTRY), *argv, "--worker"], nproc, launcher, hostfile)
+    r = _preflight(recipe_path, data)
+    try:
+        world = launch_world_size(nproc, hostfile if launcher == "deepspeed" else None)
+    except (OSError, ValueError) as e:
+        console.print(f"[bold red]error:[/] --hostfile: {e}")
+        raise typer.Exit(2) from None
+    for p in phases_sel(r):
+        if p.micro_batches_per_step % world:
+            i = [q.name for q in r.phases].index(p.name)
+            console.print(
+                f"[bold red]error:[/] {recipe_path}: field phases.{i}.micro_batches_per_step: phase {p.name!r} "
+                f"takes {p.micro_batches_per_step} micro-batch(es) per optimizer step, which {world} processes "
+                f"cannot split evenly; set it to a multiple of {world} (the global batch is part of the recipe, "
+                "so it is not changed for you) or run fewer processes"
+            )
+            raise typer.Exit(2)
+
+    try:
+        cmd = build_launch_command([str(ENTRY), *argv, "--worker"], nproc, launcher, hostfile)
+    except (OSError, ValueError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
     console.print(f"launching: {' '.join(cmd)}")
     # the launcher assigns ranks and the rendezvous address: never inherit a parent's single-rank settings
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
@@ -64,20 +96,27 @@ def _check_init(r, recipe_path: Path):
     return r
 
 
-def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dict]:
-    from tasks.train.checkpoint import CheckpointError, DivergenceError
-    from tasks.train.runner import MissingParentError, run_phase
-
+def _preflight(recipe_path: Path, data: Path):
     r = _check_init(_recipe(recipe_path), recipe_path)
     if not (data / "tokenized").is_dir():
         console.print(
             f"[bold red]error:[/] {data / 'tokenized'}: no tokenized data (run `kimivl data all` first)"
         )
         raise typer.Exit(2)
+    return r
+
+
+def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dict]:
+    from tasks.train.checkpoint import CheckpointError, DivergenceError
+    from tasks.train.runner import MissingParentError, run_phase
+
+    r = _preflight(recipe_path, data)
+    # progress lines once, from rank 0 (every rank logs the same steps); errors below print on any rank
+    log = console.print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
     results = []
     for p in phases_sel(r):
         try:
-            results.append(run_phase(r, p, data, out, log=console.print))
+            results.append(run_phase(r, p, data, out, log=log))
         except (MissingParentError, FileNotFoundError) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
@@ -127,20 +166,23 @@ def stage_cmd(
     """Run one stage (all its phases) or one phase; it starts from the previous phase's final checkpoint."""
     from tasks.recipe import RecipeError
 
-    if nproc > 1 and not worker:
-        _relaunch(
-            ["stage", name, "--recipe", str(recipe), "--data", str(data), "--out", str(out)],
-            nproc,
-            launcher,
-            hostfile,
-        )
-
     def select(r):
         try:
             return [r.phase(name)] if name in {p.name for p in r.phases} else r.stage_phases(name)
         except RecipeError as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
+
+    if (nproc > 1 or hostfile is not None) and not worker:
+        _relaunch(
+            ["stage", name, "--recipe", str(recipe), "--data", str(data), "--out", str(out)],
+            nproc,
+            launcher,
+            hostfile,
+            recipe,
+            select,
+            data,
+        )
 
     results = _run(recipe, select, data, out)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -161,12 +203,15 @@ def train_cmd(
     """Run every phase of the recipe in order; writes OUT/summary.json."""
     from tasks.model_io import write_json_atomic
 
-    if nproc > 1 and not worker:
+    if (nproc > 1 or hostfile is not None) and not worker:
         _relaunch(
             ["train", "--recipe", str(recipe), "--data", str(data), "--out", str(out)],
             nproc,
             launcher,
             hostfile,
+            recipe,
+            lambda r: list(r.phases),
+            data,
         )
     results = _run(recipe, lambda r: list(r.phases), data, out)
     if int(os.environ.get("RANK", "0")) == 0:

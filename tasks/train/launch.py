@@ -190,3 +190,20 @@ def build_launch_command(
             *script_args,
         ]
     raise ValueError(f"launcher: expected 'deepspeed' or 'torchrun', got {launcher!r}")
+
+
+def launch_world_size(nproc: int, hostfile: Path | None = None) -> int:
+    """Ranks a launch starts: ``nproc`` here, or with a DeepSpeed hostfile ``nproc`` on every host of it
+    (the runner's ``--num_gpus nproc`` sets each host's ranks; the file is parsed by DeepSpeed's own
+    ``fetch_hostfile``, so what is refused here is what the launcher would refuse)."""
+    if hostfile is None:
+        return nproc
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    if not Path(hostfile).is_file():
+        raise FileNotFoundError(f"{hostfile} does not exist (lines: 'host slots=N')")
+    try:
+        hosts = fetch_hostfile(str(hostfile))
+    except ValueError as e:
+        raise ValueError(f"{hostfile}: {e} (lines: 'host slots=N')") from None
+    return nproc * len(hosts)

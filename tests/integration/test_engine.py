@@ -23,13 +23,14 @@ from tasks.tracking import MemoryTracker
 from tasks.train import checkpoint as ckpt
 from tasks.train.checkpoint import DivergenceError, checkpoint_path
 from tasks.train.engine import EngineConfig, LossResult, TrainEngine, build_ds_config
-from tasks.train.launch import build_launch_command
+from tasks.train.launch import build_launch_command, launch_world_size
 from tasks.train.schedule import lr_at
 from tests.integration._engine_common import (
     _assert_equal_state,
     _one_thread_and_clean_process_group,  # noqa: F401  (autouse)
 )
 from tests.integration._engine_worker import VOCAB, engine_config, global_batch, loss_fn, make_model, train
+from tests.integration.conftest import ROOT
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -103,6 +104,60 @@ def test_launch_commands(tmp_path):
         build_launch_command(["train.py"], 2, "torchrun", nnodes=2, node_rank=0)
     with pytest.raises(ValueError, match="launcher"):
         build_launch_command(["train.py"], 2, "mpirun")
+    # ranks a launch starts: --num_gpus N on every host of the hostfile (DeepSpeed's own parser)
+    assert launch_world_size(3) == 3 and launch_world_size(2, hostfile) == 4
+    hostfile.write_text("# cluster\nnode-a slots=8\n\nnode-b slots=8\nnode-c slots=8\n")
+    assert launch_world_size(2, hostfile) == 6
+    hostfile.write_text("node-a slotz=2\n")
+    with pytest.raises(ValueError, match="bad entry.*host slots=N"):
+        launch_world_size(2, hostfile)
+    with pytest.raises(FileNotFoundError, match="host slots=N"):
+        launch_world_size(2, tmp_path / "nope")
+
+
+def test_multi_process_launch_is_checked_before_any_process_starts(tmp_path, monkeypatch):
+    """`--nproc N` checks the recipe, the data and each phase's batch split over the world size in the
+    parent: a phase whose micro_batches_per_step the world size does not divide is one exit-2 message naming
+    the field, and nothing is launched."""
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 0)
+    (tmp_path / "data" / "tokenized").mkdir(parents=True)
+    env = {"COLUMNS": "500", "NO_COLOR": "1"}
+
+    def stage(*args):
+        res = CliRunner().invoke(
+            app, ["stage", *args, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")], env=env
+        )
+        return res, " ".join(res.output.split())
+
+    tiny = str(ROOT / "params.yaml")
+    res, text = stage("joint_pretrain", "--nproc", "2", "--recipe", tiny)  # tiny: 1 micro-batch per step
+    assert res.exit_code == 2, text
+    assert "params.yaml: field phases.3.micro_batches_per_step" in text and "multiple of 2" in text, text
+    res, text = stage("joint_pretrain", "--nproc", "2", "--recipe", str(tmp_path / "missing.yaml"))
+    assert res.exit_code == 2 and "missing.yaml" in text, text
+    (tmp_path / "hf").write_text("node-a slots=2\nnode-a slots=2\n")
+    res, text = stage(
+        "joint_pretrain", "--launcher", "deepspeed", "--hostfile", str(tmp_path / "hf"), "-r", tiny
+    )
+    assert res.exit_code == 2 and "--hostfile" in text and "multiple entries" in text, text
+    assert launched == [] and not (tmp_path / "o").exists()
+
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["phases"][3]["micro_batches_per_step"] = 2
+    (tmp_path / "dp2.yaml").write_text(yaml.safe_dump(raw))
+    res, text = stage("joint_pretrain", "--nproc", "2", "--recipe", str(tmp_path / "dp2.yaml"))
+    assert res.exit_code == 0 and len(launched) == 1, text  # divisible: launched (the call is stubbed)
+    cmd = launched[0]
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[-1] == "--worker"
 
 
 # ----------------------------------------------------------------------------------- training
