@@ -52,7 +52,7 @@ def _relaunch(
     """Check what every rank would check (recipe, init checkpoint, data, the phases' batch split over the
     world size) once here, then relaunch under the launcher: a bad setting is one exit-2 message, not a
     traceback per rank after the processes and their process group came up."""
-    from tasks.train.launch import build_launch_command, launch_world_size
+    from tasks.train.launch import batch_split_error, build_launch_command, launch_world_size
 
     r = _preflight(recipe_path, data)
     try:
@@ -60,16 +60,9 @@ def _relaunch(
     except (OSError, ValueError) as e:
         console.print(f"[bold red]error:[/] --hostfile: {e}")
         raise typer.Exit(2) from None
-    for p in phases_sel(r):
-        if p.micro_batches_per_step % world:
-            i = [q.name for q in r.phases].index(p.name)
-            console.print(
-                f"[bold red]error:[/] {recipe_path}: field phases.{i}.micro_batches_per_step: phase {p.name!r} "
-                f"takes {p.micro_batches_per_step} micro-batch(es) per optimizer step, which {world} processes "
-                f"cannot split evenly; set it to a multiple of {world} (the global batch is part of the recipe, "
-                "so it is not changed for you) or run fewer processes"
-            )
-            raise typer.Exit(2)
+    if (err := batch_split_error(r, phases_sel(r), world)) is not None:
+        console.print(f"[bold red]error:[/] {recipe_path}: {err}")
+        raise typer.Exit(2)
 
     try:
         cmd = build_launch_command([str(ENTRY), *argv, "--worker"], nproc, launcher, hostfile)
@@ -106,7 +99,10 @@ def _preflight(recipe_path: Path, data: Path):
     return r
 
 
-def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dict]:
+def _run(
+    recipe_path: Path, phases_sel: list, data: Path, out: Path, tracking_dir: Path | None = None
+) -> list[dict]:
+    from tasks.tracking import JsonlTracker
     from tasks.train.checkpoint import CheckpointError, DivergenceError
     from tasks.train.runner import MissingParentError, run_phase
 
@@ -116,7 +112,9 @@ def _run(recipe_path: Path, phases_sel: list, data: Path, out: Path) -> list[dic
     results = []
     for p in phases_sel(r):
         try:
-            results.append(run_phase(r, p, data, out, log=log))
+            # (a flow that launched this run relays rank 0's JSONL records from tracking_dir to its tracker)
+            tracker = JsonlTracker(tracking_dir / p.name) if tracking_dir is not None else None
+            results.append(run_phase(r, p, data, out, tracker=tracker, log=log))
         except (MissingParentError, FileNotFoundError) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
@@ -161,6 +159,7 @@ def stage_cmd(
     launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | deepspeed"),
     hostfile: Path | None = typer.Option(None, "--hostfile", help="multi-node (deepspeed launcher)"),
     worker: bool = typer.Option(False, "--worker", hidden=True),
+    tracking_dir: Path | None = typer.Option(None, "--tracking-dir", hidden=True),
     local_rank: int | None = typer.Option(None, "--local_rank", hidden=True),
 ) -> None:
     """Run one stage (all its phases) or one phase; it starts from the previous phase's final checkpoint."""
@@ -184,7 +183,7 @@ def stage_cmd(
             data,
         )
 
-    results = _run(recipe, select, data, out)
+    results = _run(recipe, select, data, out, tracking_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         _table(results)
         sys.stdout.write(json.dumps(results, sort_keys=True) + "\n")
@@ -301,6 +300,9 @@ def run_cmd(
         "--artifact-uri",
         help="s3://bucket/prefix: verified copies of datasets, checkpoints, evals, export",
     ),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="training processes per phase (1: in-process)"),
+    launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | deepspeed (with --nproc > 1)"),
+    hostfile: Path | None = typer.Option(None, "--hostfile", help="multi-node (deepspeed launcher)"),
 ) -> None:
     """The main job: the whole recipe on this machine: data, every phase, evaluations, export.
 
@@ -322,6 +324,7 @@ def run_cmd(
 
     from pydantic import ValidationError
 
+    from flows.launched_phase import LaunchSettings
     from flows.pipeline import PipelineParams, run_pipeline
     from flows.prefect_common import console_logs_to_current_stderr
     from flows.stage_flow import make_tracking
@@ -332,13 +335,19 @@ def run_cmd(
 
     r = _check_init(_recipe(recipe), recipe)
     try:
+        launch = LaunchSettings(nproc=nproc, launcher=launcher, hostfile=str(hostfile) if hostfile else None)
         params = PipelineParams(
             recipe_path=str(recipe), out_dir=str(out), tracking=tracking, tracking_uri=tracking_uri,
-            evaluate=evaluate, export=export, artifact_uri=artifact_uri,
+            evaluate=evaluate, export=export, artifact_uri=artifact_uri, launch=launch,
         )  # fmt: skip
     except ValidationError as e:
         err = e.errors()[0]
         console.print(f"[bold red]error:[/] --{err['loc'][0]}: {err['msg']}")
+        raise typer.Exit(2) from None
+    try:  # every phase's global batch must split over the launched ranks: checked before any work
+        launch.check(r, list(r.phases))
+    except (OSError, ValueError) as e:
+        console.print(f"[bold red]error:[/] {recipe}: {e}")
         raise typer.Exit(2) from None
     n_points = sum(len(r.eval.points_after(n)) for n in ["init", *(p.name for p in r.phases)])
     progress = ConsoleProgress(make_tracking(params), 1 + len(r.phases) + (n_points if evaluate else 0))

@@ -41,10 +41,12 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.data_flow import DataParams, data_flow, load_recipe_checked
+from flows.launched_phase import LaunchSettings
 from flows.stage_flow import make_tracking, run_phases
 from tasks.eval.points import INIT_POINT, EvalPoint, RecipeEval, pipeline_report, run_point
 from tasks.manifest import ManifestError, is_up_to_date, read_manifest, verify_files, write_manifest
 from tasks.publish import join, publish_data, publish_dir
+from tasks.recipe import RecipeError
 
 
 class PipelineParams(BaseModel):
@@ -72,6 +74,10 @@ class PipelineParams(BaseModel):
     )
     export: bool = Field(default=True, description="export the final model (native + public HF layout)")
     export_max_shard_gb: float = Field(default=5.0, gt=0, description="HF export shard size")
+    launch: LaunchSettings = Field(
+        default_factory=LaunchSettings,
+        description="training processes per phase: nproc > 1 launches torchrun/deepspeed ranks",
+    )
 
 
 @task(name="export", task_run_name="export", **pc.io_task_options())
@@ -154,6 +160,10 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
     """
     t0 = time.perf_counter()
     recipe = load_recipe_checked(params.recipe_path)
+    try:  # before any work: every phase's global batch must split over the launched ranks
+        params.launch.check(recipe, list(recipe.phases))
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{params.recipe_path}: {e}") from None
     out = Path(params.out_dir)
     data = Path(params.data_dir) if params.data_dir else out / "data"
     tracking = tracking or make_tracking(params)
@@ -194,7 +204,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
             run_points(INIT_POINT, Path(recipe.model.init_checkpoint))
         results = []
         for phase in recipe.phases:
-            results += run_phases(recipe, [phase], data, out, tracking)
+            results += run_phases(recipe, [phase], data, out, tracking, params.launch)
             results[-1]["published"] = copy(Path(results[-1]["checkpoint"]), "phases", phase.name, "final")
             run_points(phase.name, Path(results[-1]["checkpoint"]))
         report = None

@@ -38,6 +38,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.launched_phase import LaunchSettings, run_phase_launched
 from tasks.recipe import Recipe, RecipeError
 from tasks.tracking import JsonlTracker, Tracker
 from tasks.train.runner import phase_dir, read_result, run_phase
@@ -80,6 +81,10 @@ class StageParams(BaseModel):
         default=None, description="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db)"
     )
     experiment: str = Field(default="kimivl", min_length=1, description="MLflow experiment")
+    launch: LaunchSettings = Field(
+        default_factory=LaunchSettings,
+        description="training processes per phase: nproc > 1 launches torchrun/deepspeed ranks",
+    )
 
 
 def make_tracking(params: Any) -> Any:
@@ -104,9 +109,15 @@ def tracking_links(tracker: Any) -> dict[str, str]:
 
 @task(name="train-phase", cache_policy=NO_CACHE)
 def train_phase(
-    recipe: Recipe, phase: PhaseConfig, data_root: Path, out_root: Path, tracking: Any = None
+    recipe: Recipe,
+    phase: PhaseConfig,
+    data_root: Path,
+    out_root: Path,
+    tracking: Any = None,
+    launch: LaunchSettings | None = None,
 ) -> dict[str, Any]:
-    """One phase to its token budget (resumes from its last checkpoint); no automatic retries."""
+    """One phase to its token budget (resumes from its last checkpoint); no automatic retries. In this
+    process, or with ``launch.nproc > 1`` (or a hostfile) on launched ranks (``flows/launched_phase.py``)."""
     log = pc.run_log()
     done = read_result(out_root, phase)
     if done is not None:
@@ -114,7 +125,10 @@ def train_phase(
         return {**done, "up_to_date": True}
     tracking = tracking or LocalTracking()
     with tracking.phase(phase, phase_dir(out_root, phase)) as tracker:
-        result = run_phase(recipe, phase, data_root, out_root, tracker=tracker, log=log)
+        if launch is not None and launch.launched:
+            result = run_phase_launched(recipe, phase, data_root, out_root, launch, tracker, log=log)
+        else:
+            result = run_phase(recipe, phase, data_root, out_root, tracker=tracker, log=log)
         result = {**result, **tracking_links(tracker)}
     done_hook = getattr(tracking, "phase_done", None)
     extra = done_hook(phase, result) if done_hook else None
@@ -133,11 +147,18 @@ def stages_in_order(recipe: Recipe) -> list[str]:
 
 
 def run_phases(
-    recipe: Recipe, phases: list[PhaseConfig], data_root: Path, out_root: Path, tracking: Any = None
+    recipe: Recipe,
+    phases: list[PhaseConfig],
+    data_root: Path,
+    out_root: Path,
+    tracking: Any = None,
+    launch: LaunchSettings | None = None,
 ) -> list[dict[str, Any]]:
     """The training tasks, one per phase, in order (each named after its phase)."""
     return [
-        train_phase.with_options(task_run_name=f"train {p.name}")(recipe, p, data_root, out_root, tracking)
+        train_phase.with_options(task_run_name=f"train {p.name}")(
+            recipe, p, data_root, out_root, tracking, launch
+        )
         for p in phases
     ]
 
@@ -153,13 +174,17 @@ def stage_flow(params: StageParams = StageParams(), tracking: Any = None) -> lis
         phases = select_phases(recipe, params.stage)
     except RecipeError as e:
         raise RecipeError(f"{params.recipe_path}: {e}") from None
+    try:
+        params.launch.check(recipe, phases)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{params.recipe_path}: {e}") from None
     out = Path(params.out_dir)
     data = Path(params.data_dir) if params.data_dir else out / "data"
     tracking = tracking or make_tracking(params)
     opened = getattr(tracking, "pipeline", None)
     # MLflow: the pipeline's parent run of this recipe + run directory is found again, not duplicated
     with opened(recipe, params.model_dump(mode="json")) if opened else contextlib.nullcontext():
-        results = run_phases(recipe, phases, data, out, tracking)
+        results = run_phases(recipe, phases, data, out, tracking, params.launch)
     create_markdown_artifact(
         key=pc.artifact_key("kimivl", "stage", params.stage, "tokens"),
         markdown=f"# Stage `{params.stage}`: tokens per phase\n\n{pc.tokens_table(results)}",

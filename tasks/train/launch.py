@@ -207,3 +207,18 @@ def launch_world_size(nproc: int, hostfile: Path | None = None) -> int:
     except ValueError as e:
         raise ValueError(f"{hostfile}: {e} (lines: 'host slots=N')") from None
     return nproc * len(hosts)
+
+
+def batch_split_error(recipe, phases, world: int) -> str | None:
+    """Why ``world`` ranks cannot run ``phases`` of ``recipe`` (a ``micro_batches_per_step`` that the world
+    size does not divide: the global batch is part of the recipe and is never changed to fit), or None."""
+    names = [q.name for q in recipe.phases]
+    for p in phases:
+        if p.micro_batches_per_step % world:
+            return (
+                f"field phases.{names.index(p.name)}.micro_batches_per_step: phase {p.name!r} takes "
+                f"{p.micro_batches_per_step} micro-batch(es) per optimizer step, which {world} processes cannot "
+                f"split evenly; set it to a multiple of {world} (the global batch is part of the recipe, so it "
+                "is not changed for you) or run fewer processes"
+            )
+    return None

@@ -147,6 +147,10 @@ def test_multi_process_launch_is_checked_before_any_process_starts(tmp_path, mon
         "joint_pretrain", "--launcher", "deepspeed", "--hostfile", str(tmp_path / "hf"), "-r", tiny
     )
     assert res.exit_code == 2 and "--hostfile" in text and "multiple entries" in text, text
+    # the main job takes the same settings for its training tasks, and checks them before any work
+    res = CliRunner().invoke(app, ["run", "-r", tiny, "--out", str(tmp_path / "o"), "--nproc", "2"], env=env)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "phases.0.micro_batches_per_step" in text and "multiple of 2" in text, text
     assert launched == [] and not (tmp_path / "o").exists()
 
     import yaml

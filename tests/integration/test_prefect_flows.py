@@ -249,3 +249,57 @@ def test_pipeline_flow_skips_done_work_evaluates_and_exports(stage_run):
     assert sorted(again["export"]["up_to_date"]) == ["hf", "native"]
     assert f"eval:{PHASE}:up_to_date" in again_tracking.events
     assert again["eval"][PHASE]["summary"] == ev["summary"]
+
+
+def test_stage_flow_on_two_launched_processes_relays_rank0_tracking(prefect_harness, tiny_data, tmp_path):
+    """`launch.nproc = 2`: the phase trains on two torchrun ranks; what rank 0 records reaches the flow's
+    tracker (every step's metrics in order, params, tags, the final checkpoint); a global batch the ranks
+    cannot split fails the flow before any work."""
+    from flows.launched_phase import LaunchSettings
+    from flows.stage_flow import StageParams, stage_flow
+    from tasks.tracked_run import TeeTracker
+    from tasks.tracking import JsonlTracker
+
+    raw = yaml.safe_load(_one_phase_recipe(tmp_path / "one.yaml").read_text())
+    p = raw["phases"][0]
+    p["micro_batches_per_step"] = 2
+    p["token_budget"] = p["seq_len"] * 2 * 3  # 3 optimizer steps of 2 micro-batches (1 per rank)
+    recipe = tmp_path / "dp2.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+
+    def params(nproc: int) -> StageParams:
+        return StageParams(
+            recipe_path=str(recipe), stage=PHASE, out_dir=str(out), data_dir=str(tiny_data[0]),
+            tracking="local", launch=LaunchSettings(nproc=nproc),
+        )  # fmt: skip
+
+    bad = stage_flow(params(3), tracking=FakeMlflowTracking(), return_state=True)
+    assert bad.is_failed() and "phases.0.micro_batches_per_step" in str(bad.result(raise_on_failure=False))
+    assert not out.exists()
+
+    class TeeToPhaseDir(FakeMlflowTracking):  # the MLflow backend's shape: it also keeps metrics.jsonl
+        @contextlib.contextmanager
+        def phase(self, phase, phase_dir):
+            with super().phase(phase, phase_dir) as t:
+                yield TeeTracker(t, JsonlTracker(phase_dir))
+
+    tracking = TeeToPhaseDir()
+    state = stage_flow(params(2), tracking=tracking, return_state=True)
+    assert state.is_completed(), state
+    (res,) = state.result()
+    pdir = out / "phases" / PHASE
+    rows = [json.loads(line) for line in (pdir / "rank0" / PHASE / "metrics.jsonl").read_text().splitlines()]
+    t = tracking.trackers[PHASE]
+    assert res["steps"] >= 3 and [r["step"] for r in rows] == list(range(1, res["steps"] + 1))
+    assert t.series("loss") == [(r["step"], r["loss"]) for r in rows]
+    # relayed once each: the tracker's own metrics.jsonl in the phase directory is not read back
+    mine = [json.loads(line) for line in (pdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in mine] == [(r["step"], r["loss"]) for r in rows]
+    assert t.series("tokens_total") == [(r["step"], r["tokens_total"]) for r in rows]
+    assert t.params["phase.name"] == PHASE and t.params["phase.micro_batches_per_step"] == 2
+    assert t.tags["phase"] == PHASE and t.artifacts == [(pdir / "final", f"{PHASE}-final")]
+    assert res["mlflow_run_id"] == f"run-{PHASE}" and res["checkpoint"] == str(pdir / "final")
+    assert (
+        yaml.safe_load((pdir / "launch-recipe.yaml").read_text())["phases"][0]["micro_batches_per_step"] == 2
+    )

@@ -1,0 +1,200 @@
+"""A training phase on N data-parallel processes from a Prefect flow (``nproc`` / ``launcher`` /
+``hostfile`` parameters of the pipeline and stage flows).
+
+The flow process stays the orchestrator: it writes the recipe it validated to the phase directory, starts
+``flows/train_entry.py stage <phase> --worker`` under ``torchrun`` or the ``deepspeed`` launcher (the same
+command ``kimivl stage --nproc N`` runs), streams the ranks' output into the task's log, and relays what rank
+0 records (``JsonlTracker`` files in ``<phase dir>/rank0/<phase>/``: ``params.json``, ``tags.json``,
+``metrics.jsonl``, ``artifacts.json``) to the flow's tracker as it appears, so the MLflow nested run shows the loss curve while
+the phase trains, not after. The phase's ``result.json`` (written by rank 0 when the phase completes) is
+the task's result. Cancelling or failing the task stops the launched process group.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.cli_train import _DIST_ENV as DIST_ENV
+from flows.cli_train import ENTRY
+from tasks.recipe import Recipe
+from tasks.tracking import Tracker
+from tasks.train.launch import batch_split_error, build_launch_command, launch_world_size
+from tasks.train.runner import phase_dir, read_result
+from tasks.train.stages import PhaseConfig
+
+
+class LaunchSettings(BaseModel):
+    """How many processes train each phase (flow parameters; 1 = in the flow's own process)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    nproc: int = Field(
+        default=1, ge=1, description="data-parallel training processes per node (1: in-process)"
+    )
+    launcher: Literal["torchrun", "deepspeed"] = Field(default="torchrun", description="with nproc > 1")
+    hostfile: str | None = Field(
+        default=None,
+        description="multi-node: a DeepSpeed hostfile ('host slots=N' lines; deepspeed launcher)",
+    )
+
+    @property
+    def launched(self) -> bool:
+        return self.nproc > 1 or self.hostfile is not None
+
+    def world_size(self) -> int:
+        return launch_world_size(self.nproc, Path(self.hostfile) if self.hostfile else None)
+
+    def check(self, recipe: Recipe, phases: list[PhaseConfig]) -> None:
+        """Raise ``ValueError`` before any work if these phases cannot run on this many processes."""
+        if not self.launched:
+            return
+        if self.hostfile is not None and self.launcher != "deepspeed":
+            raise ValueError("hostfile: only the deepspeed launcher reads a hostfile; torchrun runs one node")
+        if (err := batch_split_error(recipe, phases, self.world_size())) is not None:
+            raise ValueError(err)
+
+
+class PhaseFileRelay:
+    """Forwards what a ``JsonlTracker`` writes in ``pdir`` to ``tracker``: new metric lines (complete lines
+    only, from the file's size at start: earlier attempts were relayed by then), and new or changed params,
+    tags and artifacts."""
+
+    def __init__(self, pdir: Path, tracker: Tracker) -> None:
+        self.pdir, self.tracker = Path(pdir), tracker
+        metrics = self.pdir / "metrics.jsonl"
+        self.offset = metrics.stat().st_size if metrics.is_file() else 0
+        self.sent: dict[str, dict[str, Any]] = {
+            n: self._read(n) for n in ("params.json", "tags.json", "artifacts.json")
+        }
+        self.steps = 0
+
+    def _read(self, name: str) -> dict[str, Any]:
+        try:
+            return json.loads((self.pdir / name).read_text())
+        except (OSError, ValueError):  # not there yet, or being replaced: the next pump reads it
+            return {}
+
+    def _new(self, name: str) -> dict[str, Any]:
+        cur = self._read(name)
+        new = {k: v for k, v in cur.items() if self.sent[name].get(k, object()) != v}
+        self.sent[name].update(new)
+        return new
+
+    def pump(self) -> None:
+        if params := self._new("params.json"):
+            self.tracker.log_params(params)
+        if tags := self._new("tags.json"):
+            self.tracker.set_tags(tags)
+        metrics = self.pdir / "metrics.jsonl"
+        if metrics.is_file():
+            with open(metrics, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            done = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is relayed on the next pump
+            self.offset += len(done)
+            for line in done.decode("utf-8").splitlines():
+                row = json.loads(line)
+                step = int(row.pop("step"))
+                row.pop("time", None)
+                self.tracker.log_metrics({k: float(v) for k, v in row.items()}, step=step)
+                self.steps += 1
+        for name, path in self._new("artifacts.json").items():
+            self.tracker.log_artifact(Path(path), name=name)
+
+
+def run_phase_launched(
+    recipe: Recipe,
+    phase: PhaseConfig,
+    data_root: Path,
+    out_root: Path,
+    launch: LaunchSettings,
+    tracker: Tracker,
+    log: Any = print,
+    poll_s: float = 1.0,
+) -> dict[str, Any]:
+    """Train ``phase`` on ``launch``'s processes and return its result (``run_phase``'s dict)."""
+    launch.check(recipe, [phase])
+    pdir = phase_dir(out_root, phase)
+    pdir.mkdir(parents=True, exist_ok=True)
+    recipe_file = pdir / "launch-recipe.yaml"  # exactly the recipe this flow validated
+    tmp = recipe_file.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False))
+    tmp.replace(recipe_file)
+    # rank 0 records to rank0/<phase>/ and the relay forwards from there: the flow's tracker may itself
+    # write the phase directory's metrics.jsonl (MLflow's local copy), which the relay must not read back
+    rank0 = pdir / "rank0"
+    args = [
+        "stage",
+        phase.name,
+        "--recipe",
+        str(recipe_file),
+        "--data",
+        str(data_root),
+        "--out",
+        str(out_root),
+    ]
+    args += ["--tracking-dir", str(rank0)]
+    hostfile = Path(launch.hostfile) if launch.hostfile else None
+    cmd = build_launch_command([str(ENTRY), *args, "--worker"], launch.nproc, launch.launcher, hostfile)
+    log(f"[{phase.name}] launching {launch.world_size()} processes: {' '.join(cmd)}")
+    relay = PhaseFileRelay(rank0 / phase.name, tracker)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+
+    def stream() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            log(line.rstrip())
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
+            relay.pump()
+            time.sleep(poll_s)
+    except BaseException:  # cancelled or failed: do not leave ranks behind
+        _stop(proc)
+        raise
+    finally:
+        reader.join(timeout=10)
+    relay.pump()
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"phase {phase.name!r}: {launch.launcher} exited with code {proc.returncode}; last output:\n"
+            + "\n".join(tail)
+        )
+    result = read_result(out_root, phase)
+    if result is None:
+        raise RuntimeError(
+            f"phase {phase.name!r}: the launched run ended without a complete final checkpoint"
+        )
+    log(f"[{phase.name}] {relay.steps} metric rows relayed from rank 0")
+    return result
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
