@@ -13,9 +13,9 @@ the task's result. Cancelling or failing the task stops the launched process gro
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -187,14 +187,24 @@ def run_phase_launched(
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
+    """Stop the launcher and every rank it started. torchrun starts each rank in its own session, so a
+    signal to the launcher's process group does not reach them: the whole process tree is collected first,
+    sent SIGTERM, and whatever is still alive after ``grace_s`` is killed (checkpoints are atomic, so a
+    rank killed mid-step loses at most the steps since the last one)."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)  # reap the launcher
