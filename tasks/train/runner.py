@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from tasks.train.engine import LossResult, TrainEngine
 from tasks.train.engine_config import EngineConfig
 from tasks.train.flops import MfuMeter
 from tasks.train.phase_data import batch_tokens, batch_tokens_by_source, build_loader, by_group
+from tasks.train.phase_lock import phase_lock
 from tasks.train.schedule import LRScheduleConfig
 from tasks.train.stages import PhaseConfig
 
@@ -201,7 +203,25 @@ def run_phase(
     log: Log = print,
     stop_after_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train one phase to its token budget (resuming if possible); returns its result dict.
+    """Train one phase to its token budget (resuming if possible); returns its result dict. Rank 0 holds
+    the phase directory's lock throughout (``tasks/train/phase_lock.py``): a second trainer of the same
+    phase and run directory stops with ``PhaseBusyError`` before any work."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run_phase(recipe, phase, data_root, out_root, tracker, log, stop_after_steps)
+    with phase_lock(phase_dir(out_root, phase)):
+        return _run_phase(recipe, phase, data_root, out_root, tracker, log, stop_after_steps)
+
+
+def _run_phase(
+    recipe: Recipe,
+    phase: PhaseConfig,
+    data_root: Path,
+    out_root: Path,
+    tracker: Tracker | None,
+    log: Log,
+    stop_after_steps: int | None,
+) -> dict[str, Any]:
+    """``run_phase`` under the phase lock.
 
     ``stop_after_steps`` ends the process's work after that many optimizer steps of this call (tests use it
     to simulate an interruption); the phase then stays unfinished and resumes on the next call.

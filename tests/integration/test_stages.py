@@ -224,6 +224,18 @@ def test_missing_parent_checkpoint_is_a_clear_error(tiny_data, tmp_path):
         run_phase(RECIPE, RECIPE.phase("align"), data_root, tmp_path, log=lambda *_: None)
 
 
+def test_second_trainer_of_a_phase_stops_before_any_work(tiny_data, tmp_path):
+    """A phase already being trained into this run directory (its lock held): a second run_phase stops
+    with PhaseBusyError naming the holder, and writes nothing."""
+    from tasks.train.phase_lock import PhaseBusyError, phase_lock
+
+    recipe = short_recipe()
+    pdir = tmp_path / "phases" / "text_pretrain"
+    with phase_lock(pdir), pytest.raises(PhaseBusyError, match=f"being trained by pid {os.getpid()}"):
+        run_phase(recipe, recipe.phase("text_pretrain"), tiny_data[0], tmp_path, log=lambda *_: None)
+    assert [p.name for p in pdir.iterdir()] == [".lock"]
+
+
 @pytest.mark.integration
 def test_two_process_stage_matches_one_process(tiny_data, tiny_run, tmp_path):
     """`kimivl stage text_pretrain --nproc 2` (torchrun, gloo) == 1 process at equal global batch."""
