@@ -11,7 +11,15 @@ from bench.overhead import run
 @pytest.mark.integration
 def test_flow_and_direct_steps_do_the_same_work():
     res = run(quick=True, dvc=False, repeats=1)
-    assert res["same_weights"] is True and res["phases"] == ["align", "text_pretrain"]
+    # same work: the same phases and weights within WEIGHT_RTOL (bit identity is reported, not required:
+    # a rare 1-ulp difference in one process's first aux loss grows to ~1e-4 under Muon; bench/overhead.py)
+    assert res["same_work"] is True and res["phases"] == ["align", "text_pretrain"], res[
+        "weight_max_rel_diff"
+    ]
+    assert set(res["weight_max_rel_diff"]["flow"]) == {"align", "text_pretrain"}
+    assert isinstance(res["same_weights"], bool)
+    if res["same_weights"]:
+        assert set(res["weight_max_rel_diff"]["flow"].values()) == {0.0}
     assert set(res["seconds"]) == {"direct", "flow"} and all(v > 0 for v in res["seconds"].values())
     assert res["ratio"] == pytest.approx(res["seconds"]["flow"] / res["seconds"]["direct"], rel=1e-3)
     fastest = min(res["samples"]["flow"]) / min(res["samples"]["direct"])

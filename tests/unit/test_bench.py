@@ -145,3 +145,27 @@ def test_peer_quick_same_weights_same_loss(tmp_path):
     sd = theirs.state_dict()
     gate = ours.model.layers[1].mlp.experts.gate_proj
     assert torch.equal(sd["model.layers.1.mlp.experts.gate_up_proj"][:, : gate.shape[1]], gate.detach())
+
+
+def test_overhead_weight_comparison_tells_noise_from_different_work(tmp_path):
+    """bench.overhead's same-work check: per phase, the largest |a - b| over the tensor's largest |a|."""
+    from safetensors.torch import save_file
+
+    from bench.overhead import WEIGHT_RTOL, _weight_rel_diff
+
+    def write(root, phase, tensors):
+        d = root / "phases" / phase / "final"
+        d.mkdir(parents=True)
+        save_file(tensors, str(d / "model.safetensors"))
+
+    w = {"a": torch.linspace(-2, 2, 100), "b": torch.ones(3, 3)}
+    write(tmp_path / "x", "p", w)
+    write(tmp_path / "same", "p", {k: v.clone() for k, v in w.items()})
+    write(tmp_path / "noise", "p", {"a": w["a"] + 2e-4, "b": w["b"]})  # 1e-4 of max |a| = 2
+    write(tmp_path / "other", "p", {"a": w["a"].flip(0), "b": w["b"]})
+    write(tmp_path / "fewer", "p", {"a": w["a"]})
+    assert _weight_rel_diff(tmp_path / "x", tmp_path / "same") == {"p": 0.0}
+    assert _weight_rel_diff(tmp_path / "x", tmp_path / "noise")["p"] == pytest.approx(1e-4, rel=1e-3)
+    assert _weight_rel_diff(tmp_path / "x", tmp_path / "other")["p"] > 100 * WEIGHT_RTOL
+    assert _weight_rel_diff(tmp_path / "x", tmp_path / "fewer") == {"p": float("inf")}
+    assert _weight_rel_diff(tmp_path / "x", tmp_path / "missing") == {"p": float("inf")}
