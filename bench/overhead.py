@@ -16,7 +16,7 @@ a fresh output directory:
 Same work is checked, not assumed: every phase's final weights must agree across contenders
 (``same_work``: the same phases, every weight within ``WEIGHT_RTOL`` of its tensor's largest magnitude;
 ``same_weights`` says whether they are also bit-identical, which they usually are). Bit identity is not
-guaranteed across processes: in about 1 run in 10 under load (and at the commit before any of this
+guaranteed across processes: in 4 of 26 runs of session 9, all with other work on the machine (one of them at the commit before any of this
 session's changes too) one contender's first step has an auxiliary MoE loss 1 ulp away from the other's
 (the LM loss and grad norm identical), Muon carries that to ~1e-4 of the largest weight after a few steps;
 different work (other data, other steps) differs by percents. The kernel has not been found. ``ratio`` = flow seconds / direct seconds (medians of the samples); goal <= 1.10 (10%
