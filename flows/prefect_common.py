@@ -87,6 +87,23 @@ def run_log() -> Log:
         return print
 
 
+class _CurrentStderr:
+    """A text stream that writes wherever ``sys.stderr`` points at the moment of the write."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        with contextlib.suppress(ValueError):  # a caller's swapped-in stream, already closed
+            sys.stderr.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ... of the current stream
+        return getattr(sys.stderr, name)
+
+
+CURRENT_STDERR: TextIO = _CurrentStderr()  # type: ignore[assignment]
+
+
 def _bind_console_handlers(stream: TextIO) -> None:
     from prefect.logging.handlers import PrefectConsoleHandler
 
@@ -100,17 +117,19 @@ def _bind_console_handlers(stream: TextIO) -> None:
                     h.console.file = stream
 
 
+# Prefect builds its console log handlers once, on its import, bound to the ``sys.stderr`` object of that
+# moment. A caller that swaps ``sys.stderr`` (typer's ``CliRunner``, notebooks, pytest's capture) and
+# closes it afterwards would leave them writing to a closed stream; with ``log_prints`` the resulting error
+# report recurses. Bound to ``CURRENT_STDERR`` they always write to the stream current at the time.
+_bind_console_handlers(CURRENT_STDERR)
+
+
 @contextlib.contextmanager
 def console_logs_to_current_stderr() -> Iterator[None]:
-    """Prefect binds its console log handlers to the ``sys.stderr`` of the moment it was imported. A caller
-    that swaps ``sys.stderr`` per call (typer's ``CliRunner``, notebooks) would leave them writing to a
-    closed stream, and with ``log_prints`` the resulting error report recurses. Inside this context they
-    write to the current ``sys.stderr``; afterwards to the process's real stderr."""
-    _bind_console_handlers(sys.stderr)
-    try:
-        yield
-    finally:
-        _bind_console_handlers(sys.__stderr__)
+    """Prefect's console log handlers write to the current ``sys.stderr`` (also handlers that a later
+    logging setup created)."""
+    _bind_console_handlers(CURRENT_STDERR)
+    yield
 
 
 def artifact_key(*parts: str) -> str:
