@@ -18,16 +18,6 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=True)
-ENTRY = Path(__file__).resolve().parent / "train_entry.py"
-_DIST_ENV = {
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-}
 
 
 def _recipe(path: Path):
@@ -40,11 +30,35 @@ def _recipe(path: Path):
         raise typer.Exit(2) from None
 
 
+def _launch_settings(nproc: int, launcher: str, hostfile: Path | None):
+    """The CLI's --nproc/--launcher/--hostfile as the flows' ``LaunchSettings`` (exit 2 if malformed)."""
+    from pydantic import ValidationError
+
+    from flows.launch_settings import LaunchSettings
+
+    try:
+        return LaunchSettings(nproc=nproc, launcher=launcher, hostfile=str(hostfile) if hostfile else None)
+    except ValidationError as e:
+        err = e.errors()[0]
+        console.print(f"[bold red]error:[/] --{err['loc'][0]}: {err['msg']}")
+        raise typer.Exit(2) from None
+
+
+def _check_launch(launch, r, phases: list, recipe_path: Path) -> None:
+    """Exit 2 naming the flag or the recipe field if ``phases`` cannot run on ``launch``'s processes."""
+    from flows.launch_settings import LaunchError
+
+    try:
+        launch.check(r, phases)
+    except LaunchError as e:
+        where = f"{recipe_path}: {e}" if e.in_recipe else f"--{e.field}: {e.message}"
+        console.print(f"[bold red]error:[/] {where}")
+        raise typer.Exit(2) from None
+
+
 def _relaunch(
     argv: list[str],
-    nproc: int,
-    launcher: str,
-    hostfile: Path | None,
+    launch,
     recipe_path: Path,
     phases_sel,
     data: Path,
@@ -52,28 +66,14 @@ def _relaunch(
     """Check what every rank would check (recipe, init checkpoint, data, the phases' batch split over the
     world size) once here, then relaunch under the launcher: a bad setting is one exit-2 message, not a
     traceback per rank after the processes and their process group came up."""
-    from tasks.train.launch import batch_split_error, build_launch_command, launch_world_size
+    from flows.launch_settings import launcher_env
 
     r = _preflight(recipe_path, data)
-    try:
-        world = launch_world_size(nproc, hostfile if launcher == "deepspeed" else None)
-    except (OSError, ValueError) as e:
-        console.print(f"[bold red]error:[/] --hostfile: {e}")
-        raise typer.Exit(2) from None
-    if (err := batch_split_error(r, phases_sel(r), world)) is not None:
-        console.print(f"[bold red]error:[/] {recipe_path}: {err}")
-        raise typer.Exit(2)
-
-    try:
-        cmd = build_launch_command([str(ENTRY), *argv, "--worker"], nproc, launcher, hostfile)
-    except (OSError, ValueError) as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from None
+    _check_launch(launch, r, phases_sel(r), recipe_path)
+    cmd = launch.command(argv)
     console.print(f"launching: {' '.join(cmd)}")
     # the launcher assigns ranks and the rendezvous address: never inherit a parent's single-rank settings
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    rc = subprocess.call(cmd, env=env)
-    raise typer.Exit(rc)
+    raise typer.Exit(subprocess.call(cmd, env=launcher_env()))
 
 
 def _check_init(r, recipe_path: Path):
@@ -176,9 +176,7 @@ def stage_cmd(
     if (nproc > 1 or hostfile is not None) and not worker:
         _relaunch(
             ["stage", name, "--recipe", str(recipe), "--data", str(data), "--out", str(out)],
-            nproc,
-            launcher,
-            hostfile,
+            _launch_settings(nproc, launcher, hostfile),
             recipe,
             select,
             data,
@@ -206,9 +204,7 @@ def train_cmd(
     if (nproc > 1 or hostfile is not None) and not worker:
         _relaunch(
             ["train", "--recipe", str(recipe), "--data", str(data), "--out", str(out)],
-            nproc,
-            launcher,
-            hostfile,
+            _launch_settings(nproc, launcher, hostfile),
             recipe,
             lambda r: list(r.phases),
             data,
@@ -325,7 +321,6 @@ def run_cmd(
 
     from pydantic import ValidationError
 
-    from flows.launched_phase import LaunchSettings
     from flows.pipeline import PipelineParams, run_pipeline
     from flows.prefect_common import console_logs_to_current_stderr
     from flows.stage_flow import make_tracking
@@ -336,8 +331,8 @@ def run_cmd(
     from tasks.train.phase_lock import PhaseBusyError
 
     r = _check_init(_recipe(recipe), recipe)
+    launch = _launch_settings(nproc, launcher, hostfile)
     try:
-        launch = LaunchSettings(nproc=nproc, launcher=launcher, hostfile=str(hostfile) if hostfile else None)
         params = PipelineParams(
             recipe_path=str(recipe), out_dir=str(out), tracking=tracking, tracking_uri=tracking_uri,
             evaluate=evaluate, export=export, artifact_uri=artifact_uri, launch=launch,
@@ -346,11 +341,7 @@ def run_cmd(
         err = e.errors()[0]
         console.print(f"[bold red]error:[/] --{err['loc'][0]}: {err['msg']}")
         raise typer.Exit(2) from None
-    try:  # every phase's global batch must split over the launched ranks: checked before any work
-        launch.check(r, list(r.phases))
-    except (OSError, ValueError) as e:
-        console.print(f"[bold red]error:[/] {recipe}: {e}")
-        raise typer.Exit(2) from None
+    _check_launch(launch, r, list(r.phases), recipe)  # every phase's batch split, before any work
     n_points = sum(len(r.eval.points_after(n)) for n in ["init", *(p.name for p in r.phases)])
     progress = ConsoleProgress(make_tracking(params), 1 + len(r.phases) + (n_points if evaluate else 0))
     try:

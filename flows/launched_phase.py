@@ -15,53 +15,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
 
-from flows.cli_train import _DIST_ENV as DIST_ENV
-from flows.cli_train import ENTRY
+from flows.launch_settings import LaunchSettings, launcher_env
 from tasks.recipe import Recipe
 from tasks.tracking import Tracker
-from tasks.train.launch import batch_split_error, build_launch_command, launch_world_size
 from tasks.train.runner import phase_dir, read_result
 from tasks.train.stages import PhaseConfig
-
-
-class LaunchSettings(BaseModel):
-    """How many processes train each phase (flow parameters; 1 = in the flow's own process)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    nproc: int = Field(
-        default=1, ge=1, description="data-parallel training processes per node (1: in-process)"
-    )
-    launcher: Literal["torchrun", "deepspeed"] = Field(default="torchrun", description="with nproc > 1")
-    hostfile: str | None = Field(
-        default=None,
-        description="multi-node: a DeepSpeed hostfile ('host slots=N' lines; deepspeed launcher)",
-    )
-
-    @property
-    def launched(self) -> bool:
-        return self.nproc > 1 or self.hostfile is not None
-
-    def world_size(self) -> int:
-        return launch_world_size(self.nproc, Path(self.hostfile) if self.hostfile else None)
-
-    def check(self, recipe: Recipe, phases: list[PhaseConfig]) -> None:
-        """Raise ``ValueError`` before any work if these phases cannot run on this many processes."""
-        if not self.launched:
-            return
-        if self.hostfile is not None and self.launcher != "deepspeed":
-            raise ValueError("hostfile: only the deepspeed launcher reads a hostfile; torchrun runs one node")
-        if (err := batch_split_error(recipe, phases, self.world_size())) is not None:
-            raise ValueError(err)
 
 
 class PhaseFileRelay:
@@ -144,13 +110,16 @@ def run_phase_launched(
         str(out_root),
     ]
     args += ["--tracking-dir", str(rank0)]
-    hostfile = Path(launch.hostfile) if launch.hostfile else None
-    cmd = build_launch_command([str(ENTRY), *args, "--worker"], launch.nproc, launch.launcher, hostfile)
+    cmd = launch.command(args)
     log(f"[{phase.name}] launching {launch.world_size()} processes: {' '.join(cmd)}")
     relay = PhaseFileRelay(rank0 / phase.name, tracker)
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     tail: collections.deque[str] = collections.deque(maxlen=40)
 

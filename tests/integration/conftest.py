@@ -65,7 +65,7 @@ def prefect_harness():
         yield
 
 
-from flows.cli_train import _DIST_ENV as DIST_ENV  # noqa: E402  (the launcher's variables)
+from flows.launch_settings import DIST_ENV  # noqa: E402  (the launcher's variables)
 
 
 def subprocess_env() -> dict[str, str]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.launched_phase import LaunchSettings, PhaseFileRelay
+from flows.launch_settings import ENTRY, LaunchError, LaunchSettings
+from flows.launched_phase import PhaseFileRelay
 from tasks.recipe import recipe_from_dict
 from tasks.tracking import JsonlTracker, MemoryTracker
 
@@ -49,13 +50,25 @@ def test_launch_settings_are_checked_against_the_recipe(tmp_path):
     recipe = recipe_from_dict(yaml.safe_load((ROOT / "params.yaml").read_text()), "params.yaml")
     LaunchSettings().check(recipe, list(recipe.phases))  # in-process: nothing to check
     assert not LaunchSettings().launched and LaunchSettings(nproc=2).launched
-    with pytest.raises(ValueError, match=r"phases\.0\.micro_batches_per_step.*multiple of 2"):
+    with pytest.raises(LaunchError, match=r"^field phases\.0\.micro_batches_per_step: .*multiple of 2") as e:
         LaunchSettings(nproc=2).check(recipe, list(recipe.phases))
+    assert e.value.in_recipe and e.value.field == "phases.0.micro_batches_per_step"  # the CLI prints it so
     hostfile = tmp_path / "hosts"
     hostfile.write_text("a slots=1\nb slots=1\n")
-    with pytest.raises(ValueError, match="only the deepspeed launcher"):
+    with pytest.raises(LaunchError, match="^hostfile: only the deepspeed launcher") as e:
         LaunchSettings(hostfile=str(hostfile)).check(recipe, list(recipe.phases))
+    assert not e.value.in_recipe and e.value.field == "hostfile"  # the CLI prints --hostfile
     ds = LaunchSettings(launcher="deepspeed", hostfile=str(hostfile))
     assert ds.launched and ds.world_size() == 2
     with pytest.raises(ValueError, match="multiple of 2"):
+        ds.check(recipe, list(recipe.phases))
+    cmd = ds.command(["stage", "align"])  # every rank runs train_entry.py with the same args + --worker
+    assert cmd[cmd.index("--hostfile") + 1] == str(hostfile) and cmd[-4:] == [
+        str(ENTRY),
+        "stage",
+        "align",
+        "--worker",
+    ]
+    hostfile.write_text("a slots=1\na slots=1\n")  # DeepSpeed's parser refuses it: named as the hostfile
+    with pytest.raises(LaunchError, match="^hostfile: .*multiple entries"):
         ds.check(recipe, list(recipe.phases))
