@@ -151,6 +151,10 @@ def test_multi_process_launch_is_checked_before_any_process_starts(tmp_path, mon
     res = CliRunner().invoke(app, ["run", "-r", tiny, "--out", str(tmp_path / "o"), "--nproc", "2"], env=env)
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "phases.0.micro_batches_per_step" in text and "multiple of 2" in text, text
+    args = ["run", "-r", tiny, "--out", str(tmp_path / "o"), "--launcher", "deepspeed", "--hostfile"]
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "hf")], env=env)  # the same check and wording
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "error: --hostfile:" in text and "multiple entries" in text, text
     assert launched == [] and not (tmp_path / "o").exists()
 
     import yaml
