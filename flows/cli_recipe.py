@@ -61,6 +61,62 @@ def recipe_dvc(
     sys.stdout.write(text)
 
 
+@recipe_app.command("memory")
+def recipe_memory(
+    recipe: Path = RECIPE,
+    world: int = typer.Option(1, "--world", min=1, help="training ranks (processes x nodes)"),
+    device: str = typer.Option("cuda", "--device", help="cuda (bf16 under precision auto) or cpu"),
+    device_memory: float | None = typer.Option(
+        None, "--device-memory", min=0.0, help="GiB per rank (e.g. 79.1 for an H100 80GB): adds 'fits'"
+    ),
+) -> None:
+    """Model-state memory per rank of every phase (weights, gradients, optimizer state, bf16 autocast
+    copies; activations not included), computed on the meta device; JSON on stdout. Exit 1 if a phase
+    does not fit --device-memory."""
+    from rich.table import Table
+
+    from tasks.train.memory import GIB, plan_recipe
+
+    if device not in ("cuda", "cpu"):
+        console.print(f"[bold red]error:[/] --device: expected cuda or cpu, got {device!r}")
+        raise typer.Exit(2)
+    plans = plan_recipe(_recipe(recipe), world, device)
+    cols = ("phase", "params", "trainable", "weights", "grads", "optim", "autocast", "total")
+    t = Table(title=f"model states per rank (GiB; no activations): {recipe}, {world} rank(s), {device}")
+
+    def n(x: int) -> str:
+        return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.1f}M"
+
+    for c in (*cols, *(("fits",) if device_memory is not None else ())):
+        t.add_column(c, justify="left" if c == "phase" else "right")
+    rows, misfits = [], []
+    for p in plans:
+        fits = None if device_memory is None else p.total <= device_memory * GIB
+        if fits is False:
+            misfits.append(p.phase)
+        gib = [
+            f"{b / GIB:.2f}" for b in (p.weights, p.gradients, p.optimizer_state, p.autocast_copies, p.total)
+        ]
+        t.add_row(
+            p.phase,
+            n(p.params),
+            n(p.trainable),
+            *gib,
+            *(("yes" if fits else "NO",) if fits is not None else ()),
+        )
+        rows.append({**p.as_dict(), **({"fits": fits} if fits is not None else {})})
+    console.print(t)
+    sys.stdout.write(
+        json.dumps({"recipe": str(recipe), "world": world, "device": device, "phases": rows}) + "\n"
+    )
+    if misfits:
+        console.print(
+            f"[bold red]does not fit {device_memory} GiB:[/] {', '.join(misfits)} (more ranks shrink only the "
+            "optimizer state, and the gradients with ZeRO 2)"
+        )
+        raise typer.Exit(1)
+
+
 def dvc_remote_cmd(
     url: str = typer.Argument(..., help="s3://bucket/prefix"),
     endpoint_url: str | None = typer.Option(

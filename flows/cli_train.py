@@ -104,6 +104,7 @@ def _run(
 ) -> list[dict]:
     from tasks.tracking import JsonlTracker
     from tasks.train.checkpoint import CheckpointError, DivergenceError
+    from tasks.train.memory import MemoryPlanError
     from tasks.train.phase_lock import PhaseBusyError
     from tasks.train.runner import MissingParentError, run_phase
 
@@ -116,7 +117,7 @@ def _run(
             # (a flow that launched this run relays rank 0's JSONL records from tracking_dir to its tracker)
             tracker = JsonlTracker(tracking_dir / p.name) if tracking_dir is not None else None
             results.append(run_phase(r, p, data, out, tracker=tracker, log=log))
-        except (MissingParentError, FileNotFoundError, PhaseBusyError) as e:
+        except (MissingParentError, FileNotFoundError, PhaseBusyError, MemoryPlanError) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
         except (DivergenceError, CheckpointError) as e:
@@ -328,6 +329,7 @@ def run_cmd(
     from tasks.manifest import ManifestError
     from tasks.model_io import write_json_atomic
     from tasks.train.checkpoint import CheckpointError, DivergenceError
+    from tasks.train.memory import MemoryPlanError
     from tasks.train.phase_lock import PhaseBusyError
 
     r = _check_init(_recipe(recipe), recipe)
@@ -347,7 +349,7 @@ def run_cmd(
     try:
         with console_logs_to_current_stderr():
             res = run_pipeline(params, tracking=progress)
-    except (FileNotFoundError, DatasetError, ManifestError, PhaseBusyError) as e:
+    except (FileNotFoundError, DatasetError, ManifestError, PhaseBusyError, MemoryPlanError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None
     except (DivergenceError, CheckpointError) as e:

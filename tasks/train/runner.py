@@ -39,6 +39,7 @@ from tasks.train.checkpoint import checkpoint_path, latest_checkpoint
 from tasks.train.engine import LossResult, TrainEngine
 from tasks.train.engine_config import EngineConfig
 from tasks.train.flops import MfuMeter
+from tasks.train.memory import preflight as memory_preflight
 from tasks.train.phase_data import batch_tokens, batch_tokens_by_source, build_loader, by_group
 from tasks.train.phase_lock import phase_lock
 from tasks.train.schedule import LRScheduleConfig
@@ -232,6 +233,7 @@ def _run_phase(
         return done
     pdir = phase_dir(out_root, phase)
     tracker = tracker or JsonlTracker(pdir)
+    memory_preflight(recipe, phase, log)  # model states that cannot fit stop here, before the model is built
     model, vcfg, parent = build_model(recipe, phase, out_root)
     start_step = 0
     if (sched_parent := lr_parent(recipe, phase)) is not None:

@@ -1,0 +1,181 @@
+"""Per-rank memory of a training phase's model states, computed before anything is allocated.
+
+What the engine (``tasks/train/engine.py``) keeps on each rank for the whole phase, from the phase's model
+built on the meta device (no memory, exact parameter counts) and the same param groups and ownership the
+optimizer uses:
+
+- **weights**: every parameter in fp32, frozen ones included (bf16 runs autocast over fp32 parameters);
+- **gradients**: every trainable parameter in fp32 (ZeRO 0 and 1: whole on every rank; ZeRO 2: 1/world);
+- **optimizer state**: ``muon`` (``DistributedMuon``): the state of the parameters this rank owns (whole
+  matrices, ``assign_owners``): 1 fp32 momentum per Muon element, 2 fp32 moments per AdamW element; the
+  busiest rank is reported. ``adamw``: ``torch.optim.AdamW``'s 2 fp32 moments per trainable element;
+  with DeepSpeed ZeRO 1/2 also its fp32 master partition, all three 1/world per rank (DeepSpeed's
+  documented layout; ZeRO 0 is checked byte for byte against the engine, ZeRO 1/2 is not: DeepSpeed's
+  gradient-partition buffers are internal);
+- **autocast weight copies** (bf16 only): torch.autocast caches the bf16 copy of every trainable weight
+  (leaf tensors that require grad) for the whole forward, 2 bytes per trainable parameter. Frozen weights
+  are cast per use; without gradient checkpointing the copies backward needs are saved with the
+  activations (not counted here).
+
+Not included (said so wherever the numbers are shown): activations (with gradient checkpointing, about
+seq_len x hidden x 4 bytes per decoder layer plus one layer's recomputation), DeepSpeed's transient
+gradient-reduction buckets, optimizer step counters, the CUDA context and allocator fragmentation. Model states are exact, so a
+phase whose model states alone exceed the device's memory cannot run, and ``check_fits`` stops it before
+the model is built.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kimivl_model.config import VLMConfig
+from kimivl_model.muon import build_param_groups
+from kimivl_model.vlm import KimiVL
+from tasks.model_io import NATIVE_CONFIG
+from tasks.train.distributed_muon import assign_owners
+
+GIB = 1024**3
+FP32, BF16 = 4, 2
+
+
+class MemoryPlanError(ValueError):
+    """A phase's model states do not fit the device (raised before any model is built)."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    phase: str
+    world: int
+    precision: str
+    optimizer: str
+    zero_stage: int
+    params: int  # every parameter (unique tensors)
+    trainable: int
+    weights: int  # bytes per rank
+    gradients: int
+    optimizer_state: int
+    autocast_copies: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.autocast_copies
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+
+def model_config(recipe: Any) -> VLMConfig:
+    """The architecture every phase trains: ``model.init_checkpoint``'s config when it exists (an imported
+    model, as ``build_model`` loads it), else the preset (later phases keep their parent's architecture)."""
+    init = recipe.model.init_checkpoint
+    if init is not None and (Path(init) / NATIVE_CONFIG).is_file():
+        return VLMConfig.from_dict(json.loads((Path(init) / NATIVE_CONFIG).read_text()))
+    return recipe.model.vlm_config()
+
+
+def _phase_model_groups(recipe: Any, phase: Any) -> tuple[KimiVL, list[dict[str, Any]]]:
+    with torch.device("meta"):
+        model = KimiVL(model_config(recipe), with_coca=phase.objective == "coca")
+    model.set_trainable(list(phase.trainable))
+    return model, build_param_groups(model, lr=1.0)
+
+
+def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -> MemoryPlan:
+    """Model-state bytes per rank of ``phase`` trained on ``world`` ranks of ``device_type``."""
+    if world < 1:
+        raise ValueError(f"world: expected >= 1, got {world}")
+    train = recipe.train
+    precision = (
+        train.precision if train.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    )
+    model, groups = _phase_model_groups(recipe, phase)
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    grads = trainable * FP32 // (world if train.zero_stage >= 2 else 1)
+    if train.optimizer == "muon":  # DistributedMuon: whole-matrix owners, the busiest rank
+        numels = [[p.numel() for p in g["params"]] for g in groups]
+        owners = assign_owners(numels, world)
+        per_rank = [0] * world
+        for g, group in enumerate(groups):
+            per_elem = 1 if group["use_muon"] else 2
+            for i, n in enumerate(numels[g]):
+                per_rank[owners[g][i]] += per_elem * n
+        opt = max(per_rank) * FP32
+    elif train.zero_stage == 0:  # torch AdamW over the fp32 parameters: two moments
+        opt = 2 * trainable * FP32
+    else:  # DeepSpeed ZeRO 1/2: fp32 master partition + two moments, 1/world each (ceil: padding)
+        opt = 3 * -(-trainable // world) * FP32
+    return MemoryPlan(
+        phase=phase.name,
+        world=world,
+        precision=precision,
+        optimizer=train.optimizer,
+        zero_stage=train.zero_stage,
+        params=params,
+        trainable=trainable,
+        weights=params * FP32,
+        gradients=grads,
+        optimizer_state=opt,
+        autocast_copies=trainable * BF16 if precision == "bf16" else 0,
+    )
+
+
+def plan_recipe(recipe: Any, world: int, device_type: str = "cuda") -> list[MemoryPlan]:
+    return [plan_phase(recipe, p, world, device_type) for p in recipe.phases]
+
+
+def check_fits(plan: MemoryPlan, device_bytes: int, where: str, ranks_sharing: int = 1) -> None:
+    """Raise ``MemoryPlanError`` when ``ranks_sharing`` ranks' model states exceed ``device_bytes`` (one
+    GPU: 1 rank; a CPU host: the ranks on it share its RAM)."""
+    need = plan.total * ranks_sharing
+    if need <= device_bytes:
+        return
+    per = f" ({ranks_sharing} ranks x {plan.total / GIB:.1f} GiB)" if ranks_sharing > 1 else ""
+    raise MemoryPlanError(
+        f"phase {plan.phase!r}: its model states need {need / GIB:.1f} GiB{per} on {where}, which has "
+        f"{device_bytes / GIB:.1f} GiB (per rank: weights {plan.weights / GIB:.1f}, gradients "
+        f"{plan.gradients / GIB:.1f}, optimizer state {plan.optimizer_state / GIB:.1f}, bf16 autocast copies "
+        f"{plan.autocast_copies / GIB:.1f} GiB; {plan.params:,} parameters, {plan.trainable:,} trainable, "
+        f"{plan.optimizer} with ZeRO {plan.zero_stage} on {plan.world} ranks), before any activation. "
+        "`kimivl recipe memory` shows every phase; more ranks shrink only the optimizer state (and the "
+        "gradients with ZeRO 2)"
+    )
+
+
+def device_memory(device: torch.device) -> tuple[int, str, int]:
+    """(bytes, description, ranks sharing it) of the memory the model states of one rank live in."""
+    import os
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"{props.name} (cuda:{device.index or 0})", 1
+    import psutil
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return psutil.virtual_memory().total, "this host's RAM", local
+
+
+def preflight(recipe: Any, phase: Any, log: Any = print) -> MemoryPlan:
+    """Plan ``phase`` for this process's launch (``WORLD_SIZE``, the device it will train on), log it, and
+    raise ``MemoryPlanError`` if the model states cannot fit; called before the model is built."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    plan = plan_phase(recipe, phase, world, device.type)
+    total, where, sharing = device_memory(device)
+    log(
+        f"[{phase.name}] model states per rank: {plan.total / GIB:.2f} GiB (weights {plan.weights / GIB:.2f}, "
+        f"gradients {plan.gradients / GIB:.2f}, optimizer {plan.optimizer_state / GIB:.2f}, autocast copies "
+        f"{plan.autocast_copies / GIB:.2f}; activations not included) of {total / GIB:.1f} GiB on {where}"
+    )
+    check_fits(plan, total, where, sharing)
+    return plan

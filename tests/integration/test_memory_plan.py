@@ -1,0 +1,142 @@
+"""The model-state memory plan (``tasks/train/memory.py``) against what the engine really allocates, the
+pre-build refusal of a phase that cannot fit, and ``kimivl recipe memory`` on the full-scale recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from kimivl_model.vlm import KimiVL
+from tasks.recipe import recipe_from_dict
+from tasks.train import memory
+from tasks.train.engine import TrainEngine
+from tasks.train.engine_config import EngineConfig
+from tasks.train.runner import coca_loss, lm_loss, phase_dir, run_phase
+from tasks.train.schedule import LRScheduleConfig
+from tests.integration._engine_common import _one_thread_and_clean_process_group  # noqa: F401  (autouse)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tiny(optimizer: str = "muon", zero_stage: int = 0):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"].update(optimizer=optimizer, zero_stage=zero_stage)
+    return recipe_from_dict(raw, "params.yaml")
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "phase_name"),
+    [("muon", "joint_pretrain"), ("muon", "align"), ("muon", "vit"), ("adamw", "sft.1")],
+)
+def test_plan_is_what_the_engine_allocates(optimizer, phase_name):
+    """Weights, gradients and optimizer state the engine holds after a step == the plan, byte for byte."""
+    recipe = _tiny(optimizer)
+    phase = recipe.phase(phase_name)
+    plan = memory.plan_phase(recipe, phase, world=1, device_type="cpu")
+    torch.manual_seed(0)
+    model = KimiVL(recipe.model.vlm_config(), with_coca=phase.objective == "coca")
+    model.set_trainable(list(phase.trainable))
+    schedule = LRScheduleConfig(peak_lr=1e-3, min_lr=1e-4, warmup_steps=1, total_steps=4)
+    cfg = EngineConfig(optimizer=optimizer, zero_stage=0, precision="fp32", schedule=schedule)
+    eng = TrainEngine(model, cfg, coca_loss if phase.objective == "coca" else lm_loss)
+    for p in eng.trainable:
+        p.grad = torch.full_like(p, 1e-3)
+    eng.optimizer.step()  # the optimizer creates its state on the first step
+    params = {id(p): p for p in model.parameters()}.values()
+    state = [
+        t for s in eng.optimizer.state.values() for k, t in s.items() if torch.is_tensor(t) and k != "step"
+    ]
+    assert plan.params == sum(p.numel() for p in params) and plan.trainable == sum(
+        p.numel() for p in eng.trainable
+    )
+    assert plan.weights == _bytes(params)
+    assert plan.gradients == _bytes(p.grad for p in params if p.grad is not None)
+    assert plan.optimizer_state == _bytes(state) > 0
+    assert plan.autocast_copies == 0 and plan.precision == "fp32"
+    if phase_name == "align":  # ViT + projector train; the LM's weights are held, not its gradients
+        assert plan.trainable < plan.params / 2 and plan.gradients < plan.weights / 2
+
+
+def test_plan_over_ranks_and_precision():
+    recipe = _tiny()
+    phase = recipe.phase("joint_pretrain")
+    one, four = (memory.plan_phase(recipe, phase, w, "cpu") for w in (1, 4))
+    # weights and gradients are whole on every rank (ZeRO 0); Muon state is split by whole-matrix owners
+    assert (four.weights, four.gradients) == (one.weights, one.gradients)
+    assert one.optimizer_state / 4 <= four.optimizer_state < one.optimizer_state
+    gpu = memory.plan_phase(recipe, phase, 1, "cuda")  # precision auto: bf16 autocast on CUDA
+    assert gpu.precision == "bf16" and gpu.autocast_copies == 2 * gpu.trainable
+    z2 = memory.plan_phase(_tiny("adamw", 2), phase, 4, "cpu")
+    assert z2.gradients == one.gradients // 4 and z2.optimizer_state == 3 * -(-one.trainable // 4) * 4
+
+
+def test_a_phase_that_cannot_fit_stops_before_the_model_is_built(monkeypatch, tmp_path):
+    recipe = _tiny()
+    phase = recipe.phase("text_pretrain")
+    monkeypatch.setattr(memory, "device_memory", lambda device: (1 << 20, "a 1 MiB test device", 1))
+    built = []
+    monkeypatch.setattr("tasks.train.runner.build_model", lambda *a: built.append(a))
+    with pytest.raises(
+        memory.MemoryPlanError, match=r"'text_pretrain'.*a 1 MiB test device.*kimivl recipe memory"
+    ):
+        run_phase(recipe, phase, tmp_path / "data", tmp_path / "out", log=lambda *_: None)
+    assert built == [] and not (phase_dir(tmp_path / "out", phase) / "checkpoints").exists()
+    # CPU ranks on one host share its RAM
+    plan = memory.plan_phase(recipe, phase, 2, "cpu")
+    memory.check_fits(plan, plan.total * 2, "host", ranks_sharing=2)
+    with pytest.raises(memory.MemoryPlanError, match=r"2 ranks x"):
+        memory.check_fits(plan, plan.total * 2 - 1, "host", ranks_sharing=2)
+
+
+def test_recipe_memory_cli_on_the_full_scale_recipe():
+    """configs/a3b.yaml on 8 H100s: ViT training and alignment fit; every phase that trains the whole
+    16.4B model needs > 150 GiB of model states per rank (fp32 weights + gradients on every rank)."""
+    from flows.cli import app
+
+    args = [
+        "recipe",
+        "memory",
+        "-r",
+        str(ROOT / "configs/a3b.yaml"),
+        "--world",
+        "8",
+        "--device-memory",
+        "79.1",
+    ]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    assert res.exit_code == 1, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    phases = {p["phase"]: p for p in out["phases"]}
+    assert phases["vit"]["fits"] and phases["align"]["fits"]
+    jp = phases["joint_pretrain"]
+    assert jp["params"] == jp["trainable"] == 16_407_654_384 and not jp["fits"]
+    assert jp["weights"] == jp["gradients"] == 4 * jp["params"] and jp["total"] > 150 * 1024**3
+    assert "does not fit 79.1 GiB" in res.output and "joint_pretrain" in res.output
+
+
+def test_plan_uses_the_init_checkpoints_architecture(tmp_path):
+    """An imported model (model.init_checkpoint) is planned with its own config, as build_model loads it."""
+    import dataclasses
+
+    from kimivl_model.config import preset
+    from tasks.model_io import NATIVE_CONFIG
+
+    cfg = preset("tiny")
+    wide = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=cfg.lm.vocab_size * 2))
+    (tmp_path / NATIVE_CONFIG).write_text(json.dumps(wide.to_dict()))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["init_checkpoint"] = str(tmp_path)
+    phase = _tiny().phase("text_pretrain")
+    base = memory.plan_phase(_tiny(), phase, 1, "cpu")
+    imported = memory.plan_phase(recipe_from_dict(raw, "r.yaml"), phase, 1, "cpu")
+    added_rows = cfg.lm.vocab_size * cfg.lm.hidden_size  # per vocabulary matrix: embedding, output head
+    assert imported.params - base.params == added_rows * (1 if cfg.lm.tie_word_embeddings else 2)
