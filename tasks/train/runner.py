@@ -233,7 +233,7 @@ def _run_phase(
         return done
     pdir = phase_dir(out_root, phase)
     tracker = tracker or JsonlTracker(pdir)
-    memory_preflight(recipe, phase, log)  # model states that cannot fit stop here, before the model is built
+    plan = memory_preflight(recipe, phase, log)  # model states that cannot fit stop here, before any build
     model, vcfg, parent = build_model(recipe, phase, out_root)
     start_step = 0
     if (sched_parent := lr_parent(recipe, phase)) is not None:
@@ -290,7 +290,13 @@ def _run_phase(
             )
         log(f"[{phase.name}] resumed from {last.name} at {sum(tokens.values()):,} tokens")
     elif engine.rank == 0:
-        tracker.log_params({"phase": phase.model_dump(mode="json"), "engine": ecfg.model_dump(mode="json")})
+        tracker.log_params(
+            {
+                "phase": phase.model_dump(mode="json"),
+                "engine": ecfg.model_dump(mode="json"),
+                "memory": plan.as_dict(),
+            }
+        )
         tracker.set_tags(
             {
                 "phase": phase.name,

@@ -96,6 +96,9 @@ def test_parent_run_with_one_nested_run_per_phase(tracked):
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.info.status == "FINISHED" and s["phases"][name]["mlflow_run_id"] == r.info.run_id
         assert (tracked.out / "phases" / name / "metrics.jsonl").is_file()  # the local record is kept too
+        # the phase's planned model states per rank, comparable across runs in the MLflow UI
+        assert int(r.data.params["memory.weights"]) == 4 * int(r.data.params["memory.params"]) > 0
+        assert r.data.params["memory.world"] == "1" and r.data.params["memory.phase"] == name
     # the resolved recipe as params, data step counts as parent metrics, phase summaries on the parent
     assert parent.data.params["phases.text_pretrain.token_budget"] == "1024"
     assert parent.data.params["data.tokenizer.vocab_size"] == "4096"
