@@ -47,12 +47,16 @@ def _launch_settings(nproc: int, launcher: str, hostfile: Path | None):
 def _check_launch(launch, r, phases: list, recipe_path: Path) -> None:
     """Exit 2 naming the flag or the recipe field if ``phases`` cannot run on ``launch``'s processes."""
     from flows.launch_settings import LaunchError
+    from tasks.train.memory import MemoryPlanError
 
     try:
         launch.check(r, phases)
     except LaunchError as e:
         where = f"{recipe_path}: {e}" if e.in_recipe else f"--{e.field}: {e.message}"
         console.print(f"[bold red]error:[/] {where}")
+        raise typer.Exit(2) from None
+    except MemoryPlanError as e:
+        console.print(f"[bold red]error:[/] {recipe_path}: {e}")
         raise typer.Exit(2) from None
 
 

@@ -62,7 +62,8 @@ class LaunchSettings(BaseModel):
             raise LaunchError("hostfile", str(e)) from None
 
     def check(self, recipe: Any, phases: list[Any]) -> None:
-        """Raise ``LaunchError`` before any work if these phases of ``recipe`` cannot run on this launch."""
+        """Raise ``LaunchError`` before any work if these phases of ``recipe`` cannot run on this launch (or
+        ``tasks.train.memory.MemoryPlanError`` if their model states cannot fit the CPU ranks' host)."""
         if not self.launched:
             return
         if self.hostfile is not None and self.launcher != "deepspeed":
@@ -71,9 +72,13 @@ class LaunchSettings(BaseModel):
             )
         from tasks.train.launch import batch_split_error
 
-        if (err := batch_split_error(recipe, phases, self.world_size())) is not None:
+        world = self.world_size()
+        if (err := batch_split_error(recipe, phases, world)) is not None:
             field, _, message = err.removeprefix("field ").partition(": ")
             raise LaunchError(field, message, in_recipe=True)
+        from tasks.train.memory import check_launch
+
+        check_launch(recipe, phases, world, self.nproc)  # MemoryPlanError: the model states cannot fit
 
     def command(self, args: list[str]) -> list[str]:
         """The launcher command line that runs ``train_entry.py *args --worker`` on every rank (after

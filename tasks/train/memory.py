@@ -147,17 +147,27 @@ def check_fits(plan: MemoryPlan, device_bytes: int, where: str, ranks_sharing: i
     )
 
 
-def device_memory(device: torch.device) -> tuple[int, str, int]:
-    """(bytes, description, ranks sharing it) of the memory the model states of one rank live in."""
-    import os
-
+def device_memory(device: torch.device, local_ranks: int = 1) -> tuple[int, str, int]:
+    """(bytes, description, ranks sharing it) of the memory one rank's model states live in: its GPU, or
+    the host's RAM, which the host's ``local_ranks`` CPU ranks share."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return props.total_memory, f"{props.name} (cuda:{device.index or 0})", 1
     import psutil
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return psutil.virtual_memory().total, "this host's RAM", local
+    return psutil.virtual_memory().total, "this host's RAM", local_ranks
+
+
+def check_launch(recipe: Any, phases: list[Any], world: int, local_ranks: int) -> None:
+    """Before launching ``world`` CPU ranks (``local_ranks`` on this host): every phase's model states must
+    fit this host's RAM together (``MemoryPlanError`` naming the first that does not). With CUDA each rank
+    checks its own GPU before building its model (``preflight``): querying the GPU here would create a
+    CUDA context in the launching process, which holds GPU memory for as long as it runs."""
+    if torch.cuda.is_available():
+        return
+    total, where, sharing = device_memory(torch.device("cpu"), local_ranks)
+    for phase in phases:
+        check_fits(plan_phase(recipe, phase, world, "cpu"), total, where, sharing)
 
 
 def preflight(recipe: Any, phase: Any, log: Any = print) -> MemoryPlan:
@@ -166,12 +176,10 @@ def preflight(recipe: Any, phase: Any, log: Any = print) -> MemoryPlan:
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     plan = plan_phase(recipe, phase, world, device.type)
-    total, where, sharing = device_memory(device)
+    total, where, sharing = device_memory(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     log(
         f"[{phase.name}] model states per rank: {plan.total / GIB:.2f} GiB (weights {plan.weights / GIB:.2f}, "
         f"gradients {plan.gradients / GIB:.2f}, optimizer {plan.optimizer_state / GIB:.2f}, autocast copies "

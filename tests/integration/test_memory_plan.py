@@ -82,7 +82,7 @@ def test_plan_over_ranks_and_precision():
 def test_a_phase_that_cannot_fit_stops_before_the_model_is_built(monkeypatch, tmp_path):
     recipe = _tiny()
     phase = recipe.phase("text_pretrain")
-    monkeypatch.setattr(memory, "device_memory", lambda device: (1 << 20, "a 1 MiB test device", 1))
+    monkeypatch.setattr(memory, "device_memory", lambda device, local=1: (1 << 20, "a 1 MiB test device", 1))
     built = []
     monkeypatch.setattr("tasks.train.runner.build_model", lambda *a: built.append(a))
     with pytest.raises(
@@ -140,3 +140,43 @@ def test_plan_uses_the_init_checkpoints_architecture(tmp_path):
     imported = memory.plan_phase(recipe_from_dict(raw, "r.yaml"), phase, 1, "cpu")
     added_rows = cfg.lm.vocab_size * cfg.lm.hidden_size  # per vocabulary matrix: embedding, output head
     assert imported.params - base.params == added_rows * (1 if cfg.lm.tie_word_embeddings else 2)
+
+
+def test_a_launch_whose_ranks_cannot_share_the_host_is_refused_before_it_starts(monkeypatch, tmp_path):
+    """`kimivl stage --nproc 2` (and the flows' launch parameter) on CPU: the two ranks' model states
+    together must fit this host's RAM; checked in the parent, one exit-2 message, nothing launched."""
+    import subprocess
+
+    from flows.cli import app
+    from flows.launch_settings import LaunchSettings
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for p in raw["phases"]:
+        p["micro_batches_per_step"] = 2
+    (tmp_path / "dp2.yaml").write_text(yaml.safe_dump(raw))
+    recipe = recipe_from_dict(raw, "dp2.yaml")
+    need = memory.plan_phase(recipe, recipe.phase("sft.1"), 2, "cpu").total
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(
+        memory, "device_memory", lambda device, local=1: (2 * need - 1, "a small host", local)
+    )
+    with pytest.raises(memory.MemoryPlanError, match=r"'sft.1'.*\(2 ranks x .* a small host"):
+        LaunchSettings(nproc=2).check(recipe, [recipe.phase("sft.1")])
+    LaunchSettings(nproc=1).check(recipe, [recipe.phase("sft.1")])  # in-process: the runner checks
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 0)
+    (tmp_path / "data" / "tokenized").mkdir(parents=True)
+    args = [
+        "stage",
+        "sft.1",
+        "--nproc",
+        "2",
+        "-r",
+        str(tmp_path / "dp2.yaml"),
+        "--data",
+        str(tmp_path / "data"),
+    ]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")], env={"COLUMNS": "300"})
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "dp2.yaml: phase 'sft.1': its model states need" in text, text
+    assert launched == [] and not (tmp_path / "o").exists()
