@@ -145,9 +145,13 @@ class KimiLM(nn.Module):
         self.model = LMBackbone(cfg, attn_backend=attn_backend, expert_impl=expert_impl)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.is_output_head = True
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings`` the output head is the input embedding (one tensor)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # ------------------------------------------------------------------------------------------ setup
     def init_weights(self) -> None:

@@ -47,6 +47,10 @@ class RotaryEmbedding1D(nn.Module):
         self.theta = float(theta)
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
+    def reset_buffers(self, device: torch.device | None = None) -> None:
+        """Recompute the (non-persistent) table, e.g. for a model built on the meta device."""
+        self.inv_freq = self._inv_freq(device)
+
     def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
         i = torch.arange(0, self.dim, 2, dtype=torch.float64, device=device)
         return (1.0 / (self.theta ** (i / self.dim))).float()  # (D/2,)
@@ -73,9 +77,15 @@ class RotaryEmbedding2D(nn.Module):
             raise ValueError(f"RotaryEmbedding2D.head_dim must be divisible by 4, got {head_dim}")
         self.head_dim = head_dim
         self.theta = float(theta)
-        i = torch.arange(0, head_dim // 4, dtype=torch.float64)
-        freqs = (1.0 / (self.theta ** (4.0 * i / head_dim))).float()  # (D/4,)
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("freqs", self._freqs(), persistent=False)
+
+    def _freqs(self, device: torch.device | None = None) -> torch.Tensor:
+        i = torch.arange(0, self.head_dim // 4, dtype=torch.float64, device=device)
+        return (1.0 / (self.theta ** (4.0 * i / self.head_dim))).float()  # (D/4,)
+
+    def reset_buffers(self, device: torch.device | None = None) -> None:
+        """Recompute the (non-persistent) table, e.g. for a model built on the meta device."""
+        self.freqs = self._freqs(device)
 
     @staticmethod
     def grid_positions(grid_hws: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:

@@ -32,6 +32,43 @@ class KimiVL(nn.Module):
         self.language_model = KimiLM(cfg.lm, attn_backend=attn_backend)
         self.coca = CoCaHead(cfg.coca, cfg.vit.hidden_size, attn_backend=attn_backend) if with_coca else None
 
+    @classmethod
+    def from_state_dict(
+        cls,
+        cfg: VLMConfig,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        attn_backend: str = "auto",
+        with_coca: bool = False,
+        ignore_prefixes: tuple[str, ...] = ("coca.",),
+    ) -> KimiVL | None:
+        """The model whose parameters and buffers ARE ``state_dict``'s tensors (adopted, not copied): built
+        on the meta device, so no random init is spent on weights the checkpoint replaces and the weights
+        are in memory once (building then loading holds them twice: 2 x 61 GiB per rank for a3b).
+
+        Tensors of another dtype are cast. Returns None when ``state_dict`` lacks a parameter or persistent
+        buffer (e.g. the fresh CoCa head of the ViT stage): build and load the usual way then. Keys the
+        model does not have are a ``ValueError``, except under ``ignore_prefixes``.
+        """
+        with torch.device("meta"):
+            model = cls(cfg, attn_backend=attn_backend, with_coca=with_coca)
+        expected = model.state_dict()
+        extra = [k for k in state_dict if k not in expected and not k.startswith(ignore_prefixes)]
+        if extra:
+            raise ValueError(f"state dict does not fit the model: unexpected keys {extra[:5]}")
+        if any(k not in state_dict for k in expected):
+            return None
+        adopted = {k: state_dict[k].to(v.dtype) for k, v in expected.items()}  # no copy when dtypes match
+        model.load_state_dict(adopted, strict=True, assign=True)
+        model.language_model.tie_weights()  # assign replaced the tied tensor under one of its two names
+        for m in model.modules():
+            if hasattr(m, "reset_buffers"):  # non-persistent tables (RoPE) are not in a state dict
+                m.reset_buffers()
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"from_state_dict: {left[:5]} still on the meta device (no reset_buffers?)")
+        return model
+
     # ------------------------------------------------------------------------------------------ vision
     def encode_images(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
         """pixel_values (P, C, 14, 14), grid_hws (N, 2) -> LM-width image tokens (sum h*w/4, lm_hidden)."""

@@ -142,8 +142,12 @@ def load_model(checkpoint_dir: Path, device: str, dtype: torch.dtype) -> tuple[t
     from kimivl_model.vlm import KimiVL
 
     vcfg, sd = load_native(resolve_checkpoint(checkpoint_dir))
-    model = KimiVL(vcfg, with_coca=any(k.startswith("coca.") for k in sd))
-    model.load_state_dict(sd, strict=True)
+    # the checkpoint's tensors become the weights (one copy in memory, no random init of a model they replace)
+    coca = any(k.startswith("coca.") for k in sd)
+    model = KimiVL.from_state_dict(vcfg, sd, with_coca=coca, ignore_prefixes=())
+    if model is None:  # weights missing: the strict load names them
+        model = KimiVL(vcfg, with_coca=coca)
+        model.load_state_dict(sd, strict=True)
     return model.to(device=device, dtype=dtype).eval(), vcfg
 
 

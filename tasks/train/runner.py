@@ -141,12 +141,19 @@ def build_model(
         cfg, sd = load_native(src)
         parent = read_manifest(src).parent_of(src)
     torch.manual_seed(recipe.train.seed)
-    model = KimiVL(cfg, attn_backend=recipe.model.attn_backend, with_coca=with_coca)
-    if sd is not None:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        bad = [k for k in (*missing, *unexpected) if not k.startswith("coca.")]
-        if bad:
-            raise ValueError(f"checkpoint for phase {phase.name!r} does not fit the model: {bad[:5]}")
+    kw = {"attn_backend": recipe.model.attn_backend, "with_coca": with_coca}
+    try:  # the checkpoint's tensors become the weights: no init, no second copy (None: no CoCa head in it)
+        model = KimiVL.from_state_dict(cfg, sd, **kw) if sd is not None else None
+    except ValueError as e:
+        raise ValueError(f"checkpoint for phase {phase.name!r}: {e}") from None
+    if model is None:  # from scratch, or a checkpoint without the CoCa head the ViT stage adds
+        model = KimiVL(cfg, **kw)
+        if sd is not None:
+            missing, _ = model.load_state_dict(sd, strict=False)  # unexpected keys were refused above
+            if bad := [k for k in missing if not k.startswith("coca.")]:
+                raise ValueError(
+                    f"checkpoint for phase {phase.name!r} does not fit the model: missing {bad[:5]}"
+                )
     if phase.rope_theta is not None:
         model.set_rope_theta(phase.rope_theta)
         cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, rope_theta=phase.rope_theta))

@@ -109,3 +109,51 @@ def test_tiny_fwd_bwd_packed_512_tokens_with_two_images_runs():
     (out.loss + out.aux_loss).backward()
     assert ids.numel() == 512
     assert m.vision_tower.patch_embed.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_from_state_dict_adopts_the_checkpoint_and_matches_build_then_load(tie):
+    """Built on the meta device, the checkpoint's tensors become the weights (no copy, no random init);
+    the model is the one building + load_state_dict gives: same state, same buffers, same outputs."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, lm=dataclasses.replace(CFG.lm, tie_word_embeddings=tie))
+    torch.manual_seed(0)
+    ref = KimiVL(cfg, attn_backend="sdpa").eval()
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    m = KimiVL.from_state_dict(cfg, sd, attn_backend="sdpa").eval()
+    lm = m.language_model
+    assert (
+        lm.model.embed_tokens.weight.data_ptr() == sd["language_model.model.embed_tokens.weight"].data_ptr()
+    )
+    assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == tie  # the tie survives the adoption
+    for (n, a), (rn, b) in zip(
+        [*m.named_parameters(), *m.named_buffers()],
+        [*ref.named_parameters(), *ref.named_buffers()],
+        strict=True,
+    ):
+        assert n == rn and torch.equal(a, b) and a.requires_grad == b.requires_grad, n
+    assert sorted(n for n, _ in m.named_buffers()) == sorted(n for n, _ in ref.named_buffers())  # RoPE too
+    pv, grid = pack_images([_img(4, 6, 0)])
+    ids = torch.cat([_doc(6, [10, 11, 12]), torch.tensor([20, 21, 22, 23])])
+    cu = torch.tensor([0, 3 + 6 + 4, ids.numel()])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            m(ids, cu_seqlens=cu, pixel_values=pv, grid_hws=grid).logits,
+            ref(ids, cu_seqlens=cu, pixel_values=pv, grid_hws=grid).logits,
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_from_state_dict_falls_back_refuses_and_casts():
+    torch.manual_seed(0)
+    sd = KimiVL(CFG).state_dict()
+    assert KimiVL.from_state_dict(CFG, sd, with_coca=True) is None  # the ViT stage's fresh CoCa head: build
+    with pytest.raises(ValueError, match="unexpected keys.*'bogus.weight'"):
+        KimiVL.from_state_dict(CFG, {**sd, "bogus.weight": torch.zeros(1)})
+    coca = KimiVL(CFG, with_coca=True).state_dict()
+    assert KimiVL.from_state_dict(CFG, coca) is not None  # a ViT-stage checkpoint without its CoCa head
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
+    m = KimiVL.from_state_dict(CFG, half)
+    assert {p.dtype for p in m.parameters()} == {torch.float32}  # the model's dtype, as load_state_dict does
