@@ -19,9 +19,9 @@ optimizer uses:
 
 Not included (said so wherever the numbers are shown): activations (with gradient checkpointing, about
 seq_len x hidden x 4 bytes per decoder layer plus one layer's recomputation), DeepSpeed's transient
-gradient-reduction buckets, optimizer step counters, the CUDA context and allocator fragmentation. Model states are exact, so a
-phase whose model states alone exceed the device's memory cannot run, and ``check_fits`` stops it before
-the model is built.
+gradient-reduction buckets, optimizer step counters, the CUDA context and allocator fragmentation.
+Model states are exact, so a phase whose model states alone exceed the device's memory cannot run, and
+``check_fits`` stops it before the model is built.
 """
 
 from __future__ import annotations
