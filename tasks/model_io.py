@@ -163,18 +163,31 @@ def save_native(state_dict: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: Pa
     return out_dir
 
 
+def _native_config_path(src_dir: Path) -> Path:
+    cfg_path = Path(src_dir) / NATIVE_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing (a native checkpoint directory holds {NATIVE_CONFIG})")
+    return cfg_path
+
+
+def _parse_native_config(cfg_path: Path) -> VLMConfig:
+    try:
+        return VLMConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointIntegrityError(f"{cfg_path}: unreadable model config: {e}") from None
+
+
+def read_native_config(src_dir: Path) -> VLMConfig:
+    """The model config of a native checkpoint directory (the weights are not read)."""
+    return _parse_native_config(_native_config_path(src_dir))
+
+
 def load_native(src_dir: Path) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
     """Read a native checkpoint; its manifest (when present) is verified first."""
     src_dir = Path(src_dir)
-    cfg_path = src_dir / NATIVE_CONFIG
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: missing (a native checkpoint directory holds {NATIVE_CONFIG})")
+    cfg_path = _native_config_path(src_dir)
     verify_checkpoint_dir(src_dir)
-    try:
-        cfg = VLMConfig.from_dict(json.loads(cfg_path.read_text()))
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointIntegrityError(f"{cfg_path}: unreadable model config: {e}") from None
-    return cfg, load_safetensors(src_dir / NATIVE_WEIGHTS)
+    return _parse_native_config(cfg_path), load_safetensors(src_dir / NATIVE_WEIGHTS)
 
 
 # ----------------------------------------------------------------------------------------------- hf

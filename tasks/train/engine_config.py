@@ -66,9 +66,14 @@ class EngineConfig(BaseModel):
         return self.micro_batches_per_step // world_size
 
     def resolved_precision(self, device_type: str) -> Literal["fp32", "bf16"]:
-        if self.precision == "auto":
-            return "bf16" if device_type == "cuda" else "fp32"
-        return self.precision
+        return resolve_precision(self.precision, device_type)
+
+
+def resolve_precision(precision: str, device_type: str) -> Literal["fp32", "bf16"]:
+    """``auto``: bf16 autocast on CUDA, fp32 elsewhere (the recipe's ``train.precision`` too)."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision  # type: ignore[return-value]
 
 
 def build_ds_config(cfg: EngineConfig, world_size: int, device_type: str = "cpu") -> dict[str, Any]:

@@ -26,7 +26,6 @@ Model states are exact, so a phase whose model states alone exceed the device's 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,9 @@ import torch
 from kimivl_model.config import VLMConfig
 from kimivl_model.muon import build_param_groups
 from kimivl_model.vlm import KimiVL
-from tasks.model_io import NATIVE_CONFIG
+from tasks.model_io import NATIVE_CONFIG, read_native_config
 from tasks.train.distributed_muon import assign_owners
+from tasks.train.engine_config import resolve_precision
 
 GIB = 1024**3
 FP32, BF16 = 4, 2
@@ -74,7 +74,7 @@ def model_config(recipe: Any) -> VLMConfig:
     model, as ``build_model`` loads it), else the preset (later phases keep their parent's architecture)."""
     init = recipe.model.init_checkpoint
     if init is not None and (Path(init) / NATIVE_CONFIG).is_file():
-        return VLMConfig.from_dict(json.loads((Path(init) / NATIVE_CONFIG).read_text()))
+        return read_native_config(init)
     return recipe.model.vlm_config()
 
 
@@ -90,9 +90,7 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
     if world < 1:
         raise ValueError(f"world: expected >= 1, got {world}")
     train = recipe.train
-    precision = (
-        train.precision if train.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    )
+    precision = resolve_precision(train.precision, device_type)
     model, groups = _phase_model_groups(recipe, phase)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     trainable = sum(p.numel() for g in groups for p in g["params"])
