@@ -102,13 +102,14 @@ def test_router_bias_selects_raw_scores_weight():
     assert r.e_score_correction_bias.dtype == torch.float32
 
 
+@pytest.mark.parametrize("combine", ["gather", "bag"])
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
-def test_grouped_dispatch_matches_naive(impl):
+def test_grouped_dispatch_matches_naive(impl, combine):
     if impl == "grouped" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
     torch.manual_seed(0)
     cfg = _cfg()
-    ex = RoutedExperts(cfg, impl=impl)
+    ex = RoutedExperts(cfg, impl=impl, combine=combine)
     _randomize(ex)
     t, k = 11, cfg.num_experts_per_tok
     x = torch.randn(t, cfg.hidden_size, requires_grad=True)
@@ -245,6 +246,65 @@ def test_bias_update_balances_skewed_load():
     assert r.e_score_correction_bias[0] < 0 and abs(r.e_score_correction_bias.sum().item()) < 1e-4
 
 
+def test_combine_kernels_agree_and_cpu_default_is_bag():
+    """``bag`` (CPU default) and ``gather`` (CUDA default) compute the same output and gradients, up to
+    float summation order, on the small preset's shapes; a wrong name is refused."""
+    cfg = _cfg(hidden_size=64, moe_intermediate_size=48, num_routed_experts=16, num_experts_per_tok=4)
+    assert RoutedExperts(cfg).combine == "auto"
+    from kimivl_model.moe import _combine_impl
+
+    assert _combine_impl("auto", torch.zeros(1)) == "bag"
+    with pytest.raises(ValueError, match="RoutedExperts.combine: unknown 'scatter'"):
+        RoutedExperts(cfg, combine="scatter")
+    outs = []
+    for combine in ("gather", "bag"):
+        torch.manual_seed(3)
+        ex = RoutedExperts(cfg, combine=combine)
+        x = torch.randn(300, 64, requires_grad=True)
+        idx = torch.stack([torch.randperm(16)[:4] for _ in range(300)])
+        w = torch.rand(300, 4, requires_grad=True)
+        out = ex(x, idx, w)
+        out.backward(torch.randn_like(out))
+        outs.append([out.detach(), x.grad, w.grad, ex.gate_proj.grad, ex.up_proj.grad, ex.down_proj.grad])
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_loop_node_is_bit_identical_to_per_expert_autograd():
+    """``_SwiGLULoop`` (one autograd node, in-place outputs and weight gradients) against the per-expert
+    ``F.linear``/``F.silu`` graph it replaces: same bits forward and backward, empty experts get zero
+    weight gradients, frozen weights get none."""
+    from kimivl_model.moe import _swiglu_loop
+
+    def per_expert(xs, counts, gate, up, down):
+        outs = []
+        for e, xe in enumerate(torch.split(xs, counts)):
+            if xe.shape[0]:
+                outs.append(F.linear(F.silu(F.linear(xe, gate[e])) * F.linear(xe, up[e]), down[e]))
+        return torch.cat(outs)
+
+    counts = [5, 0, 9, 1, 0, 7]
+    e, h, i = len(counts), 24, 20
+    base = [torch.randn(e, i, h) / 5, torch.randn(e, i, h) / 5, torch.randn(e, h, i) / 5]
+    xs0, dy = torch.randn(sum(counts), h), torch.randn(sum(counts), h)
+    for frozen in (False, True):
+        results = []
+        for fn in (per_expert, _swiglu_loop):
+            ws = [b.clone().requires_grad_(not frozen) for b in base]
+            xs = xs0.clone().requires_grad_()
+            y = fn(xs, counts, *ws)
+            y.backward(dy)
+            results.append([y.detach(), xs.grad] + [w.grad for w in ws])
+        (y_a, dx_a, *dw_a), (y_b, dx_b, *dw_b) = results
+        assert torch.equal(y_a, y_b) and torch.equal(dx_a, dx_b)
+        if frozen:
+            assert all(g is None for g in dw_a + dw_b)
+            continue
+        for ga, gb in zip(dw_a, dw_b, strict=True):
+            assert torch.equal(ga, gb)
+            assert gb[1].abs().max() == 0 and gb[4].abs().max() == 0
+
+
 def test_dispatch_and_combine_gathers_gradcheck():
     """The custom permutation gathers (no index_add in backward) have exact gradients (fp64 gradcheck)."""
     from kimivl_model.moe import _DispatchRows, _PermuteRows
@@ -257,6 +317,11 @@ def test_dispatch_and_combine_gathers_gradcheck():
     x = torch.randn(t, h, dtype=torch.float64, requires_grad=True)
     ys = torch.randn(t * k, h, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: _DispatchRows.apply(a, order, inv, k), (x,))
+    assert torch.autograd.gradcheck(lambda a: _DispatchRows.apply(a, order, inv, k, "bag"), (x,))
+    w = torch.rand(t, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(  # the CPU combine: gather + weights + sum over the k slots in one op
+        lambda a, b: F.embedding_bag(inv.view(t, k), a, mode="sum", per_sample_weights=b), (ys, w)
+    )
     assert torch.autograd.gradcheck(lambda a: _PermuteRows.apply(a, inv, order), (ys,))
     # the dispatch puts token order // k at sorted position p; the permutation undoes the sort
     torch.testing.assert_close(_DispatchRows.apply(x, order, inv, k), x[order // k])
