@@ -3,8 +3,9 @@
     python -m bench.moe [--quick] [--threads N]
 
 Ours: ``kimivl_model.moe.MoE`` in training mode (router + sequence aux loss + expert-grouped dispatch:
-one argsort of the T*k assignments, one gather, each expert on a contiguous slice, one weighted
-index_add; + the shared expert). Forward + backward of a fixed random projection of the output.
+one argsort of the T*k assignments, one gather, each expert on a contiguous slice, then each token's
+k expert outputs gathered back and summed with their weights, in one ``embedding_bag`` on CPU; + the shared
+expert). Forward + backward of a fixed random projection of the output.
 
 (a) Loop reference, written here the way reference MoE code usually is (DeepSeek-V3's inference
     ``model.py``, HF Mixtral/DeepSeek eager experts): for every expert, ``torch.where(topk_idx == e)``,

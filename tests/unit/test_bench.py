@@ -116,6 +116,9 @@ def test_mfu_quick(tmp_path):
     row = next(iter(out["ours"].values()))
     assert 0 < row["mfu"] == out["ratio"]
     assert out["peak_gemm_gflop_per_s"] > 0
+    probes = out["peak_gemm_gflop_per_s_interleaved"]  # one per timed round, the best of all is the peak
+    assert len(probes) == out["repeats"] and max(probes) <= out["peak_gemm_gflop_per_s"]
+    assert "peak_probe" not in out["ours"] and set(out["mfu_vs_median_interleaved_peak"]) == set(out["ours"])
     cfg = preset("tiny").lm
     # one document of S tokens: 6 * L * S * H * (d_qk + d_v) per token
     expect = 6.0 * cfg.num_layers * 64 * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim)
