@@ -179,5 +179,17 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, prefect_api
         by_step: dict[int, set] = {}
         for m in hist:
             by_step.setdefault(m.step, set()).add(m.value)
-        assert all(len(v) == 1 for v in by_step.values()), f"{name}: a step logged two different losses"
-        assert {s: v.pop() for s, v in by_step.items()} == {m.step: m.value for m in ref_hist}, name
+        ref_curve = {m.step: m.value for m in ref_hist}
+        assert set(by_step) == set(ref_curve), (
+            f"{name}: steps logged {sorted(by_step)} != {sorted(ref_curve)}"
+        )
+        # A step computed by a process that was then killed before its checkpoint was published is computed
+        # again after the resume, and both values are on record. They must be equal, with one observed
+        # exception (session 11, 1 run of ~10): the killed process's forward gave align step 2 a loss
+        # 1 fp32 ulp off (7.599874293550532 vs 7.599875159297429; grad norm and aux loss bit-identical), the
+        # same rare cross-process ulp difference docs/PERFORMANCE.md records for the aux loss. The weights
+        # that went on are bit-identical (asserted above); a resume that restored the wrong state (data
+        # position, optimizer, RNG) would move the loss by far more than 1e-6 relative.
+        for step, values in by_step.items():
+            want = ref_curve[step]
+            assert all(abs(v - want) <= 1e-6 * abs(want) for v in values), (name, step, sorted(values), want)
