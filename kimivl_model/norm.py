@@ -9,6 +9,11 @@ dweight = sum(dy * xhat). Autograd over the forward's six ops would save more te
 many elementwise passes (measured 6.1 -> 4.1 ms forward + backward at 2048 x 512 fp32 on one core). The
 output and dweight are bit-identical to the op-by-op graph, dx equal up to float rounding
 (``tests/unit/test_norm.py`` checks both against autograd over the formula, fp32 and bf16, and gradcheck).
+
+Under ``torch.compile`` the module uses the op-by-op formula (``rms_norm_reference``) instead: Inductor fuses
+it and derives the backward itself, so the hand-written node buys nothing there, and on CUDA (torch 2.11,
+H100, 2026-11-24) Inductor's compilation of the node gave wrong gradients (the weight's came out zero;
+``tests/unit/test_gpu_moe.py``'s compiled-vs-eager check caught it). The forward is the same math either way.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ class _RMSNormFn(torch.autograd.Function):
         return dx, dw, None
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The op-by-op formula (autograd derives the backward): the compiled path and the tests' reference."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    r = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * r * weight.to(xf.dtype)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -54,6 +66,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., dim) -> (..., dim), same dtype
+        if torch.compiler.is_compiling():  # module docstring: Inductor fuses the formula itself
+            return rms_norm_reference(x, self.weight, self.eps)
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
