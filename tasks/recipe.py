@@ -56,6 +56,9 @@ class TrainSettings(BaseModel):
     optimizer: Literal["muon", "adamw"] = "muon"
     zero_stage: int = Field(default=0, ge=0, le=2)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    working_weights: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: matmul weights in bf16, fp32 masters in Muon (EngineConfig)"
+    )
     weight_decay: float = Field(default=0.1, ge=0)
     grad_clip: float = Field(default=1.0, ge=0)
     seed: int = Field(default=0, ge=0)
@@ -69,6 +72,11 @@ class TrainSettings(BaseModel):
             raise ValueError(
                 f"zero_stage: optimizer 'muon' requires zero_stage 0 (DeepSpeed ZeRO >= 1 flattens parameters), "
                 f"got {self.zero_stage}"
+            )
+        if self.working_weights == "bf16" and (self.optimizer != "muon" or self.precision == "fp32"):
+            raise ValueError(
+                f"working_weights: 'bf16' needs optimizer 'muon' (its owner ranks keep the fp32 masters) and "
+                f"precision bf16 or auto, got optimizer {self.optimizer!r}, precision {self.precision!r}"
             )
         return self
 

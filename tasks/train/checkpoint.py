@@ -286,9 +286,10 @@ def _save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any
     torch_save_atomic(_optimizer_state(engine), staging / mine[0])
     crash_point(f"checkpoint:optimizer_written:{_phase_of(final)}")
     torch_save_atomic(rng_state(), staging / mine[1])
+    weights = engine.full_state_dict()  # a collective with bf16 working weights ({} off rank 0)
     if engine.rank == 0:
         save_safetensors_atomic(
-            engine.full_state_dict(),
+            weights,
             staging / MODEL_FILE,
             metadata={"format": "pt", "step": str(engine.step)},
         )
@@ -372,6 +373,7 @@ def load_engine_checkpoint(
     except RuntimeError as e:
         raise CheckpointError(f"{directory / MODEL_FILE}: does not match the model: {e}") from e
     if weights_only_resume:
+        engine.reset_master_weights(weights)  # bf16 working weights: fp32 masters from the fp32 file
         if engine.cfg.zero_stage > 0:
             engine.optimizer.refresh_fp32_params()  # fp32 masters <- (fp32) module weights
     else:

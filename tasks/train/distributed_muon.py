@@ -13,6 +13,13 @@ whole by one rank (greedy balance by element count), so no gather of matrix slic
 A param counts as active in a step if ANY rank has a grad for it (one small all-reduce of flags); a rank
 without a grad contributes zeros to the sum, as DDP does. Inactive params are skipped everywhere.
 Gradient clipping must happen before ``step`` on already-averaged grads (``grads_are_averaged=True``).
+
+Master weights (``hold_in_low_precision``, the engine's ``working_weights: bf16``): chosen params are held
+in bf16 on every rank while the owner keeps an fp32 master in its optimizer state (``state[p]["master"]``).
+The owner applies the update to the master in fp32 (grad upcast) and writes the rounded master back into
+the param, which is then broadcast in bf16 as usual. So per rank the weights and gradients of those params
+cost 2 + 2 bytes and the master 4 bytes / world (with the momentum), instead of 4 + 4 bytes. Masters are
+part of ``state_dict`` (kept fp32 on load) and ``master_weights`` gathers them for full-precision exports.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class DistributedMuon(torch.optim.Optimizer):
         self.grads_are_averaged = grads_are_averaged
         self.comm_bytes = 0
         self.owners: list[list[int]] = []
+        self.low_precision: list[tuple[int, int]] = []  # (group, index) of params with fp32 masters
         super().__init__(params, {**DEFAULTS, **defaults, "lr": lr})
 
     # ------------------------------------------------------------------ ownership
@@ -95,6 +103,61 @@ class DistributedMuon(torch.optim.Optimizer):
         if self.process_group is None:
             return group_rank
         return dist.get_global_rank(self.process_group, group_rank)
+
+    # ------------------------------------------------------------------ master weights
+    def _index(self, params: list[Tensor]) -> list[tuple[int, int]]:
+        where = {
+            id(p): (g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])
+        }
+        missing = [tuple(p.shape) for p in params if id(p) not in where]
+        if missing:
+            raise ValueError(f"params of shapes {missing} are not in this optimizer's param groups")
+        return [where[id(p)] for p in params]
+
+    @torch.no_grad()
+    def hold_in_low_precision(self, params: list[Tensor], dtype: torch.dtype = torch.bfloat16) -> None:
+        """Keep fp32 masters of ``params`` on their owners and hold the params in ``dtype`` on every rank.
+
+        Call once, before the first step, with the fp32 params (the masters are exact copies of them)."""
+        if self.low_precision:
+            raise RuntimeError("hold_in_low_precision: already called on this optimizer")
+        for gi, p in zip(self._index(params), params, strict=True):
+            if p.dtype != torch.float32 or p.grad is not None:
+                raise ValueError(
+                    f"hold_in_low_precision: param {gi} must be fp32 without a grad, got {p.dtype}"
+                    f"{' with a grad' if p.grad is not None else ''}"
+                )
+            if self.owners[gi[0]][gi[1]] == self.rank:
+                self.state[p]["master"] = p.detach().clone()
+            p.data = p.data.to(dtype)
+            self.low_precision.append(gi)
+
+    @torch.no_grad()
+    def master_weights(self, dst: int | None = 0) -> dict[int, Tensor]:
+        """Collective: {id(param): fp32 master on CPU} for every low-precision param, on group rank ``dst``
+        (every rank when ``dst`` is None; an empty dict elsewhere). One broadcast per param from its owner,
+        so no rank ever holds more than one extra param on the device."""
+        out: dict[int, Tensor] = {}
+        for g, i in self.low_precision:
+            p = self.param_groups[g]["params"][i]
+            owner = self.owners[g][i]
+            t = self.state[p]["master"] if owner == self.rank else torch.empty_like(p, dtype=torch.float32)
+            if self.world_size > 1:
+                dist.broadcast(t, src=self._global_rank(owner), group=self.process_group)
+            if dst is None or dst == self.rank:
+                out[id(p)] = t.detach().to("cpu", copy=True)
+        return out
+
+    @torch.no_grad()
+    def set_master_weights(self, values: dict[int, Tensor]) -> None:
+        """Masters <- ``values`` ({id(param): fp32 tensor}, every rank passes all of them) and params <- their
+        rounding: a weights-only resume from full-precision weights."""
+        for g, i in self.low_precision:
+            p = self.param_groups[g]["params"][i]
+            v = values[id(p)]
+            if self.owners[g][i] == self.rank:
+                self.state[p]["master"] = v.detach().to(device=p.device, dtype=torch.float32, copy=True)
+            p.copy_(v)
 
     # ------------------------------------------------------------------ comm helpers
     def _active_flags(self) -> list[list[bool]]:
@@ -165,7 +228,13 @@ class DistributedMuon(torch.optim.Optimizer):
         for (g, i), grad in grads.items():
             group = self.param_groups[g]
             p = group["params"][i]
-            apply_param_update_(p, grad, self.state[p], group)
+            state = self.state[p]
+            master = state.get("master")
+            if master is None:
+                apply_param_update_(p, grad, state, group)
+            else:  # fp32 update of the master, its rounding back into the low-precision param
+                apply_param_update_(master, grad.to(master.dtype), state, group)
+                p.copy_(master)
         if self.world_size > 1:
             self._broadcast_params(buckets)
         return loss
@@ -197,4 +266,25 @@ class DistributedMuon(torch.optim.Optimizer):
             raise ValueError(
                 "state_dict: ownership map differs from this optimizer's (param groups or shapes changed)"
             )
+        # torch casts floating state to the param's dtype on load: keep the saved (fp32) masters/moments
+        saved = {
+            pid: {k: v for k, v in st.items() if torch.is_tensor(v) and v.is_floating_point()}
+            for pid, st in sd["state"].items()
+        }
         super().load_state_dict(sd)
+        ids = [pid for group in sd["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(ids, params, strict=True):
+            for k, v in saved.get(pid, {}).items():
+                self.state[p][k] = v.to(p.device)
+        low = {(g, i) for g, i in self.low_precision}
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if self.owners[g][i] != self.rank:
+                    continue
+                has = "master" in self.state.get(p, {})
+                if has != ((g, i) in low):
+                    raise ValueError(
+                        f"state_dict: param {(g, i)} {'has' if has else 'lacks'} an fp32 master but this optimizer "
+                        f"holds it in {'fp32' if has else 'low precision'} (train.working_weights changed?)"
+                    )

@@ -23,6 +23,10 @@ What it does (DESIGN.md "distributed training"; STACK.md "DeepSpeed on CPU" for 
   ones included, so frozen weights would be rounded for good, and keeps the fp32 masters inside its
   optimizer wrappers (``FP16_UnfusedOptimizer`` at ZeRO 0, ZeRO partitions at 1/2), which every checkpoint
   and export would have to gather.) Model code must therefore tolerate autocast (fp32 params, bf16 matmuls).
+  ``working_weights: bf16`` (muon only) is the exception, chosen per recipe: the trainable matmul weights
+  (``kimivl_model/precision.py``) are held in bf16 with bf16 gradients, their fp32 masters are optimizer
+  state on the owner rank (``DistributedMuon.hold_in_low_precision``); exports and checkpoints still write
+  the fp32 masters (``full_state_dict`` gathers them), so lineage stays full precision.
 - checkpoints: ``tasks/train/checkpoint.py`` format (safetensors + weights_only ``.pt`` + checksums,
   staged then renamed), never DeepSpeed's pickle-based save.
 
@@ -34,13 +38,10 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -50,6 +51,16 @@ from tasks.train import checkpoint as ckpt
 from tasks.train.checkpoint import CheckpointError, DivergenceError
 from tasks.train.distributed_muon import DistributedMuon
 from tasks.train.engine_config import EngineConfig, build_ds_config
+from tasks.train.engine_parts import (
+    LossFn,
+    LossResult,
+    StepResult,
+    _install_step_guard,
+    _LossModule,
+    count_target_tokens,
+    seed_everything,
+    to_device,
+)
 from tasks.train.launch import init_distributed_if_needed
 from tasks.train.schedule import lr_at
 
@@ -65,100 +76,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
-
-
-@dataclass
-class LossResult:
-    """What ``loss_fn(model, micro_batch)`` returns for one micro-batch."""
-
-    loss_sum: torch.Tensor  # () summed (not averaged) CE over the micro-batch's target tokens
-    num_tokens: int  # target tokens of the micro-batch (labels != -100)
-    extra_loss: torch.Tensor | float = 0.0  # () added as is, e.g. MoE aux loss (averaged over micro-batches)
-    metrics: dict[str, float] = field(default_factory=dict)  # e.g. separate loss terms (step mean reported)
-    expert_load: torch.Tensor | None = None  # (num_moe_layers, E) tokens per expert (step sum reported)
-
-
-@dataclass
-class StepResult:
-    step: int  # optimizer steps taken so far (incl. skipped ones), i.e. 1-based index of this step
-    lr: float  # LR used by this step
-    loss: float  # global token-mean CE: sum(loss_sum) / tokens over all ranks
-    grad_norm: float  # global grad L2 norm before clipping (inf/nan when skipped)
-    skipped: bool  # non-finite loss/grad: no update
-    tokens: int  # global target tokens of the step
-    metrics: dict[str, float]  # means over the step's micro-batches (all ranks), incl. "extra_loss"
-    expert_load: torch.Tensor | None  # (num_moe_layers, E) summed over all micro-batches of all ranks
-
-
-LossFn = Callable[[nn.Module, Any], LossResult]
-
-
-def count_target_tokens(micro_batch: Any) -> int:
-    """Default token counter: ``labels != -100`` of a mapping (or object) with ``labels``."""
-    labels = (
-        micro_batch.get("labels")
-        if isinstance(micro_batch, Mapping)
-        else getattr(micro_batch, "labels", None)
-    )
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(
-            "count_tokens: the default counter needs micro-batches with a 'labels' tensor; "
-            "pass TrainEngine(count_tokens=...) for other batch types"
-        )
-    return int((labels != IGNORE_INDEX).sum())
-
-
-class _LossModule(nn.Module):
-    """What DeepSpeed wraps: forward(micro_batch) -> the scalar that this micro-batch backpropagates."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-        self.token_scale = 1.0
-        self.last: LossResult | None = None
-
-    def forward(self, micro_batch: Any) -> torch.Tensor:
-        res = self.loss_fn(self.model, micro_batch)
-        if not isinstance(res, LossResult):
-            raise TypeError(f"loss_fn: expected a LossResult, got {type(res).__name__}")
-        if not isinstance(res.loss_sum, torch.Tensor) or res.loss_sum.dim() != 0:
-            raise TypeError("loss_fn: LossResult.loss_sum must be a 0-dim tensor (summed over target tokens)")
-        self.last = res
-        return res.loss_sum.float() * self.token_scale + res.extra_loss
-
-
-def _install_step_guard(optimizer: torch.optim.Optimizer) -> None:
-    """Let the engine veto the next ``optimizer.step()`` (non-finite step) under ZeRO 0, where DeepSpeed
-    calls the optimizer directly; DeepSpeed reads ``optimizer.overflow`` afterwards (skipped-step count)."""
-    inner = optimizer.step
-
-    def step(closure: Callable[[], float] | None = None) -> float | None:
-        optimizer.overflow = optimizer.skip_next
-        optimizer.skip_next = False
-        return None if optimizer.overflow else inner(closure)
-
-    optimizer.skip_next = False
-    optimizer.overflow = False
-    optimizer.step = step
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """The tensors of a micro-batch (nested dicts, lists, tuples) on ``device``; loaders yield CPU tensors."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if type(batch) in (list, tuple):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class TrainEngine:
@@ -200,6 +117,7 @@ class TrainEngine:
         self.consecutive_nonfinite = 0
         seed_everything(cfg.seed + self.rank)
 
+        self._muon: DistributedMuon | None = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("model: no parameter has requires_grad=True; nothing to train")
@@ -219,8 +137,12 @@ class TrainEngine:
             )
             params = {f"optimizer.{k}": v for k, v in param_group_summary(groups).items()}
             optimizer = DistributedMuon(groups, grads_are_averaged=True)
+            self._muon = optimizer
         else:
             params = {"optimizer.adamw_params": sum(p.numel() for p in self.trainable)}
+        self.low_precision_params = 0
+        if cfg.working_weights == "bf16":
+            self._hold_working_weights_in_bf16()
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=self._wrapper,
             optimizer=optimizer,
@@ -238,9 +160,25 @@ class TrainEngine:
                     "world_size": self.world_size,
                     "precision_resolved": self.precision,
                     "trainable_params": sum(p.numel() for p in self.trainable),
+                    "bf16_working_params": self.low_precision_params,
                     **params,
                 }
             )
+
+    def _hold_working_weights_in_bf16(self) -> None:
+        """``working_weights: bf16``: the trainable matmul weights (``kimivl_model.precision``) become bf16,
+        their fp32 masters live in DistributedMuon on the owner rank (validated in ``EngineConfig``)."""
+        from kimivl_model.precision import low_precision_weights
+
+        if self.precision != "bf16":
+            raise ValueError(
+                f"working_weights: 'bf16' needs bf16 autocast, but precision {self.cfg.precision!r} resolved to "
+                f"{self.precision!r} on {self.device_type}; set precision: bf16"
+            )
+        assert self._muon is not None
+        chosen = [p for _, p in low_precision_weights(self.model)]
+        self._muon.hold_in_low_precision(chosen, torch.bfloat16)
+        self.low_precision_params = sum(p.numel() for p in chosen)
 
     # ------------------------------------------------------------------------------- collectives
     def _all_reduce(self, values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
@@ -392,8 +330,26 @@ class TrainEngine:
 
     # ------------------------------------------------------------------------------- state
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full-precision ``model.state_dict()`` (params + persistent buffers) on CPU."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        """Full-precision ``model.state_dict()`` (params + persistent buffers) on CPU.
+
+        With bf16 working weights the fp32 masters replace those params: then this is a collective (every
+        rank calls it; the masters are broadcast from their owners) and ranks other than 0 get ``{}``."""
+        if self._muon is None or not self._muon.low_precision:
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        masters = self._muon.master_weights(dst=0)
+        if self.rank != 0:
+            return {}
+        return {
+            k: masters[id(v)] if id(v) in masters else v.detach().to("cpu", copy=True)
+            for k, v in self.model.state_dict(keep_vars=True).items()
+        }
+
+    def reset_master_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """bf16 working weights: fp32 masters <- ``weights`` (a full state dict), for a weights-only resume."""
+        if self._muon is None or not self._muon.low_precision:
+            return
+        sd = self.model.state_dict(keep_vars=True)
+        self._muon.set_master_weights({id(sd[k]): weights[k] for k in sd if k in weights})
 
     def _barrier(self) -> None:
         if self.world_size > 1:
@@ -404,10 +360,9 @@ class TrainEngine:
         from tasks.model_io import save_safetensors_atomic
 
         path = Path(path)
+        state = self.full_state_dict()  # collective with bf16 working weights
         if self.rank == 0:
-            save_safetensors_atomic(
-                self.full_state_dict(), path, metadata={"format": "pt", "step": str(self.step)}
-            )
+            save_safetensors_atomic(state, path, metadata={"format": "pt", "step": str(self.step)})
         self._barrier()
         return path
 

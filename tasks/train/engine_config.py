@@ -28,6 +28,11 @@ class EngineConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~20x slower there)"
     )
+    working_weights: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: trainable matmul weights held in bf16 with fp32 masters in the optimizer (owner "
+        "rank); needs optimizer muon and precision bf16. fp32: fp32 weights under autocast",
+    )
     schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig, description="LR schedule")
     weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay (Moonlight: 0.1)")
     adamw_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (also Muon's AdamW part)")
@@ -50,6 +55,12 @@ class EngineConfig(BaseModel):
                 f"zero_stage: optimizer 'muon' requires zero_stage=0, got {self.zero_stage}: DeepSpeed ZeRO >= 1 "
                 "flattens params into 1-D partitions, so the client optimizer cannot see whole matrices for "
                 "Newton-Schulz; DistributedMuon shards its own state (ZeRO-1 style) instead"
+            )
+        if self.working_weights == "bf16" and (self.optimizer != "muon" or self.precision == "fp32"):
+            raise ValueError(
+                f"working_weights: 'bf16' needs optimizer 'muon' (its owners keep the fp32 masters) and bf16 "
+                f"autocast (precision bf16 or auto on CUDA), got optimizer={self.optimizer!r}, "
+                f"precision={self.precision!r}"
             )
         b1, b2 = self.adamw_betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
@@ -87,7 +98,8 @@ def build_ds_config(cfg: EngineConfig, world_size: int, device_type: str = "cpu"
         "gradient_clipping": float(cfg.grad_clip),
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": False},
-        # fp32 params/grads/optimizer state, bf16 compute; grads reduced in fp32 (no lower-precision comm)
+        # fp32 params/grads/optimizer state, bf16 compute; grads reduced in fp32 (no lower-precision comm);
+        # working_weights bf16: the bf16 matmul weights' grads are bf16 (accumulated and reduced in bf16)
         "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,

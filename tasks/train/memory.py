@@ -17,6 +17,10 @@ optimizer uses:
   are cast per use; without gradient checkpointing the copies backward needs are saved with the
   activations (not counted here).
 
+With ``train.working_weights: bf16`` (``kimivl_model/precision.py``) the trainable matmul weights are held
+in bf16 (2 bytes, and 2 for their gradients), their fp32 masters are optimizer state on the owner rank (+1
+fp32 element per owned element), and autocast copies remain only for the trainable weights still in fp32.
+
 Not included (said so wherever the numbers are shown): activations (with gradient checkpointing, about
 seq_len x hidden x 4 bytes per decoder layer plus one layer's recomputation), DeepSpeed's transient
 gradient-reduction buckets, optimizer step counters, the CUDA context and allocator fragmentation.
@@ -60,6 +64,7 @@ class MemoryPlan:
     gradients: int
     optimizer_state: int
     autocast_copies: int
+    bf16_working_params: int = 0  # trainable params held in bf16 (fp32 masters in the optimizer)
 
     @property
     def total(self) -> int:
@@ -94,7 +99,13 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
     model, groups = _phase_model_groups(recipe, phase)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     trainable = sum(p.numel() for g in groups for p in g["params"])
-    grads = trainable * FP32 // (world if train.zero_stage >= 2 else 1)
+    low_ids: set[int] = set()
+    if getattr(train, "working_weights", "fp32") == "bf16" and precision == "bf16":
+        from kimivl_model.precision import low_precision_weights
+
+        low_ids = {id(p) for _, p in low_precision_weights(model)}
+    low = sum(p.numel() for g in groups for p in g["params"] if id(p) in low_ids)
+    grads = ((trainable - low) * FP32 + low * BF16) // (world if train.zero_stage >= 2 else 1)
     if train.optimizer == "muon":  # DistributedMuon: whole-matrix owners, the busiest rank
         numels = [[p.numel() for p in g["params"]] for g in groups]
         owners = assign_owners(numels, world)
@@ -102,7 +113,8 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
         for g, group in enumerate(groups):
             per_elem = 1 if group["use_muon"] else 2
             for i, n in enumerate(numels[g]):
-                per_rank[owners[g][i]] += per_elem * n
+                master = 1 if id(group["params"][i]) in low_ids else 0
+                per_rank[owners[g][i]] += (per_elem + master) * n
         opt = max(per_rank) * FP32
     elif train.zero_stage == 0:  # torch AdamW over the fp32 parameters: two moments
         opt = 2 * trainable * FP32
@@ -116,10 +128,11 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
         zero_stage=train.zero_stage,
         params=params,
         trainable=trainable,
-        weights=params * FP32,
+        weights=(params - low) * FP32 + low * BF16,
         gradients=grads,
         optimizer_state=opt,
-        autocast_copies=trainable * BF16 if precision == "bf16" else 0,
+        autocast_copies=(trainable - low) * BF16 if precision == "bf16" else 0,
+        bf16_working_params=low,
     )
 
 

@@ -198,6 +198,7 @@ def _run_phase(
         optimizer=t.optimizer,
         zero_stage=t.zero_stage,
         precision=t.precision,
+        working_weights=t.working_weights,
         schedule=lr_schedule(recipe, phase, start_step, tokens_per_step),
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,

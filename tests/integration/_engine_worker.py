@@ -139,11 +139,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     rank, _world = init_distributed_if_needed()
     for run in args.runs.split(","):
-        opt, zero = run.split(":")
-        out = args.out / f"{opt}-z{zero}"
+        opt, zero, *variant = run.split(":")  # "muon:0:bf16w": bf16 working weights, fp32 masters
+        out = args.out / "-".join([f"{opt}-z{zero}", *variant])
         out.mkdir(parents=True, exist_ok=True)
         model = make_model()
-        engine = TrainEngine(model, engine_config(opt, int(zero)), loss_fn)
+        cfg = engine_config(opt, int(zero))
+        if variant == ["bf16w"]:
+            cfg = cfg.model_copy(update={"precision": "bf16", "working_weights": "bf16"})
+        engine = TrainEngine(model, cfg, loss_fn)
         start = 0
         latest = latest_checkpoint(out / "ckpt") if args.resume else None
         if latest is not None:

@@ -97,30 +97,67 @@ def test_a_phase_that_cannot_fit_stops_before_the_model_is_built(monkeypatch, tm
         memory.check_fits(plan, plan.total * 2 - 1, "host", ranks_sharing=2)
 
 
-def test_recipe_memory_cli_on_the_full_scale_recipe():
-    """configs/a3b.yaml on 8 H100s: ViT training and alignment fit; every phase that trains the whole
-    16.4B model needs > 150 GiB of model states per rank (fp32 weights + gradients on every rank)."""
+def test_recipe_memory_cli_on_the_full_scale_recipe(tmp_path):
+    """configs/a3b.yaml on 8 ranks. With its bf16 working weights every phase fits an H200 (139 GiB; the
+    whole-model phases need ~80 GiB of model states per rank); with fp32 working weights the phases that
+    train the whole 16.4B model need > 150 GiB per rank (fp32 weights + gradients on every rank)."""
     from flows.cli import app
 
-    args = [
-        "recipe",
-        "memory",
-        "-r",
-        str(ROOT / "configs/a3b.yaml"),
-        "--world",
-        "8",
-        "--device-memory",
-        "79.1",
-    ]
-    res = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    def memory(recipe: Path, gib: str):
+        args = ["recipe", "memory", "-r", str(recipe), "--world", "8", "--device-memory", gib]
+        res = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        return res, {p["phase"]: p for p in out["phases"]}
+
+    res, phases = memory(ROOT / "configs/a3b.yaml", "139")
+    assert res.exit_code == 0, res.output
+    jp = phases["joint_pretrain"]
+    assert jp["params"] == jp["trainable"] == 16_407_654_384 and all(p["fits"] for p in phases.values())
+    low = jp["bf16_working_params"]
+    assert 0.95 * jp["params"] < low < jp["params"]  # all matmul weights; embeddings, norms, router fp32
+    assert jp["weights"] == jp["gradients"] == 2 * low + 4 * (jp["params"] - low)
+    assert 75 * 1024**3 < jp["total"] < 85 * 1024**3
+
+    raw = yaml.safe_load((ROOT / "configs/a3b.yaml").read_text())
+    raw["train"]["working_weights"] = "fp32"
+    fp32 = tmp_path / "a3b-fp32.yaml"
+    fp32.write_text(yaml.safe_dump(raw))
+    res, phases = memory(fp32, "79.1")
     assert res.exit_code == 1, res.output
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    phases = {p["phase"]: p for p in out["phases"]}
     assert phases["vit"]["fits"] and phases["align"]["fits"]
     jp = phases["joint_pretrain"]
-    assert jp["params"] == jp["trainable"] == 16_407_654_384 and not jp["fits"]
     assert jp["weights"] == jp["gradients"] == 4 * jp["params"] and jp["total"] > 150 * 1024**3
+    assert not jp["fits"] and jp["bf16_working_params"] == 0
     assert "does not fit 79.1 GiB" in res.output and "joint_pretrain" in res.output
+
+
+def test_plan_with_bf16_working_weights_is_what_the_engine_allocates():
+    """working_weights bf16 on CPU (bf16 autocast): bf16 matmul weights and gradients, fp32 rest, fp32
+    masters + momentum as optimizer state: the plan byte for byte."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"].update(precision="bf16", working_weights="bf16")
+    recipe = recipe_from_dict(raw, "params.yaml")
+    phase = recipe.phase("joint_pretrain")
+    plan = memory.plan_phase(recipe, phase, world=1, device_type="cpu")
+    torch.manual_seed(0)
+    model = KimiVL(recipe.model.vlm_config())
+    model.set_trainable(list(phase.trainable))
+    schedule = LRScheduleConfig(peak_lr=1e-3, min_lr=1e-4, warmup_steps=1, total_steps=4)
+    cfg = EngineConfig(optimizer="muon", precision="bf16", working_weights="bf16", schedule=schedule)
+    eng = TrainEngine(model, cfg, lm_loss)
+    for p in eng.trainable:
+        p.grad = torch.full_like(p, 1e-3)
+    eng.optimizer.step()
+    params = list({id(p): p for p in model.parameters()}.values())
+    state = [
+        t for s in eng.optimizer.state.values() for k, t in s.items() if torch.is_tensor(t) and k != "step"
+    ]
+    assert plan.bf16_working_params == eng.low_precision_params > 0.5 * plan.trainable
+    assert plan.bf16_working_params == sum(p.numel() for p in params if p.dtype == torch.bfloat16)
+    assert plan.weights == _bytes(params)
+    assert plan.gradients == _bytes(p.grad for p in params if p.grad is not None)
+    assert plan.optimizer_state == _bytes(state)
+    assert plan.autocast_copies == 2 * (plan.trainable - plan.bf16_working_params)
 
 
 def test_plan_uses_the_init_checkpoints_architecture(tmp_path):

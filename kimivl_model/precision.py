@@ -1,0 +1,39 @@
+"""Which weights may be held in bf16 while fp32 masters live in the optimizer (``train.working_weights: bf16``).
+
+Under bf16 autocast over fp32 weights every micro-batch casts each matmul weight to bf16 again (on the H100
+A3B-layer benchmark that was ~15 ms of copies in a 126 ms compiled step; ``docs/PERFORMANCE.md``). Holding
+those weights in bf16 removes the casts and halves their memory; the optimizer keeps the fp32 master copy
+of each (``tasks/train/distributed_muon.py``, on the rank that owns the matrix), updates it in fp32 and
+writes the rounded result back.
+
+Only weights that autocast would cast for a GEMM anyway are chosen, so the forward's arithmetic is the same
+as under autocast over fp32 weights (the GEMM inputs are the same bf16 values, up to the rounding of the
+master itself): ``nn.Linear`` weights and the routed experts' 3-D weights. Everything else stays fp32:
+embedding tables (their lookups feed the fp32 residual stream; a head tied to an embedding stays fp32 too),
+norm weights, biases, the router (scores are computed in fp32), the ViT's patch convolution and position
+table, CoCa's logit scale/bias. Frozen weights are never chosen (they would be rounded for good).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kimivl_model.moe import RoutedExperts
+
+
+def low_precision_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, param) of the trainable matmul weights that may be held in bf16, each tensor once."""
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    chosen: dict[int, str] = {}
+    for mod_name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            candidates = [("weight", m.weight)]
+        elif isinstance(m, RoutedExperts):
+            candidates = [(n, getattr(m, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+        else:
+            continue
+        for attr, p in candidates:
+            if p.requires_grad and p.is_floating_point() and id(p) not in embedding and id(p) not in chosen:
+                chosen[id(p)] = f"{mod_name}.{attr}" if mod_name else attr
+    by_id = {id(p): p for p in model.parameters()}
+    return [(name, by_id[i]) for i, name in chosen.items()]
