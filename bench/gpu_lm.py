@@ -265,9 +265,16 @@ def run_mfu(peak: float, quick: bool, reps: int) -> dict[str, Any]:
             "variants": {},
             "errors": {},
         }
-    # fp32 master weights under bf16 autocast (the TrainEngine path), then the model cast to bf16
-    for prefix, autocast in (("", True), ("bf16_weights_", False)):
-        if prefix:
+    # fp32 weights under bf16 autocast (TrainEngine's default), then the matmul weights in bf16 under autocast
+    # (TrainEngine with working_weights: bf16; the fp32 masters live in the optimizer, not timed here), then
+    # the whole model cast to bf16 (no autocast, for comparison)
+    for prefix, autocast in (("", True), ("bf16_working_", True), ("bf16_weights_", False)):
+        if prefix == "bf16_working_":
+            from kimivl_model.precision import low_precision_weights
+
+            for _, p in low_precision_weights(model):
+                p.data = p.data.to(torch.bfloat16)
+        elif prefix:
             model.to(torch.bfloat16)
         for si, (label, lens) in enumerate(shapes.items()):
             prof = profile if (si == 0 and not quick) else None
@@ -294,6 +301,8 @@ def run_mfu(peak: float, quick: bool, reps: int) -> dict[str, Any]:
             "engine_before": "autocast bf16 over fp32 weights, per-segment SDPA + per-expert loop (session 2 engine)",
             "engine": "autocast bf16 over fp32 weights, library defaults (torch varlen_attn / flash-attn, grouped_mm)",
             "engine_compiled": "engine + model.compile: true (kimivl_model.compile.compile_blocks)",
+            "bf16_working_*": "the same with train.working_weights: bf16 (matmul weights in bf16, norms, "
+            "embeddings and router fp32, autocast on): the TrainEngine path with fp32 masters in Muon",
             "bf16_weights_*": "the same with the model cast to bf16 (no autocast), for comparison",
         },
         "shapes": rows,
