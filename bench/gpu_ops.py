@@ -173,21 +173,29 @@ def _optimizer_vs_adamw(model, reps: int, train_step=None) -> dict[str, Any]:
         return step
 
     muon = Muon(build_param_groups(model, lr=1e-5))
+    muon_bf16 = Muon(build_param_groups(model, lr=1e-5, ns_dtype="bf16"))  # train.muon_ns_dtype: bf16
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    s = interleaved({"muon": with_grads(muon), "adamw_fused": with_grads(adamw)}, reps=reps, warmup=1)
-    t_m, t_a = med(s["muon"]), med(s["adamw_fused"])
+    s = interleaved(
+        {"muon": with_grads(muon), "muon_bf16_ns": with_grads(muon_bf16), "adamw_fused": with_grads(adamw)},
+        reps=reps,
+        warmup=1,
+    )
+    t_m, t_b, t_a = med(s["muon"]), med(s["muon_bf16_ns"]), med(s["adamw_fused"])
     out: dict[str, Any] = {
         "muon_ms": rnd(1e3 * t_m),
+        "muon_bf16_ns_ms": rnd(1e3 * t_b),
         "adamw_fused_ms": rnd(1e3 * t_a),
         "ratio": rnd(t_m / t_a),
+        "ratio_bf16_ns": rnd(t_b / t_a),
     }
     if train_step is not None:
         t_fb = med(cuda_time(train_step, reps, warmup=1))
         out["fwd_bwd_ms"] = rnd(1e3 * t_fb)
         out["train_step_ratio"] = rnd((t_fb + t_m) / (t_fb + t_a))
+        out["train_step_ratio_bf16_ns"] = rnd((t_fb + t_b) / (t_fb + t_a))
     model.zero_grad(set_to_none=True)
-    muon.state.clear()
-    adamw.state.clear()
+    for opt in (muon, muon_bf16, adamw):
+        opt.state.clear()
     return out
 
 
@@ -196,8 +204,9 @@ def run_muon(quick: bool, reps: int) -> dict[str, Any]:
     from kimivl_model.lm import KimiLM
 
     out: dict[str, Any] = {
-        "what": "Muon (NS5 in fp32, TF32 matmuls allowed) vs torch AdamW(fused) on the model's params; "
-        "train_step_ratio = (fwd+bwd + Muon) / (fwd+bwd + AdamW) on one packed batch",
+        "what": "Muon (NS5 in fp32, TF32 matmuls allowed; *_bf16_ns: NS5 in bf16, train.muon_ns_dtype) vs torch "
+        "AdamW(fused) on the model's params; train_step_ratio = (fwd+bwd + Muon) / (fwd+bwd + AdamW) on one "
+        "packed batch",
         "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
     }
     cases = [("small", preset("small").lm, 8192)]

@@ -132,6 +132,7 @@ class TrainEngine:
                 weight_decay=cfg.weight_decay,
                 momentum=cfg.muon_momentum,
                 ns_steps=cfg.muon_ns_steps,
+                ns_dtype=cfg.muon_ns_dtype,
                 adamw_betas=tuple(cfg.adamw_betas),
                 adamw_eps=cfg.adamw_eps,
             )

@@ -39,6 +39,9 @@ class EngineConfig(BaseModel):
     adamw_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon momentum (Nesterov)")
     muon_ns_steps: int = Field(5, ge=1, description="Newton-Schulz iterations")
+    muon_ns_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Newton-Schulz arithmetic (bf16: the reference implementations' choice, GPU)"
+    )
     grad_clip: float = Field(1.0, ge=0, description="max global gradient L2 norm; 0 disables clipping")
     micro_batches_per_step: int = Field(
         1, ge=1, description="GLOBAL micro-batches (packed sequences) per optimizer step; divisible by world"

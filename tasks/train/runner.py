@@ -199,6 +199,7 @@ def _run_phase(
         zero_stage=t.zero_stage,
         precision=t.precision,
         working_weights=t.working_weights,
+        muon_ns_dtype=t.muon_ns_dtype,
         schedule=lr_schedule(recipe, phase, start_step, tokens_per_step),
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,

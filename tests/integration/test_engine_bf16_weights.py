@@ -132,7 +132,8 @@ def test_config_validation():
 def test_param_groups_see_the_same_tensors():
     """The engine casts the params in place: Muon's groups, the model and DeepSpeed share the tensors."""
     model = make_model()
-    eng = TrainEngine(model, _cfg(), loss_fn)
+    eng = TrainEngine(model, _cfg(muon_ns_dtype="bf16"), loss_fn)
+    assert {g["ns_dtype"] for g in eng.optimizer.param_groups} == {"bf16"}  # train.muon_ns_dtype reaches Muon
     ids = {id(p) for g in eng.optimizer.param_groups for p in g["params"]}
     assert ids == {id(p) for p in model.parameters() if p.requires_grad}
     assert len(build_param_groups(model, lr=1.0)) == len(eng.optimizer.param_groups)

@@ -320,3 +320,33 @@ def test_state_dict_round_trip_resumes_bit_exact():
     _train(resumed, opt_b, range(3, 6))
     for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_bf16_newton_schulz_is_the_fp32_direction_within_bf16_rounding():
+    """``ns_dtype: bf16`` (the reference implementations' arithmetic): same orthogonalised direction as fp32
+    up to bf16 rounding, the update applied in the param's dtype; an unknown dtype is refused."""
+    from kimivl_model.muon import NS_DTYPES, Muon, zeropower_via_newtonschulz5
+
+    torch.manual_seed(0)
+    g = torch.randn(3, 64, 96)
+    o32 = zeropower_via_newtonschulz5(g)
+    o16 = zeropower_via_newtonschulz5(g, dtype=torch.bfloat16)
+    assert o16.dtype == torch.float32 and not torch.equal(o16, o32)
+    cos = torch.nn.functional.cosine_similarity(o16.flatten(1), o32.flatten(1), dim=1)
+    assert float(cos.min()) > 0.99, cos
+    assert set(NS_DTYPES) == {"fp32", "bf16"}
+
+    w0 = torch.randn(64, 96)
+    grad = torch.randn(64, 96)
+    updates = []
+    for dtype in ("fp32", "bf16"):
+        w = torch.nn.Parameter(w0.clone())
+        opt = Muon([{"params": [w], "use_muon": True, "ns_dtype": dtype}], lr=0.02)
+        w.grad = grad.clone()
+        opt.step()
+        assert w.dtype == torch.float32
+        updates.append((w.detach() - w0).flatten())
+    assert not torch.equal(*updates)
+    assert float(torch.nn.functional.cosine_similarity(*updates, dim=0)) > 0.99
+    with pytest.raises(ValueError, match="ns_dtype"):
+        Muon([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "use_muon": True, "ns_dtype": "fp16"}])
