@@ -274,3 +274,30 @@ def test_two_process_stage_matches_one_process(tiny_data, tiny_run, tmp_path):
         assert abs(a - b) <= 1e-4 * abs(a), (l1, l2)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_recipe_phases_run_with_bf16_working_weights(tiny_data, tmp_path):
+    """``train.working_weights: bf16`` through the stage runner (CPU bf16 autocast): text pretraining, the CoCa
+    ViT phase, alignment (frozen LM) and joint pretraining run to completion (a non-finite loss would stop
+    them: DivergenceError); every export is fp32 (the masters), the LM weights frozen in alignment leave it
+    bit-identical to what it was given, and joint pretraining moves them."""
+    data_root, _ = tiny_data
+    recipe = short_recipe(precision="bf16", working_weights="bf16")
+    logs: dict[str, list] = {}
+    for name in ("text_pretrain", "vit", "align", "joint_pretrain"):
+        logs[name] = []
+        result = run_phase(recipe, recipe.phase(name), data_root, tmp_path, log=logs[name].append)
+        assert result is not None
+    exports = {n: _weights(tmp_path, n) for n in ("vit", "align", "joint_pretrain")}
+    for name, w in exports.items():
+        assert {t.dtype for t in w.values()} == {torch.float32}, name
+    frozen = [k for k in exports["align"] if k.startswith("language_model.")]
+    assert frozen and all(
+        torch.equal(exports["align"][k], exports["vit"][k]) for k in frozen if k in exports["vit"]
+    )
+    moved = [
+        k
+        for k in exports["joint_pretrain"]
+        if not torch.equal(exports["joint_pretrain"][k], exports["align"][k])
+    ]
+    assert any(k.startswith("language_model.") for k in moved)
