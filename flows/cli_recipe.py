@@ -81,7 +81,7 @@ def recipe_memory(
         console.print(f"[bold red]error:[/] --device: expected cuda or cpu, got {device!r}")
         raise typer.Exit(2)
     plans = plan_recipe(_recipe(recipe), world, device)
-    cols = ("phase", "params", "trainable", "weights", "grads", "optim", "autocast", "total")
+    cols = ("phase", "params", "trainable", "bf16", "weights", "grads", "optim", "autocast", "total")
     t = Table(title=f"model states per rank (GiB; no activations): {recipe}, {world} rank(s), {device}")
 
     def n(x: int) -> str:
@@ -101,6 +101,7 @@ def recipe_memory(
             p.phase,
             n(p.params),
             n(p.trainable),
+            n(p.bf16_working_params),  # trainable matmul weights held in bf16 (train.working_weights)
             *gib,
             *(("yes" if fits else "NO",) if fits is not None else ()),
         )

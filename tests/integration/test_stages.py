@@ -278,9 +278,9 @@ def test_two_process_stage_matches_one_process(tiny_data, tiny_run, tmp_path):
 
 def test_recipe_phases_run_with_bf16_working_weights(tiny_data, tmp_path):
     """``train.working_weights: bf16`` through the stage runner (CPU bf16 autocast): text pretraining, the CoCa
-    ViT phase, alignment (frozen LM) and joint pretraining run to completion (a non-finite loss would stop
-    them: DivergenceError); every export is fp32 (the masters), the LM weights frozen in alignment leave it
-    bit-identical to what it was given, and joint pretraining moves them."""
+    ViT phase, alignment (frozen LM) and joint pretraining run to completion (3 non-finite steps in a row
+    would stop them: DivergenceError); every export is fp32 (the masters), the LM weights frozen in
+    alignment leave it bit-identical to what it was given, and joint pretraining moves them."""
     data_root, _ = tiny_data
     recipe = short_recipe(precision="bf16", working_weights="bf16")
     logs: dict[str, list] = {}
