@@ -1,0 +1,120 @@
+"""Expert parallelism for the routed experts: each rank of an expert-parallel group holds E / ep experts.
+
+BUILDING BLOCK, NOT WIRED IN YET: ``KimiLM`` still builds ``RoutedExperts`` (every expert on every rank) and
+``TrainEngine`` / ``DistributedMuon`` / the checkpoint format / the memory plan know nothing of expert
+shards. What is here is the layer itself, checked on 2 gloo ranks against the single-process
+``RoutedExperts`` (outputs, input gradients and every expert's weight gradient): ``tests/unit/test_moe_ep.py``.
+Wiring it in needs (1) expert params excluded from DeepSpeed's data-parallel all-reduce (reduced only over
+ranks holding the same experts), (2) DistributedMuon owning expert shards locally (no broadcast), (3)
+checkpoints/exports gathering expert shards into the public per-expert names, (4) the memory plan.
+
+Forward of ``ExpertParallelExperts`` (same contract as ``RoutedExperts.forward``):
+1. assignments (token, slot) sorted by global expert id; the expert id gives the destination rank
+   (``id // E_local``), so the sorted rows are already grouped by destination;
+2. per-destination row counts are exchanged (one small ``all_to_all_single`` and one host sync: the split
+   sizes must be known on the host), then the rows and their local expert ids;
+3. each rank regroups what it received by local expert, runs the SwiGLU experts (the same per-expert loop /
+   grouped GEMM as ``RoutedExperts``), and sends the results back along the reverse splits;
+4. the weighted sum over the k slots, as in ``RoutedExperts`` (gather path).
+The row exchanges use ``torch.distributed.nn.functional.all_to_all_single``, whose backward is the reverse
+exchange, so gradients flow back to the sending ranks; expert weight gradients are complete on the rank
+that holds the expert (sums over every rank's tokens), with no further reduction inside the EP group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
+
+from kimivl_model.config import LMConfig
+from kimivl_model.moe import (
+    _autocast_dtype,
+    _DispatchRows,
+    _PermuteRows,
+    _swiglu_grouped,
+    _swiglu_loop,
+    expert_counts,
+)
+
+
+class ExpertParallelExperts(nn.Module):
+    """Experts ``[rank * E_local, (rank + 1) * E_local)`` of ``cfg``'s E routed experts on this rank of
+    ``group`` (default: the world). Weights (E_local, out, in), the layout of ``RoutedExperts``."""
+
+    def __init__(self, cfg: LMConfig, group: dist.ProcessGroup | None = None, impl: str = "auto") -> None:
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("ExpertParallelExperts: torch.distributed is not initialised")
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        e, h, i = cfg.num_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        if e % self.ep:
+            raise ValueError(
+                f"num_routed_experts: {e} experts cannot be split evenly over an expert-parallel group of {self.ep}"
+            )
+        if impl not in ("auto", "loop", "grouped"):
+            raise ValueError(f"ExpertParallelExperts.impl: unknown {impl!r}")
+        self.impl = impl
+        self.num_experts = e
+        self.num_local = e // self.ep
+        self.first = self.rank * self.num_local
+        self.gate_proj = nn.Parameter(torch.empty(self.num_local, i, h))
+        self.up_proj = nn.Parameter(torch.empty(self.num_local, i, h))
+        self.down_proj = nn.Parameter(torch.empty(self.num_local, h, i))
+        for p in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(p, std=cfg.initializer_range)
+
+    @torch.no_grad()
+    def load_from_full(self, full: nn.Module) -> None:
+        """Copy this rank's slice of a ``RoutedExperts`` holding all E experts."""
+        sl = slice(self.first, self.first + self.num_local)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(self, name).copy_(getattr(full, name)[sl])
+
+    def _exchange(
+        self, t: torch.Tensor, out_splits: list[int], in_splits: list[int], grad: bool
+    ) -> torch.Tensor:
+        out = t.new_empty((sum(out_splits), *t.shape[1:]))
+        if grad:
+            return all_to_all_autograd(
+                out, t.contiguous(), out_splits, in_splits, group=self.group or dist.group.WORLD
+            )
+        dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=self.group)
+        return out
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x (T, hidden), topk_idx (T, k) global expert ids, topk_weight (T, k) -> (T, hidden)."""
+        t, k = topk_idx.shape
+        flat = topk_idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        inv = torch.argsort(order)
+        sorted_ids = flat[order]
+        dest = torch.div(sorted_ids, self.num_local, rounding_mode="floor")  # non-decreasing
+        send_counts = expert_counts(dest, self.ep)  # (ep,)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()  # host sync: split sizes
+
+        low = _autocast_dtype(x)
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        compute = low if low is not None else self.gate_proj.dtype
+        if low is not None:
+            weights = tuple(p.to(low) for p in weights)
+        xs = _DispatchRows.apply(x.to(compute), order, inv, k, "gather")  # (T*k, hidden) by expert
+        local_ids = self._exchange(sorted_ids - dest * self.num_local, recv, send, grad=False)
+        xr = self._exchange(xs, recv, send, grad=True)  # (R, hidden), blocks by source rank
+        perm = torch.argsort(local_ids, stable=True)  # regroup the received rows by local expert
+        perm_inv = torch.argsort(perm)
+        counts = expert_counts(local_ids, self.num_local)
+        xe = _PermuteRows.apply(xr, perm, perm_inv)
+        grouped = self.impl == "grouped" or (
+            self.impl == "auto" and hasattr(torch, "_grouped_mm") and x.is_cuda and compute == torch.bfloat16
+        )
+        ye = _swiglu_grouped(xe, counts, *weights) if grouped else _swiglu_loop(xe, counts.tolist(), *weights)
+        yr = _PermuteRows.apply(ye, perm_inv, perm)  # back to the received order
+        ys = self._exchange(yr, send, recv, grad=True)  # (T*k, hidden) in sorted order again
+        ys = _PermuteRows.apply(ys, inv, order).view(t, k, -1)  # (token, slot) order
+        return (ys.to(x.dtype) * topk_weight.to(x.dtype)[..., None]).sum(dim=1)
