@@ -1,12 +1,14 @@
 """Expert parallelism for the routed experts: each rank of an expert-parallel group holds E / ep experts.
 
-BUILDING BLOCK, NOT WIRED IN YET: ``KimiLM`` still builds ``RoutedExperts`` (every expert on every rank) and
+BUILDING BLOCK, NOT WIRED INTO TRAINING YET: ``KimiLM`` builds ``RoutedExperts`` (every expert on every
+rank); ``shard_experts(model)`` swaps them for this rank's shard, and a sharded KimiLM's forward/backward
+is checked on 2 gloo ranks against the unsharded model (``tests/unit/test_moe_ep.py``: losses, every
+replicated parameter's gradient, every expert's gradient summed over the ranks' tokens). But
 ``TrainEngine`` / ``DistributedMuon`` / the checkpoint format / the memory plan know nothing of expert
-shards. What is here is the layer itself, checked on 2 gloo ranks against the single-process
-``RoutedExperts`` (outputs, input gradients and every expert's weight gradient): ``tests/unit/test_moe_ep.py``.
-Wiring it in needs (1) expert params excluded from DeepSpeed's data-parallel all-reduce (reduced only over
-ranks holding the same experts), (2) DistributedMuon owning expert shards locally (no broadcast), (3)
-checkpoints/exports gathering expert shards into the public per-expert names, (4) the memory plan.
+shards: wiring needs (1) expert params excluded from DeepSpeed's data-parallel all-reduce (reduced only
+over ranks holding the same experts) and global-norm clipping over the shards, (2) DistributedMuon owning
+expert shards locally (no broadcast), (3) checkpoints/exports gathering the shards into the public
+per-expert names, (4) the memory plan, (5) a recipe/launch setting for the expert-parallel size.
 
 Forward of ``ExpertParallelExperts`` (same contract as ``RoutedExperts.forward``):
 1. assignments (token, slot) sorted by global expert id; the expert id gives the destination rank
@@ -74,6 +76,20 @@ class ExpertParallelExperts(nn.Module):
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(self, name).copy_(getattr(full, name)[sl])
 
+    @classmethod
+    def from_full(
+        cls, full: nn.Module, cfg: LMConfig, group: dist.ProcessGroup | None = None
+    ) -> ExpertParallelExperts:
+        """This rank's shard of ``full`` (a ``RoutedExperts``): same device, dtype and requires_grad, no
+        random init of the shard (built on the meta device, then the slices are copied)."""
+        with torch.device("meta"):
+            ep = cls(cfg, group, impl=full.impl)
+        sl = slice(ep.first, ep.first + ep.num_local)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            src = getattr(full, name)
+            setattr(ep, name, nn.Parameter(src.detach()[sl].clone(), requires_grad=src.requires_grad))
+        return ep
+
     def _exchange(
         self, t: torch.Tensor, out_splits: list[int], in_splits: list[int], grad: bool
     ) -> torch.Tensor:
@@ -118,3 +134,20 @@ class ExpertParallelExperts(nn.Module):
         ys = self._exchange(yr, send, recv, grad=True)  # (T*k, hidden) in sorted order again
         ys = _PermuteRows.apply(ys, inv, order).view(t, k, -1)  # (token, slot) order
         return (ys.to(x.dtype) * topk_weight.to(x.dtype)[..., None]).sum(dim=1)
+
+
+def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Replace every ``MoE``'s ``RoutedExperts`` in ``model`` by this rank's ``ExpertParallelExperts`` shard
+    (in place; every rank must hold the same full weights when called). Returns the number of MoE layers.
+    The rest of the model (attention, router, shared experts, ...) stays replicated."""
+    from kimivl_model.moe import MoE
+
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, LMConfig):
+        raise TypeError("shard_experts: expected a model with an LMConfig in .cfg (KimiLM)")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.experts = ExpertParallelExperts.from_full(m.experts, cfg, group)
+            n += 1
+    return n

@@ -101,3 +101,80 @@ def test_expert_parallel_layer_matches_all_experts_in_one_process(tmp_path):
                 assert r["dw_norm"] == 0.0
             else:
                 assert r["dw_norm"] > 0
+
+
+def _lm_worker(rank: int, init_file: str, out_dir: str) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+        import copy
+
+        from kimivl_model.lm import KimiLM
+        from kimivl_model.moe_ep import ExpertParallelExperts, shard_experts
+
+        cfg = dataclasses.replace(
+            preset("tiny").lm, vocab_size=300, num_layers=2, first_k_dense=1, num_routed_experts=8
+        )
+        torch.manual_seed(0)
+        full = KimiLM(cfg, expert_impl="loop").train()
+        sharded = copy.deepcopy(full)
+        assert shard_experts(sharded) == 1
+        experts = [m for m in sharded.modules() if isinstance(m, ExpertParallelExperts)]
+
+        def batch(r: int):
+            g = torch.Generator().manual_seed(7 + r)
+            lens = [40, 24] if r == 0 else [64]
+            ids = torch.randint(4, cfg.vocab_size, (sum(lens),), generator=g)
+            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+            labels = torch.cat([torch.cat((d[1:], torch.tensor([-100]))) for d in ids.split(lens)])
+            return ids, cu, labels
+
+        def step(model, r):
+            ids, cu, labels = batch(r)
+            out = model(ids, cu_seqlens=cu, labels=labels, return_logits=False)
+            (out.loss + out.aux_loss).backward()
+            return float(out.loss)
+
+        loss = step(sharded, rank)
+        ref_grads, ref_loss = {}, None
+        for r in range(WORLD):  # the unsharded model on both ranks' batches: expert grads add up
+            full.zero_grad(set_to_none=True)
+            lr = step(full, r)
+            for n, p in full.named_parameters():
+                if p.grad is None:
+                    continue
+                if ".experts." in n:
+                    ref_grads[n] = ref_grads.get(n, 0) + p.grad
+                elif r == rank:
+                    ref_grads[n] = p.grad.clone()
+            if r == rank:
+                ref_loss = lr
+        sl = slice(experts[0].first, experts[0].first + experts[0].num_local)
+        worst = 0.0
+        for n, p in sharded.named_parameters():
+            ref = ref_grads[n][sl] if ".experts." in n else ref_grads[n]
+            worst = max(worst, float((p.grad - ref).abs().max()))
+        shard_numel = sum(p.numel() for p in experts[0].parameters())
+        torch.save(
+            {"loss": (loss, ref_loss), "worst_grad": worst, "shard_numel": shard_numel},
+            Path(out_dir) / f"lm{rank}.pt",
+        )
+        dist.destroy_process_group()
+    except Exception:
+        (Path(out_dir) / f"lm{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.timeout(120)
+def test_sharded_kimilm_matches_the_unsharded_model(tmp_path):
+    """``shard_experts(KimiLM)`` on 2 ranks: each rank's loss, the gradients of everything replicated, and
+    its experts' gradients (over both ranks' tokens) equal the unsharded model's; half the experts each."""
+    mp.spawn(_lm_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    errors = [p.read_text() for p in tmp_path.glob("*.err")]
+    assert not errors, errors
+    full_numel = 3 * 8 * preset("tiny").lm.hidden_size * preset("tiny").lm.moe_intermediate_size
+    for rank in range(WORLD):
+        r = torch.load(tmp_path / f"lm{rank}.pt", weights_only=True)
+        assert abs(r["loss"][0] - r["loss"][1]) < 1e-5, r
+        assert r["worst_grad"] < 1e-5, r
+        assert 2 * r["shard_numel"] == full_numel
