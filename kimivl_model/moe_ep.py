@@ -32,6 +32,8 @@ from torch.distributed.nn.functional import all_to_all_single as all_to_all_auto
 
 from kimivl_model.config import LMConfig
 from kimivl_model.moe import (
+    EXPERT_IMPLS,
+    RoutedExperts,
     _autocast_dtype,
     _DispatchRows,
     _PermuteRows,
@@ -57,8 +59,8 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(
                 f"num_routed_experts: {e} experts cannot be split evenly over an expert-parallel group of {self.ep}"
             )
-        if impl not in ("auto", "loop", "grouped"):
-            raise ValueError(f"ExpertParallelExperts.impl: unknown {impl!r}")
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"ExpertParallelExperts.impl: unknown {impl!r} (expected one of {EXPERT_IMPLS})")
         self.impl = impl
         self.num_experts = e
         self.num_local = e // self.ep
@@ -68,6 +70,8 @@ class ExpertParallelExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_local, h, i))
         for p in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(p, std=cfg.initializer_range)
+
+    _use_grouped = RoutedExperts._use_grouped  # the same kernel choice as the unsharded layer
 
     @torch.no_grad()
     def load_from_full(self, full: nn.Module) -> None:
@@ -126,10 +130,10 @@ class ExpertParallelExperts(nn.Module):
         perm_inv = torch.argsort(perm)
         counts = expert_counts(local_ids, self.num_local)
         xe = _PermuteRows.apply(xr, perm, perm_inv)
-        grouped = self.impl == "grouped" or (
-            self.impl == "auto" and hasattr(torch, "_grouped_mm") and x.is_cuda and compute == torch.bfloat16
-        )
-        ye = _swiglu_grouped(xe, counts, *weights) if grouped else _swiglu_loop(xe, counts.tolist(), *weights)
+        if self._use_grouped(x, compute):
+            ye = _swiglu_grouped(xe, counts, *weights)
+        else:
+            ye = _swiglu_loop(xe, counts.tolist(), *weights)
         yr = _PermuteRows.apply(ye, perm_inv, perm)  # back to the received order
         ys = self._exchange(yr, send, recv, grad=True)  # (T*k, hidden) in sorted order again
         ys = _PermuteRows.apply(ys, inv, order).view(t, k, -1)  # (token, slot) order

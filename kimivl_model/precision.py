@@ -24,7 +24,7 @@ from kimivl_model.moe import RoutedExperts
 def low_precision_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, param) of the trainable matmul weights that may be held in bf16, each tensor once."""
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    chosen: dict[int, str] = {}
+    chosen: dict[int, tuple[str, nn.Parameter]] = {}
     for mod_name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             candidates = [("weight", m.weight)]
@@ -34,6 +34,5 @@ def low_precision_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             continue
         for attr, p in candidates:
             if p.requires_grad and p.is_floating_point() and id(p) not in embedding and id(p) not in chosen:
-                chosen[id(p)] = f"{mod_name}.{attr}" if mod_name else attr
-    by_id = {id(p): p for p in model.parameters()}
-    return [(name, by_id[i]) for i, name in chosen.items()]
+                chosen[id(p)] = (f"{mod_name}.{attr}" if mod_name else attr, p)
+    return list(chosen.values())

@@ -100,7 +100,7 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     trainable = sum(p.numel() for g in groups for p in g["params"])
     low_ids: set[int] = set()
-    if getattr(train, "working_weights", "fp32") == "bf16" and precision == "bf16":
+    if train.working_weights == "bf16" and precision == "bf16":
         from kimivl_model.precision import low_precision_weights
 
         low_ids = {id(p) for _, p in low_precision_weights(model)}

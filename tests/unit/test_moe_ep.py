@@ -41,58 +41,65 @@ def _inputs(rank: int, all_to_first_half: bool):
     return x, idx, w, gout
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _entry(rank: int, body, init_file: str, out_dir: str) -> None:
+    """One gloo rank: run ``body(rank, out_dir)``; a failure is written to ``rank<N>.err`` for the test."""
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        from kimivl_model.moe_ep import ExpertParallelExperts
-
-        cfg = _cfg()
-        torch.manual_seed(0)
-        full = RoutedExperts(cfg, impl="loop")
-        ep = ExpertParallelExperts(cfg, impl="loop")
-        ep.load_from_full(full)
-        report = {}
-        for case in (False, True):
-            ep.zero_grad(set_to_none=True)
-            full.zero_grad(set_to_none=True)
-            x, idx, w, gout = _inputs(rank, case)
-            xi = x.clone().requires_grad_()
-            out = ep(xi, idx, w)
-            (out * gout).sum().backward()
-            # reference: all experts in one process, both ranks' tokens (their gradients add up per expert)
-            ref_dx = None
-            for r in range(WORLD):
-                xr, idxr, wr, goutr = _inputs(r, case)
-                xr = xr.clone().requires_grad_()
-                ref = full(xr, idxr, wr)
-                (ref * goutr).sum().backward()
-                if r == rank:
-                    ref_out, ref_dx = ref.detach(), xr.grad
-            sl = slice(ep.first, ep.first + ep.num_local)
-            report[case] = {
-                "out": float((out.detach() - ref_out).abs().max()),
-                "dx": float((xi.grad - ref_dx).abs().max()),
-                "dw": max(
-                    float((getattr(ep, n).grad - getattr(full, n).grad[sl]).abs().max())
-                    for n in ("gate_proj", "up_proj", "down_proj")
-                ),
-                "dw_norm": float(
-                    sum(getattr(ep, n).grad.norm() for n in ("gate_proj", "up_proj", "down_proj"))
-                ),
-            }
-        torch.save(report, Path(out_dir) / f"rank{rank}.pt")
+        body(rank, Path(out_dir))
         dist.destroy_process_group()
     except Exception:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
 
 
-@pytest.mark.timeout(120)
-def test_expert_parallel_layer_matches_all_experts_in_one_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+def _spawn(body, tmp_path: Path) -> None:
+    mp.spawn(_entry, args=(body, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     errors = [p.read_text() for p in tmp_path.glob("*.err")]
     assert not errors, errors
+
+
+def _layer_body(rank: int, out_dir: Path) -> None:
+    from kimivl_model.moe_ep import ExpertParallelExperts
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    full = RoutedExperts(cfg, impl="loop")
+    ep = ExpertParallelExperts(cfg, impl="loop")
+    ep.load_from_full(full)
+    report = {}
+    for case in (False, True):
+        ep.zero_grad(set_to_none=True)
+        full.zero_grad(set_to_none=True)
+        x, idx, w, gout = _inputs(rank, case)
+        xi = x.clone().requires_grad_()
+        out = ep(xi, idx, w)
+        (out * gout).sum().backward()
+        # reference: all experts in one process, both ranks' tokens (their gradients add up per expert)
+        ref_dx = None
+        for r in range(WORLD):
+            xr, idxr, wr, goutr = _inputs(r, case)
+            xr = xr.clone().requires_grad_()
+            ref = full(xr, idxr, wr)
+            (ref * goutr).sum().backward()
+            if r == rank:
+                ref_out, ref_dx = ref.detach(), xr.grad
+        sl = slice(ep.first, ep.first + ep.num_local)
+        report[case] = {
+            "out": float((out.detach() - ref_out).abs().max()),
+            "dx": float((xi.grad - ref_dx).abs().max()),
+            "dw": max(
+                float((getattr(ep, n).grad - getattr(full, n).grad[sl]).abs().max())
+                for n in ("gate_proj", "up_proj", "down_proj")
+            ),
+            "dw_norm": float(sum(getattr(ep, n).grad.norm() for n in ("gate_proj", "up_proj", "down_proj"))),
+        }
+    torch.save(report, out_dir / f"rank{rank}.pt")
+
+
+@pytest.mark.timeout(120)
+def test_expert_parallel_layer_matches_all_experts_in_one_process(tmp_path):
+    _spawn(_layer_body, tmp_path)
     for rank in range(WORLD):
         report = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for case, r in report.items():
@@ -103,75 +110,66 @@ def test_expert_parallel_layer_matches_all_experts_in_one_process(tmp_path):
                 assert r["dw_norm"] > 0
 
 
-def _lm_worker(rank: int, init_file: str, out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        import copy
+def _lm_body(rank: int, out_dir: Path) -> None:
+    import copy
 
-        from kimivl_model.lm import KimiLM
-        from kimivl_model.moe_ep import ExpertParallelExperts, shard_experts
+    from kimivl_model.lm import KimiLM
+    from kimivl_model.moe_ep import ExpertParallelExperts, shard_experts
 
-        cfg = dataclasses.replace(
-            preset("tiny").lm, vocab_size=300, num_layers=2, first_k_dense=1, num_routed_experts=8
-        )
-        torch.manual_seed(0)
-        full = KimiLM(cfg, expert_impl="loop").train()
-        sharded = copy.deepcopy(full)
-        assert shard_experts(sharded) == 1
-        experts = [m for m in sharded.modules() if isinstance(m, ExpertParallelExperts)]
+    cfg = dataclasses.replace(
+        preset("tiny").lm, vocab_size=300, num_layers=2, first_k_dense=1, num_routed_experts=8
+    )
+    torch.manual_seed(0)
+    full = KimiLM(cfg, expert_impl="loop").train()
+    sharded = copy.deepcopy(full)
+    assert shard_experts(sharded) == 1
+    experts = [m for m in sharded.modules() if isinstance(m, ExpertParallelExperts)]
 
-        def batch(r: int):
-            g = torch.Generator().manual_seed(7 + r)
-            lens = [40, 24] if r == 0 else [64]
-            ids = torch.randint(4, cfg.vocab_size, (sum(lens),), generator=g)
-            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-            labels = torch.cat([torch.cat((d[1:], torch.tensor([-100]))) for d in ids.split(lens)])
-            return ids, cu, labels
+    def batch(r: int):
+        g = torch.Generator().manual_seed(7 + r)
+        lens = [40, 24] if r == 0 else [64]
+        ids = torch.randint(4, cfg.vocab_size, (sum(lens),), generator=g)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+        labels = torch.cat([torch.cat((d[1:], torch.tensor([-100]))) for d in ids.split(lens)])
+        return ids, cu, labels
 
-        def step(model, r):
-            ids, cu, labels = batch(r)
-            out = model(ids, cu_seqlens=cu, labels=labels, return_logits=False)
-            (out.loss + out.aux_loss).backward()
-            return float(out.loss)
+    def step(model, r):
+        ids, cu, labels = batch(r)
+        out = model(ids, cu_seqlens=cu, labels=labels, return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        return float(out.loss)
 
-        loss = step(sharded, rank)
-        ref_grads, ref_loss = {}, None
-        for r in range(WORLD):  # the unsharded model on both ranks' batches: expert grads add up
-            full.zero_grad(set_to_none=True)
-            lr = step(full, r)
-            for n, p in full.named_parameters():
-                if p.grad is None:
-                    continue
-                if ".experts." in n:
-                    ref_grads[n] = ref_grads.get(n, 0) + p.grad
-                elif r == rank:
-                    ref_grads[n] = p.grad.clone()
-            if r == rank:
-                ref_loss = lr
-        sl = slice(experts[0].first, experts[0].first + experts[0].num_local)
-        worst = 0.0
-        for n, p in sharded.named_parameters():
-            ref = ref_grads[n][sl] if ".experts." in n else ref_grads[n]
-            worst = max(worst, float((p.grad - ref).abs().max()))
-        shard_numel = sum(p.numel() for p in experts[0].parameters())
-        torch.save(
-            {"loss": (loss, ref_loss), "worst_grad": worst, "shard_numel": shard_numel},
-            Path(out_dir) / f"lm{rank}.pt",
-        )
-        dist.destroy_process_group()
-    except Exception:
-        (Path(out_dir) / f"lm{rank}.err").write_text(traceback.format_exc())
-        raise
+    loss = step(sharded, rank)
+    ref_grads, ref_loss = {}, None
+    for r in range(WORLD):  # the unsharded model on both ranks' batches: expert grads add up
+        full.zero_grad(set_to_none=True)
+        lr = step(full, r)
+        for n, p in full.named_parameters():
+            if p.grad is None:
+                continue
+            if ".experts." in n:
+                ref_grads[n] = ref_grads.get(n, 0) + p.grad
+            elif r == rank:
+                ref_grads[n] = p.grad.clone()
+        if r == rank:
+            ref_loss = lr
+    sl = slice(experts[0].first, experts[0].first + experts[0].num_local)
+    worst = 0.0
+    for n, p in sharded.named_parameters():
+        ref = ref_grads[n][sl] if ".experts." in n else ref_grads[n]
+        worst = max(worst, float((p.grad - ref).abs().max()))
+    shard_numel = sum(p.numel() for p in experts[0].parameters())
+    torch.save(
+        {"loss": (loss, ref_loss), "worst_grad": worst, "shard_numel": shard_numel},
+        out_dir / f"lm{rank}.pt",
+    )
 
 
 @pytest.mark.timeout(120)
 def test_sharded_kimilm_matches_the_unsharded_model(tmp_path):
     """``shard_experts(KimiLM)`` on 2 ranks: each rank's loss, the gradients of everything replicated, and
     its experts' gradients (over both ranks' tokens) equal the unsharded model's; half the experts each."""
-    mp.spawn(_lm_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    errors = [p.read_text() for p in tmp_path.glob("*.err")]
-    assert not errors, errors
+    _spawn(_lm_body, tmp_path)
     full_numel = 3 * 8 * preset("tiny").lm.hidden_size * preset("tiny").lm.moe_intermediate_size
     for rank in range(WORLD):
         r = torch.load(tmp_path / f"lm{rank}.pt", weights_only=True)
