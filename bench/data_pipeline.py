@@ -23,10 +23,11 @@ from bench.common import bench_main
 from tasks.data.dedup import DedupConfig, run_dedup
 from tasks.data.filter import FilterConfig, run_filter
 from tasks.data.io import count_rows, iter_rows
-from tasks.data.pack import Document, pack_documents
+from tasks.data.pack import Document, MediaIds, pack_documents
 from tasks.data.pipeline import DataRecipe, step_tokenizer, step_validate
 from tasks.data.schema import TOKENIZED_SCHEMA
 from tasks.data.synth import SynthConfig, run_synth
+from tasks.data.text_tokenizer import load_tokenizer
 from tasks.data.tokenize import TokenizeConfig, run_tokenize
 
 KINDS = ("caption", "interleaved", "ocr", "grounding", "text", "sft", "chart_qa")
@@ -95,11 +96,12 @@ def run(quick: bool = False, scale: int = 4, seq_len: int = 512) -> dict:
             ]
         )
         res["tokenize_rows_per_s"] = round(vrows / t, 1)
+        media = MediaIds.of(load_tokenizer(root / "tokenizer").special)
         docs = []
         for k in KINDS:
             for i, row in enumerate(iter_rows(root / "tokenized" / k, TOKENIZED_SCHEMA)):
                 if len(row["input_ids"]) <= seq_len:
-                    docs.append(Document.from_row(row, source=k, row_index=i))
+                    docs.append(Document.from_row(row, media, source=k, row_index=i))
         order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
         docs = [docs[i] for i in order]
         seqs, t = _timed(lambda: pack_documents(docs, seq_len))

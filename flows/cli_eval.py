@@ -137,8 +137,14 @@ def eval_cmd(
         resolve_checkpoint(checkpoint)
     except FileNotFoundError as e:
         _fail(str(e))
-    if not (tokenizer / "tokenizer.json").is_file():
-        _fail(f"--tokenizer: {tokenizer} holds no tokenizer.json")
+    from tasks.data.text_tokenizer import check_model_ids, load_tokenizer
+    from tasks.model_io import read_native_config
+
+    try:  # a tokenizer the model cannot read stops here, naming both values
+        tok = load_tokenizer(tokenizer)
+        check_model_ids(tok.describe(), read_native_config(resolve_checkpoint(checkpoint)), "--tokenizer")
+    except (OSError, ValueError) as e:
+        _fail(f"--tokenizer: {e}")
     if train_data is not None and not train_data.is_dir():
         _fail(f"--train-data: {train_data} is not a directory")
     earlier = None

@@ -55,10 +55,12 @@ _DATA_STAGES: list[tuple[str, str, list[str], list[str], str]] = [
     ("data_validate", "validate --recipe {recipe} --in data/dedup --out data/validated",
      ["data/dedup", "data_contracts", "tasks/data/validate.py"], ["data.validate"], "data/validated"),
     ("data_tokenizer", "tokenizer --recipe {recipe} --in data/validated --out data/tokenizer",
-     ["data/validated", "tasks/data/tokenizer.py"], ["data.tokenizer"], "data/tokenizer"),
+     ["data/validated", "tasks/data/tokenizer.py", "tasks/data/text_tokenizer.py"], ["data.tokenizer"],
+     "data/tokenizer"),
     ("data_tokenize",
      "tokenize --recipe {recipe} --in data/validated --tokenizer data/tokenizer --out data/tokenized",
-     ["data/validated", "data/tokenizer", "tasks/data/tokenize.py"], ["data.tokenize"], "data/tokenized"),
+     ["data/validated", "data/tokenizer", "tasks/data/tokenize.py", "tasks/data/chat_format.py",
+      "tasks/data/text_tokenizer.py", "tasks/data/special_tokens.py"], ["data.tokenize"], "data/tokenized"),
 ]  # fmt: skip
 
 TRAIN_CODE = ["kimivl_model", "tasks/train", "tasks/data/loader.py", "tasks/data/pack.py"]
@@ -106,6 +108,9 @@ def render_dvc_yaml(recipe: Any, recipe_path: str = "params.yaml") -> str:
     """The ``dvc.yaml`` text for ``recipe`` (stored at ``recipe_path``, relative to the repository root)."""
     stages: dict[str, Any] = {}
     for name, cmd, deps, params, out in _DATA_STAGES:
+        tok = recipe.data.tokenizer
+        if name == "data_tokenizer" and tok.source == "checkpoint":  # the checkpoint's files, not the corpus
+            deps = [str(tok.path), *deps[1:]]
         stages[name] = {
             "cmd": f"kimivl data {cmd.format(recipe=recipe_path)}",
             "deps": deps,

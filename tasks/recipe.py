@@ -13,8 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kimivl_model.config import PRESETS, ConfigError, VLMConfig, preset
 from tasks.data.pipeline import QA_NAME, DataRecipe
+from tasks.data.special_tokens import OWN_BPE_IDS
 from tasks.data.synth import SYNTH_KINDS
+from tasks.data.text_tokenizer import check_model_ids, load_tokenizer
+from tasks.data.tokenizer import CHECKPOINT_TOKENIZER
 from tasks.eval.points import INIT_POINT, RecipeEval
+from tasks.model_io import NATIVE_CONFIG, read_native_config
 from tasks.train.stages import NAME_PATTERN, STAGES, PhaseConfig
 
 
@@ -47,6 +51,14 @@ class ModelSettings(BaseModel):
 
     def vlm_config(self) -> VLMConfig:
         return preset(self.preset)
+
+    def architecture(self) -> VLMConfig:
+        """The architecture every phase trains: ``init_checkpoint``'s config when it exists (an imported
+        model, as the first phase loads it), else the preset (later phases keep their parent's)."""
+        init = self.init_checkpoint
+        if init is not None and (Path(init) / NATIVE_CONFIG).is_file():
+            return read_native_config(init)
+        return self.vlm_config()
 
 
 class TrainSettings(BaseModel):
@@ -97,6 +109,56 @@ class Recipe(BaseModel):
     train: TrainSettings = Field(default_factory=TrainSettings)
     phases: tuple[PhaseConfig, ...] = Field(default=(), description="training phases in recipe order")
     eval: RecipeEval = Field(default_factory=RecipeEval, description="evaluation points of the pipeline")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizer_from_checkpoint(cls, d: Any) -> Any:
+        """``data.tokenizer: from_checkpoint`` = the tokenizer ``kimivl model import`` put beside the weights
+        of ``model.init_checkpoint`` (its ``tokenizer/`` folder)."""
+        data = d.get("data") if isinstance(d, dict) else None
+        if not isinstance(data, dict) or data.get("tokenizer") != "from_checkpoint":
+            return d
+        init = (d.get("model") or {}).get("init_checkpoint")
+        if init is None:
+            raise ValueError(
+                "data.tokenizer: 'from_checkpoint' needs model.init_checkpoint (an imported checkpoint)"
+            )
+        tok = {"source": "checkpoint", "path": str(Path(init) / CHECKPOINT_TOKENIZER)}
+        return {**d, "data": {**data, "tokenizer": tok}}
+
+    @model_validator(mode="after")
+    def _tokenizer_fits_model(self) -> Recipe:
+        """The data's token ids must be the ones the model reads: checked here, before any work, whenever the
+        files it needs exist (a missing init checkpoint is reported by the commands that need it)."""
+        tcfg = self.data.tokenizer
+        init = self.model.init_checkpoint
+        if tcfg.source == "train":  # the project's BPE: specials at 0..13, ids below vocab_size
+            desc = {
+                "special_ids": OWN_BPE_IDS.as_dict(),
+                "max_used_id": tcfg.vocab_size - 1,
+                "directory": "the project's BPE trained by the data pipeline (data.tokenizer.source 'train')",
+            }
+        elif tcfg.path is not None and tcfg.path.is_dir():
+            try:
+                desc = load_tokenizer(tcfg.path).describe()
+            except (OSError, ValueError) as e:
+                raise ValueError(f"data.tokenizer.path: {e}") from None
+        elif init is not None and Path(init).is_dir():
+            raise ValueError(
+                f"data.tokenizer.path: {tcfg.path} does not exist: model.init_checkpoint {init} carries no "
+                f"tokenizer (import the public checkpoint with `kimivl model import`, which brings it along)"
+            )
+        else:
+            return self
+        try:
+            cfg = self.model.architecture()
+        except (OSError, ValueError):
+            return self  # an unreadable init checkpoint is reported where it is loaded
+        where = "data.tokenizer" + (
+            f" vs model.init_checkpoint {init}" if init else f" vs preset {self.model.preset!r}"
+        )
+        check_model_ids(desc, cfg, where)
+        return self
 
     @model_validator(mode="after")
     def _phases_consistent(self) -> Recipe:

@@ -36,9 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kimivl_model.image_processing import image_to_patches
 from tasks.data.images import decode_image, to_tensor
 from tasks.data.io import read_table
-from tasks.data.pack import Document, PackedSequence, Packer, Piece, build_sequence
+from tasks.data.pack import Document, MediaIds, PackedSequence, Packer, Piece, build_sequence
 from tasks.data.schema import TOKENIZED_SCHEMA
-from tasks.data.special_tokens import MEDIA_PAD_ID
+from tasks.data.special_tokens import SpecialIds
 from tasks.manifest import config_hash, read_manifest
 
 STATE_VERSION = 1
@@ -147,8 +147,15 @@ class _Source:
             raise ValueError(
                 f"sources[{spec.name!r}].path: {path} is a {m.kind!r} dataset, expected 'tokenized'"
             )
+        if "tokenizer" not in m.extra:
+            raise ValueError(
+                f"sources[{spec.name!r}].path: {path}'s manifest does not record its tokenizer's special ids "
+                f"(tokenized by an older version): rerun `kimivl data tokenize`"
+            )
         self.name = spec.name
         self.content_hash = m.content_hash
+        self.special = SpecialIds.from_dict(m.extra["tokenizer"]["special_ids"], str(path))
+        self.media_ids = MediaIds.of(self.special)
         self.image_cfg: dict[str, int] = m.extra["image_processing"]
         self.table: pa.Table = read_table(path, TOKENIZED_SCHEMA)
         if self.table.num_rows == 0:
@@ -177,7 +184,19 @@ class _Source:
         return row
 
     def document(self, row: int) -> Document:
-        return Document.from_row(self.table.slice(row, 1).to_pylist()[0], source=self.name, row_index=row)
+        row_dict = self.table.slice(row, 1).to_pylist()[0]
+        return Document.from_row(row_dict, self.media_ids, source=self.name, row_index=row)
+
+
+def common_special(sources: list[_Source]) -> SpecialIds:
+    """The special ids every source was tokenized with (one model reads them all)."""
+    if len({s.special for s in sources}) > 1:
+        raise ValueError(
+            "sources: tokenized with different tokenizers (special ids "
+            + "; ".join(f"{s.name}: media_pad={s.special.media_pad}" for s in sources)
+            + "): tokenize every source with the phase's tokenizer"
+        )
+    return sources[0].special
 
 
 class PackedLoader:
@@ -187,6 +206,7 @@ class PackedLoader:
         self.cfg = cfg
         self.sources = [_Source(s, cfg.seed) for s in cfg.sources]
         self._by_name = {s.name: s for s in self.sources}
+        self.special = common_special(self.sources)
         self.rng = np.random.default_rng(cfg.seed)
         self.packer = Packer(cfg.seq_len, cfg.pack_buffer_docs)
         self.seqs_per_batch = cfg.micro_batch_tokens // cfg.seq_len
@@ -357,10 +377,11 @@ def tokens_by_source(batch: dict[str, torch.Tensor], names: list[str]) -> dict[s
     return {n: int(v) for n, v in zip(names, per.tolist(), strict=True)}
 
 
-def tokens_by_modality(batch: dict[str, torch.Tensor], merge: int = 2) -> dict[str, int]:
-    """Exact token accounting of a batch: text / image / video tokens actually present (no padding)."""
+def tokens_by_modality(batch: dict[str, torch.Tensor], media_pad_id: int, merge: int = 2) -> dict[str, int]:
+    """Exact token accounting of a batch: text / image / video tokens actually present (no padding);
+    ``media_pad_id`` = the tokenizer's ``<|media_pad|>`` (``PackedLoader.special.media_pad``)."""
     ids = batch["input_ids"]
-    n_pad = int((ids == MEDIA_PAD_ID).sum())
+    n_pad = int((ids == media_pad_id).sum())
     grids = batch["grid_hws"].to(torch.int64)
     per_image = (
         (grids[:, 0] // merge) * (grids[:, 1] // merge)

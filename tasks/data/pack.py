@@ -37,10 +37,23 @@ from typing import Any
 
 import numpy as np
 
-from tasks.data.special_tokens import MEDIA_END, MEDIA_PAD_ID, MEDIA_START, SPECIAL_IDS
+from tasks.data.special_tokens import SpecialIds
 
 IGNORE_INDEX = -100
-_START_ID, _END_ID = SPECIAL_IDS[MEDIA_START], SPECIAL_IDS[MEDIA_END]
+
+
+@dataclass(frozen=True)
+class MediaIds:
+    """The media-block token ids of the tokenizer a document was made with (never assumed: read from the
+    tokenize step's manifest, ``tasks.data.loader``)."""
+
+    start: int  # <|media_start|>
+    end: int  # <|media_end|>
+    pad: int  # <|media_pad|>
+
+    @classmethod
+    def of(cls, special: SpecialIds) -> MediaIds:
+        return cls(start=special.media_start, end=special.media_end, pad=special.media_pad)
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +63,7 @@ class Document:
     id: str
     input_ids: np.ndarray  # (T,) int64, unshifted
     loss_mask: np.ndarray  # (T,) bool, True = token is a target
+    media_ids: MediaIds  # the media-block ids of its tokenizer
     images: tuple[dict[str, Any], ...] = ()  # IMAGE_STRUCT dicts, one per media block, in order
     grid_hws: tuple[tuple[int, int], ...] = ()  # patch grid per image
     media_kind: str = "none"
@@ -69,11 +83,14 @@ class Document:
             )
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], source: str = "", row_index: int = -1) -> Document:
+    def from_row(
+        cls, row: dict[str, Any], media_ids: MediaIds, source: str = "", row_index: int = -1
+    ) -> Document:
         return cls(
             id=row["id"],
             input_ids=np.asarray(row["input_ids"], dtype=np.int64),
             loss_mask=np.asarray(row["loss_mask"], dtype=bool),
+            media_ids=media_ids,
             images=tuple(row["images"]),
             grid_hws=tuple((int(g["h"]), int(g["w"])) for g in row["grid_hws"]),
             media_kind=row["media_kind"],
@@ -87,8 +104,8 @@ class Document:
     @cached_property
     def media_blocks(self) -> list[tuple[int, int]]:
         """(start, end) inclusive token spans of the media blocks, in order."""
-        starts = np.flatnonzero(self.input_ids == _START_ID).tolist()
-        ends = np.flatnonzero(self.input_ids == _END_ID).tolist()
+        starts = np.flatnonzero(self.input_ids == self.media_ids.start).tolist()
+        ends = np.flatnonzero(self.input_ids == self.media_ids.end).tolist()
         ok = len(starts) == len(ends) and all(
             s < e and (i + 1 == len(starts) or e < starts[i + 1])
             for i, (s, e) in enumerate(zip(starts, ends, strict=True))
@@ -196,7 +213,7 @@ def build_sequence(pieces: list[Piece], seq_len: int) -> PackedSequence:
         video = d.media_kind == "video"
         is_video.extend([video] * (i1 - i0))
         image_sources.extend([d.source] * (i1 - i0))
-        n_pad = int((x == MEDIA_PAD_ID).sum())
+        n_pad = int((x == d.media_ids.pad).sum())
         n_video += n_pad if video else 0
         n_image += 0 if video else n_pad
     input_ids = np.concatenate(ids)

@@ -144,8 +144,10 @@ def step_validate(recipe: DataRecipe, in_root: Path, out_root: Path, log: Log = 
 
 
 def step_tokenizer(recipe: DataRecipe, in_root: Path, out_dir: Path, log: Log = print) -> dict:
-    m = run_train_tokenizer(datasets(in_root), Path(out_dir), recipe.tokenizer)
-    log(f"[tokenizer] vocab {recipe.tokenizer.vocab_size}: {m.content_hash[:12]}")
+    t = recipe.tokenizer
+    m = run_train_tokenizer(datasets(in_root) if t.source == "train" else [], Path(out_dir), t)
+    how = "trained" if t.source == "train" else f"from {t.path}"
+    log(f"[tokenizer] {how}, vocab {m.counts['vocab_size']}: {m.content_hash[:12]}")
     return m.counts
 
 

@@ -16,8 +16,10 @@ Loss masks (``loss_mask[t]`` True = token t is a prediction target; the packer s
       <|im_system|>system<|im_middle|>...<|im_end|><|im_user|>user<|im_middle|>...<|im_end|>
       <|im_assistant|>assistant<|im_middle|>...<|im_end|>
 
-  (no separators between turns; thinking text keeps its ``◁think▷``/``◁/think▷`` markers, single special
-  tokens). SFT rule: True ONLY on tokens of assistant turns: the content tokens (text and think markers;
+  (no separators between turns; ``tasks.data.chat_format``, held against the tokenizer's own chat template
+  when it has one, incl. a default system turn such a template adds; thinking text keeps its
+  ``◁think▷``/``◁/think▷`` markers: single special tokens in the project's BPE, plain text where a
+  tokenizer has no such tokens). Every special id comes from the loaded tokenizer. SFT rule: True ONLY on tokens of assistant turns: the content tokens (text and think markers;
   thinking spans excluded when ``chat.train_on_thinking`` is False), the turn's closing ``<|im_end|>``, and
   its header per ``chat.header_targets``: "special" (default) = the role special tokens ``<|im_assistant|>``
   and ``<|im_middle|>`` but not the role-name word, "all" = the whole header, "none" = no header token.
@@ -39,9 +41,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tokenizers import Tokenizer
 
 from kimivl_model.image_processing import smart_resize_hw
+from tasks.data.chat_format import ChatFormat
 from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows, staged_output
 from tasks.data.schema import (
     IMAGE_TOKEN,
@@ -51,29 +53,13 @@ from tasks.data.schema import (
     TOKENIZED_SCHEMA,
     VIDEO_TOKEN,
 )
-from tasks.data.special_tokens import (
-    BOS,
-    EOS,
-    IM_END,
-    IM_MIDDLE,
-    MEDIA_CONTENT,
-    MEDIA_END,
-    MEDIA_PAD,
-    MEDIA_START,
-    ROLE_TOKENS,
-    SPECIAL_IDS,
-    SPECIAL_TOKENS,
-    THINK_END,
-    THINK_START,
-)
-from tasks.data.tokenizer import load_tokenizer
+from tasks.data.special_tokens import THINK_END, THINK_START, SpecialIds
+from tasks.data.text_tokenizer import TextTokenizer, TokenizerFormatError, load_tokenizer
 from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 STEP = "tokenize"
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
-_RESERVED = tuple(t for t in SPECIAL_TOKENS if t not in (THINK_START, THINK_END))
-_RESERVED_RE = re.compile("|".join(re.escape(t) for t in _RESERVED))
-_ID = SPECIAL_IDS
+_THINK_RE = re.compile(f"{re.escape(THINK_START)}.*?(?:{re.escape(THINK_END)}|\\Z)", re.DOTALL)
 
 
 class ChatRules(BaseModel):
@@ -143,15 +129,22 @@ class _Builder:
 
 
 class DocTokenizer:
-    """Tokenizes RECORD_SCHEMA rows into TOKENIZED_SCHEMA rows (pure, no I/O)."""
+    """Tokenizes RECORD_SCHEMA rows into TOKENIZED_SCHEMA rows (pure, no I/O).
 
-    def __init__(self, tok: Tokenizer, cfg: TokenizeConfig) -> None:
+    Every special-token id comes from ``tok.special``; conversations follow ``ChatFormat`` (checked against
+    the tokenizer's own chat template when it has one)."""
+
+    def __init__(self, tok: TextTokenizer, cfg: TokenizeConfig) -> None:
         self.tok = tok
         self.cfg = cfg
-        self._words = {w: self._encode(w) for w in ("image", "video", *ROLES)}
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids if text else []
+        self.sp: SpecialIds = tok.special
+        if cfg.add_bos and self.sp.bos is None:
+            raise TokenizerFormatError(
+                f"{tok.directory}: the tokenizer has no BOS token, so tokenize.add_bos must be false"
+            )
+        self.chat = ChatFormat(tok)
+        self._words = {w: tok.encode(w) for w in ("image", "video", *ROLES)}
+        self._reserved_re = re.compile("|".join(re.escape(t) for t in tok.reserved_strings))
 
     def grid(self, image: dict[str, Any], where: str) -> tuple[int, int]:
         """Patch grid (h, w) of a stored image, from its recorded size."""
@@ -168,8 +161,9 @@ class DocTokenizer:
         gh, gw = self.grid(image, where)
         n = (gh // self.cfg.merge) * (gw // self.cfg.merge)
         start = len(b.ids)
-        b.add([_ID[MEDIA_START], *self._words[word], _ID[MEDIA_CONTENT], *[_ID[MEDIA_PAD]] * n], False)
-        b.add([_ID[MEDIA_END]], end_target)
+        s = self.sp
+        b.add([s.media_start, *self._words[word], s.media_content, *[s.media_pad] * n], False)
+        b.add([s.media_end], end_target)
         b.blocks.append((start, len(b.ids) - 1))
         b.images.append(image)
         b.grids.append({"h": gh, "w": gw})
@@ -178,12 +172,17 @@ class DocTokenizer:
         """Text with placeholders expanded; ``cursor[0]`` = next unused image.
 
         mode: "text" (pretraining: text + media_end are targets), "assistant" (text is a target, media never),
-        "other" (system/user: nothing is a target).
+        "other" (system/user: nothing is a target). Thinking spans (``◁think▷`` through ``◁/think▷``, or to
+        the end of the turn when unclosed) are found in the text and, when ``train_on_thinking`` is off,
+        every token starting inside one is not a target: the same rule whether the tokenizer has the markers
+        as single tokens or as plain text.
         """
         target = mode != "other"
         mask_thinking = mode == "assistant" and not self.cfg.chat.train_on_thinking
-        thinking = False
+        spans = [m.span() for m in _THINK_RE.finditer(text)] if mask_thinking else []
+        pos = 0
         for piece in _PLACEHOLDER_RE.split(text):
+            at, pos = pos, pos + len(piece)
             if piece == IMAGE_TOKEN:
                 i = cursor[0]
                 if i >= len(images):
@@ -198,16 +197,12 @@ class DocTokenizer:
                 for i, frame in enumerate(images):
                     self._media(b, frame, "video", f"video frame {i}", mode == "text")
                 cursor[0] = len(images)
+            elif piece and not spans:
+                b.add(self.tok.encode(piece), target)
             elif piece:
-                ids = self._encode(piece)
-                if not mask_thinking:
-                    b.add(ids, target)
-                    continue
-                for t in ids:  # thinking spans (markers included) are not targets
-                    thinking = thinking or t == _ID[THINK_START]
-                    b.add([t], not thinking)
-                    if t == _ID[THINK_END]:
-                        thinking = False
+                ids, starts = self.tok.encode_with_offsets(piece)
+                for t, s in zip(ids, starts, strict=True):
+                    b.add([t], not any(lo <= at + s < hi for lo, hi in spans))
 
     def tokenize(self, row: dict[str, Any]) -> dict[str, Any]:
         """One record -> one TOKENIZED_SCHEMA row; ``RecordError`` (the quarantine reason) if unusable."""
@@ -216,13 +211,13 @@ class DocTokenizer:
             raise RecordError("exactly one of text and messages must be set")
         contents = [text] if text is not None else [m["content"] for m in messages]
         for c in contents:
-            if m := _RESERVED_RE.search(c):
+            if m := self._reserved_re.search(c):
                 raise RecordError(f"text contains the reserved special token {m.group(0)!r}")
         self._check_media(row, contents, images)
 
         b = _Builder()
         if self.cfg.add_bos:
-            b.add([_ID[BOS]], False)
+            b.add([self.sp.bos], False)
         cursor = [0]
         if text is not None:
             if not text.strip() and not images:
@@ -236,7 +231,7 @@ class DocTokenizer:
                 f"placeholder mismatch: {cursor[0]} placeholders used but {len(images)} images given"
             )
         if self.cfg.add_eos:
-            b.add([_ID[EOS]], eos_target)
+            b.add([self.sp.eos], eos_target)
         return self._finish(row, b)
 
     def _chat(self, b: _Builder, messages: list[dict], images: list[dict], cursor: list[int]) -> bool:
@@ -249,14 +244,14 @@ class DocTokenizer:
         if "assistant" not in roles:
             raise RecordError("conversation without an assistant turn: nothing to train on")
         header = self.cfg.chat.header_targets
-        for m in messages:
+        for m in self.chat.turns(messages):
             asst = m["role"] == "assistant"
             special_t = asst and header in ("special", "all")
-            b.add([_ID[ROLE_TOKENS[m["role"]]]], special_t)
+            b.add([self.sp.role(m["role"])], special_t)
             b.add(self._words[m["role"]], asst and header == "all")
-            b.add([_ID[IM_MIDDLE]], special_t)
+            b.add([self.sp.im_middle], special_t)
             self._content(b, m["content"], images, cursor, "assistant" if asst else "other")
-            b.add([_ID[IM_END]], asst)
+            b.add([self.sp.im_end], asst)
         return roles[-1] == "assistant"
 
     @staticmethod
@@ -297,7 +292,7 @@ class DocTokenizer:
             raise RecordError(
                 "no target tokens left" + (f" after truncation to {len(b.ids)} tokens" if truncated else "")
             )
-        pad_id = _ID[MEDIA_PAD]
+        pad_id = self.sp.media_pad
         n_pad = sum(1 for t in b.ids if t == pad_id)
         video = row["media_kind"] == "video"
         return {
@@ -363,6 +358,24 @@ def run_tokenize(in_dir: Path, tokenizer_dir: Path, out_dir: Path, cfg: Tokenize
                     "merge": cfg.merge,
                     "max_patches_per_image": cfg.max_patches_per_image,
                 },
-                "vocab_size": tok.get_vocab_size(),
+                "vocab_size": tok.vocab_size,
+                "tokenizer": tok.describe(),  # the special ids the packer and loader read back
+                "add_bos": cfg.add_bos,  # evaluation prompts start as training documents did
             },
         )
+
+
+def data_add_bos(data_root: Path) -> bool:
+    """Whether the tokenized datasets under ``data_root`` start documents with BOS (their manifests say;
+    True when none records it, as the step always did before recording it)."""
+    root = Path(data_root) / "tokenized"
+    seen = {
+        read_manifest(d).extra.get("add_bos", True)
+        for d in (sorted(root.iterdir()) if root.is_dir() else [])
+        if (d / "manifest.json").is_file()
+    }
+    if len(seen) > 1:
+        raise ValueError(
+            f"{root}: datasets disagree on add_bos (tokenize them with one data.tokenize config)"
+        )
+    return seen.pop() if seen else True

@@ -1,12 +1,14 @@
-"""Train the project's byte-level BPE tokenizer on record text (step ``train_tokenizer``).
+"""The tokenizer step: train the project's byte-level BPE on record text (``train_tokenizer``), or take a
+checkpoint's tokenizer as it is (``source: checkpoint``: its files are copied, nothing is trained).
 
 The tokenizer is a byte-level BPE (GPT-2 style: every byte is a base symbol, so no text is ever unknown)
 trained with HF ``tokenizers`` on the text of RECORD_SCHEMA datasets: ``text`` and every message
 ``content``, with the media placeholders (``<image>``, ``<video>``) and any literal special-token strings
 removed, so BPE never learns merges across them. The special tokens of the Kimi-VL format
-(``special_tokens.SPECIAL_TOKENS``, REFERENCE.md "Image tokens in the text" / "SFT chat template") are
-passed to the trainer FIRST, so their ids are exactly 0..13 as model presets expect (``media_pad`` = 5);
-this is asserted after training and by ``load_tokenizer``.
+(``special_tokens.OWN_BPE_SPECIALS``, REFERENCE.md "Image tokens in the text" / "SFT chat template") are
+passed to the trainer FIRST, so their ids are exactly 0..13, the layout that defines this tokenizer (the
+tiny/small presets' ``media_pad_token_id`` = 5); this is asserted after training. Loading (either kind of
+tokenizer) is ``tasks.data.text_tokenizer.load_tokenizer``; it reads every id from the files.
 
 Determinism: records are read in shard order; when the corpus exceeds ``max_training_chars`` a seeded
 subset of records is kept (whole records, in their original order); the BPE trainer breaks count ties by
@@ -15,31 +17,47 @@ pair order, so the same input gives a byte-identical ``tokenizer.json``.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks.data.io import DatasetError, shard_files, staged_output
 from tasks.data.schema import IMAGE_TOKEN, RECORD_SCHEMA, VIDEO_TOKEN
-from tasks.data.special_tokens import SPECIAL_IDS, SPECIAL_TOKENS
-from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
+from tasks.data.special_tokens import OWN_BPE_SPECIAL_IDS, OWN_BPE_SPECIALS
+from tasks.data.text_tokenizer import HF_FILE, load_tokenizer
+from tasks.manifest import Manifest, Parent, is_up_to_date, read_manifest, sha256_file, write_manifest
 
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = HF_FILE
 STEP = "train_tokenizer"
 # removed from the training text: placeholders and literal special-token strings
-_STRIP_RE = re.compile("|".join(re.escape(t) for t in (IMAGE_TOKEN, VIDEO_TOKEN, *SPECIAL_TOKENS)))
-_MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the 256 byte symbols
+_STRIP_RE = re.compile("|".join(re.escape(t) for t in (IMAGE_TOKEN, VIDEO_TOKEN, *OWN_BPE_SPECIALS)))
+_MIN_VOCAB = len(OWN_BPE_SPECIALS) + 256  # specials + the 256 byte symbols
+CHECKPOINT_TOKENIZER = (
+    "tokenizer"  # a native checkpoint's tokenizer folder (written by `kimivl model import`)
+)
 
 
 class TokenizerConfig(BaseModel):
-    """Byte-level BPE training settings."""
+    """Where the tokenizer comes from (``source``) and, for the project's own BPE, its training settings."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["train", "checkpoint"] = Field(
+        "train",
+        description="train: the project's byte-level BPE on the corpus; checkpoint: the tokenizer in `path` "
+        "(a recipe's `data.tokenizer: from_checkpoint` points it at model.init_checkpoint's tokenizer)",
+    )
+    path: Path | None = Field(
+        None, description="tokenizer directory for source 'checkpoint' (tiktoken.model or tokenizer.json)"
+    )
 
     vocab_size: int = Field(
         4096,
@@ -55,6 +73,15 @@ class TokenizerConfig(BaseModel):
         ge=1,
         description="cap on training characters; beyond it a seeded subset of whole records is used",
     )
+
+    @model_validator(mode="after")
+    def _path_for_checkpoint(self) -> TokenizerConfig:
+        if self.source == "checkpoint" and self.path is None:
+            raise ValueError(
+                "path: source 'checkpoint' needs the tokenizer directory (or `tokenizer: from_checkpoint` with "
+                "model.init_checkpoint set)"
+            )
+        return self
 
 
 def record_texts(row: dict) -> list[str]:
@@ -103,8 +130,8 @@ def _corpus(in_dirs: list[Path], keep: np.ndarray | None) -> Iterator[str]:
 
 
 def check_special_ids(tok: Tokenizer, where: str) -> None:
-    """Raise ValueError unless every special token has its fixed id (special_tokens.SPECIAL_IDS)."""
-    for token, want in SPECIAL_IDS.items():
+    """Raise ValueError unless every special token has the id the project's BPE defines (0..13)."""
+    for token, want in OWN_BPE_SPECIAL_IDS.items():
         got = tok.token_to_id(token)
         if got != want:
             raise ValueError(f"{where}: special token {token!r} has id {got}, expected {want}")
@@ -118,7 +145,7 @@ def build_tokenizer(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),  # first: ids 0..13
+        special_tokens=list(OWN_BPE_SPECIALS),  # first: ids 0..13
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -127,18 +154,11 @@ def build_tokenizer(texts: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(tokenizer_dir: Path) -> Tokenizer:
-    """Load ``DIR/tokenizer.json`` and verify the fixed special-token ids."""
-    path = Path(tokenizer_dir) / TOKENIZER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer_dir: {path} does not exist (run train_tokenizer first)")
-    tok = Tokenizer.from_file(str(path))
-    check_special_ids(tok, str(path))
-    return tok
-
-
 def run_train_tokenizer(in_dirs: list[Path], out_dir: Path, cfg: TokenizerConfig) -> Manifest:
-    """Train on the records of ``in_dirs`` (RECORD_SCHEMA datasets) -> ``out_dir/tokenizer.json``."""
+    """Train on the records of ``in_dirs`` (RECORD_SCHEMA datasets) -> ``out_dir/tokenizer.json``; with
+    ``source: checkpoint`` copy ``cfg.path``'s tokenizer instead (``in_dirs`` are not read)."""
+    if cfg.source == "checkpoint":
+        return run_copy_tokenizer(cfg.path, out_dir, cfg)
     in_dirs = [Path(d) for d in in_dirs]
     if not in_dirs:
         raise ValueError("in_dirs: expected at least one record dataset directory, got none")
@@ -167,8 +187,41 @@ def run_train_tokenizer(in_dirs: list[Path], out_dir: Path, cfg: TokenizerConfig
                 "training_chars": n_chars,
                 "vocab_size": tok.get_vocab_size(),
             },
-            extra={"special_ids": dict(SPECIAL_IDS), "model": "byte-level BPE"},
+            extra={"tokenizer": load_tokenizer(stage).describe(), "model": "byte-level BPE"},
         )
+
+
+def run_copy_tokenizer(src: Path, out_dir: Path, cfg: TokenizerConfig) -> Manifest:
+    """A checkpoint's tokenizer as the data's tokenizer: loaded (format, special tokens and chat template
+    checked) and its files copied to ``out_dir``; the manifest's parent is the source files' hash."""
+    from tasks.data.chat_format import ChatFormat
+
+    src = Path(src)
+    tok = load_tokenizer(src)
+    ChatFormat(tok)  # a template this project cannot reproduce stops here, before any tokenization
+    parents = [Parent(uri=str(src.resolve()), content_hash=_files_hash(src, tok.files))]
+    if is_up_to_date(out_dir, config=cfg, parents=parents):
+        return read_manifest(out_dir)
+    with staged_output(out_dir) as stage:
+        for name in tok.files:
+            shutil.copyfile(src / name, stage / name)
+        return write_manifest(
+            stage,
+            kind="tokenizer",
+            step="checkpoint_tokenizer",
+            config=cfg,
+            parents=parents,
+            counts={"vocab_size": tok.vocab_size},
+            extra={"tokenizer": tok.describe(), "model": tok.kind, "source": str(src)},
+        )
+
+
+def _files_hash(directory: Path, names: tuple[str, ...]) -> str:
+    """sha256 over (name, file sha256) of the tokenizer's files (the rest of a checkpoint is not hashed)."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(f"{name}\0{sha256_file(directory / name)}\n".encode())
+    return h.hexdigest()
 
 
 __all__ = [
@@ -176,7 +229,7 @@ __all__ = [
     "TokenizerConfig",
     "build_tokenizer",
     "check_special_ids",
-    "load_tokenizer",
     "record_texts",
+    "run_copy_tokenizer",
     "run_train_tokenizer",
 ]

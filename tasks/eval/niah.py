@@ -35,7 +35,6 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.data.schema import VIDEO_TOKEN
-from tasks.data.special_tokens import MEDIA_END, MEDIA_START, SPECIAL_IDS
 from tasks.data.synth_render import BACKGROUNDS, drifting_frames, font, text_size
 from tasks.data.synth_text import prose_paragraphs
 from tasks.eval.prompts import PromptBuilder
@@ -144,10 +143,10 @@ class _Pool:
 
     def __init__(self, builder: PromptBuilder) -> None:
         sents, starts = _sentences()
-        enc = builder.tok.encode_batch([" " + s for s in sents], add_special_tokens=False)
-        keep = [len(e.ids) <= MAX_SENTENCE_TOKENS for e in enc]
+        enc = builder.tok.encode_batch([" " + s for s in sents])
+        keep = [len(e) <= MAX_SENTENCE_TOKENS for e in enc]
         self.sents = [s for s, k in zip(sents, keep, strict=True) if k]
-        self.ids = [e.ids for e, k in zip(enc, keep, strict=True) if k]
+        self.ids = [e for e, k in zip(enc, keep, strict=True) if k]
         # paragraph starts, re-indexed to the kept sentences
         kept_before, n = [], 0
         for k in keep:
@@ -262,8 +261,9 @@ def build_video_haystack(
     frames.insert(k, needle_frame(value, w, h, metas[0]["background"]))
     images = [{"width": w, "height": h, "pil": f} for f in frames]
     ids = builder.encode(content, images, "video")
-    starts = [i for i, t in enumerate(ids) if t == SPECIAL_IDS[MEDIA_START]]
-    end = max(i for i, t in enumerate(ids) if t == SPECIAL_IDS[MEDIA_END]) + 1
+    sp = builder.tok.special
+    starts = [i for i, t in enumerate(ids) if t == sp.media_start]
+    end = max(i for i, t in enumerate(ids) if t == sp.media_end) + 1
     assert len(starts) == n_frames and len(ids) <= length
     return Haystack(
         kind="video",

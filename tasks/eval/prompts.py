@@ -3,8 +3,9 @@
 Two styles, the same token format as training (``tasks.data.tokenize``, REFERENCE.md "SFT chat template"
 and "Image tokens in the text"):
 
-- ``chat``: ``<|bos|><|im_user|>user<|im_middle|>CONTENT<|im_end|><|im_assistant|>assistant<|im_middle|>``;
-  the model's answer follows and ends with ``<|im_end|>`` (models after SFT);
+- ``chat``: ``<|bos|><|im_user|>user<|im_middle|>CONTENT<|im_end|><|im_assistant|>assistant<|im_middle|>``
+  (BOS only when the training data has one; a default system turn first when the tokenizer's chat template
+  adds one); the model's answer follows and ends with ``<|im_end|>`` (models after SFT);
 - ``plain``: ``<|bos|>CONTENT`` and the model continues the document (pretrained models: e.g. an OCR
   image followed by its text, or "The red circle is at" followed by a ``<box>``).
 
@@ -18,20 +19,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from tokenizers import Tokenizer
 
 from kimivl_model.config import VLMConfig
 from kimivl_model.image_processing import image_to_patches
 from tasks.data.images import decode_image, to_tensor
-from tasks.data.special_tokens import (
-    BOS,
-    EOS,
-    IM_ASSISTANT,
-    IM_END,
-    IM_MIDDLE,
-    IM_USER,
-    SPECIAL_IDS,
-)
+from tasks.data.text_tokenizer import TextTokenizer
 from tasks.data.tokenize import DocTokenizer, TokenizeConfig
 from tasks.eval.metrics import strip_special
 
@@ -40,9 +32,14 @@ STYLES = ("chat", "plain")
 
 
 class PromptBuilder:
-    """Builds prompt ids and pixel values for one model config and tokenizer (no I/O)."""
+    """Builds prompt ids and pixel values for one model config and tokenizer (no I/O).
 
-    def __init__(self, tok: Tokenizer, cfg: VLMConfig, style: Style = "chat") -> None:
+    ``add_bos``: whether documents start with BOS, as the training data was tokenized (the tokenize step's
+    ``add_bos``, recorded in its manifest). Every special id comes from ``tok.special``."""
+
+    def __init__(
+        self, tok: TextTokenizer, cfg: VLMConfig, style: Style = "chat", add_bos: bool = True
+    ) -> None:
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
         self.tok = tok
@@ -58,33 +55,50 @@ class PromptBuilder:
             merge=kh,
             max_patches_per_image=cfg.vit.max_patches_per_image,
             max_tokens_per_doc=1 << 30,
-            add_bos=True,
+            add_bos=add_bos,
             add_eos=False,
         )
         self.doc_tok = DocTokenizer(tok, self.tcfg)
-        self.eos_ids = (SPECIAL_IDS[EOS], SPECIAL_IDS[IM_END])
+        self.eos_ids = (tok.special.eos, tok.special.im_end)
+        keep = {tok.special.think_start, tok.special.think_end}
+        self._not_shown = frozenset(i for i in tok.special_strings if i not in keep)
+        self._header, self._footer = self._frame()
+
+    def _frame(self) -> tuple[list[int], list[int]]:
+        """The ids around a prompt's content, cut out of a tokenized conversation with empty turns (so they
+        are exactly what training data holds: BOS, a default system turn, the headers)."""
+        bos = [self.tok.special.bos] if self.tcfg.add_bos else []
+        if self.style == "plain":
+            return bos, []
+        ids = self._chat_ids("")
+        user = ids.index(self.tok.special.im_user)
+        cut = user + 1 + len(self.encode_text("user")) + 1  # <|im_user|> user <|im_middle|>
+        return ids[:cut], ids[cut:]
+
+    def _chat_ids(
+        self, content: str, images: list[dict[str, Any]] | None = None, media_kind: str = "none"
+    ) -> list[int]:
+        images = list(images or [])
+        row: dict[str, Any] = {"id": "eval", "kind": "eval", "source": "eval", "images": images, "text": None}
+        row["media_kind"] = media_kind if images else "none"
+        row["messages"] = [{"role": "user", "content": content}, {"role": "assistant", "content": ""}]
+        ids = self.doc_tok.tokenize(row)["input_ids"]
+        if ids[-1] != self.tok.special.im_end:
+            raise AssertionError("chat prompt: expected the empty assistant turn to end with <|im_end|>")
+        return list(ids[:-1])
 
     # ------------------------------------------------------------------------------------------ text
     def encode_text(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids if text else []
+        return self.tok.encode(text)
 
     def header(self) -> list[int]:
-        """Ids before the content (``<|bos|>`` plus, for chat, the user-turn header)."""
-        ids = [SPECIAL_IDS[BOS]]
-        if self.style == "chat":
-            ids += [SPECIAL_IDS[IM_USER], *self.encode_text("user"), SPECIAL_IDS[IM_MIDDLE]]
-        return ids
+        """Ids before the content (BOS when the data has one; for chat, any default system turn and the
+        user-turn header)."""
+        return list(self._header)
 
     def footer(self) -> list[int]:
         """Ids after the content (for chat: end of the user turn and the assistant header)."""
-        if self.style == "plain":
-            return []
-        return [
-            SPECIAL_IDS[IM_END],
-            SPECIAL_IDS[IM_ASSISTANT],
-            *self.encode_text("assistant"),
-            SPECIAL_IDS[IM_MIDDLE],
-        ]
+        return list(self._footer)
 
     def wrap(self, content_ids: list[int]) -> list[int]:
         """Text-only prompt from already tokenized content (lets callers know exact offsets)."""
@@ -96,19 +110,11 @@ class PromptBuilder:
     ) -> list[int]:
         """Prompt ids for ``content`` whose placeholders refer to ``images`` (IMAGE_STRUCT-like dicts with at
         least ``width``/``height``; ``media_kind`` 'video' = all images are frames of one ``<video>``)."""
+        if self.style == "chat":
+            return self._chat_ids(content, images, media_kind)
         images = list(images or [])
         row: dict[str, Any] = {"id": "eval", "kind": "eval", "source": "eval", "images": images}
         row["media_kind"] = media_kind if images else "none"
-        if self.style == "chat":
-            row["text"] = None
-            row["messages"] = [
-                {"role": "user", "content": content},
-                {"role": "assistant", "content": ""},
-            ]
-            ids = self.doc_tok.tokenize(row)["input_ids"]
-            if ids[-1] != SPECIAL_IDS[IM_END]:
-                raise AssertionError("chat prompt: expected the empty assistant turn to end with <|im_end|>")
-            return list(ids[:-1])
         row["text"], row["messages"] = content, None
         return list(self.doc_tok.tokenize(row)["input_ids"])
 
@@ -144,4 +150,4 @@ class PromptBuilder:
             if t in self.eos_ids:
                 ids = ids[:k]
                 break
-        return strip_special(self.tok.decode(ids, skip_special_tokens=False))
+        return strip_special(self.tok.decode([t for t in ids if t not in self._not_shown]))

@@ -27,9 +27,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.data.pack import shifted_labels
-from tasks.data.special_tokens import MEDIA_END, SPECIAL_IDS
-from tasks.data.tokenize import DocTokenizer
-from tasks.data.tokenizer import load_tokenizer
+from tasks.data.text_tokenizer import check_model_ids, load_tokenizer
+from tasks.data.tokenize import DocTokenizer, data_add_bos
 from tasks.eval import metrics as M
 from tasks.eval.heldout import HELDOUT_TASKS, EvalItem, HeldoutSet, TrainingIndex, build_heldout
 from tasks.eval.niah import NIAHConfig, run_niah, summarize
@@ -234,7 +233,9 @@ def _loss_task(r: _Runner, hs: HeldoutSet) -> dict[str, Any]:
     for it in hs.items:
         row = doc_tok.tokenize(it.record)
         ids = np.asarray(row["input_ids"], dtype=np.int64)
-        mask = np.asarray(row["loss_mask"], dtype=bool) & (ids != SPECIAL_IDS[MEDIA_END])  # caption text only
+        mask = np.asarray(row["loss_mask"], dtype=bool) & (
+            ids != r.builder.tok.special.media_end
+        )  # caption text only
         pv, gh = r.builder.pixels(it.images)
         docs.append(M.LossDoc(torch.from_numpy(ids), torch.from_numpy(shifted_labels(ids, mask)), pv, gh))
     if not docs:
@@ -286,11 +287,9 @@ def run_eval(
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, vcfg = load_model(checkpoint_dir, device, dtype)
     tok = load_tokenizer(tokenizer_dir)
-    if tok.get_vocab_size() > vcfg.lm.vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer_dir} has {tok.get_vocab_size()} tokens but the model's vocab is {vcfg.lm.vocab_size}"
-        )
-    builder = PromptBuilder(tok, vcfg, cfg.prompt_style)
+    check_model_ids(tok.describe(), vcfg, f"evaluating {checkpoint_dir}")
+    add_bos = data_add_bos(train_data_root) if train_data_root is not None else True
+    builder = PromptBuilder(tok, vcfg, cfg.prompt_style, add_bos=add_bos)
     runner = _Runner(model, builder, gen, cfg, device)
     index = TrainingIndex.from_data_root(train_data_root) if train_data_root is not None else None
     heldout: dict[str, Any] = {}

@@ -23,11 +23,9 @@ import torch
 
 from kimivl_model.image_processing import image_to_patches
 from tasks.data.images import decode_image, to_tensor
-from tasks.data.loader import MixtureConfig, _Source
-from tasks.data.special_tokens import SPECIAL_TOKENS
+from tasks.data.loader import MixtureConfig, _Source, common_special
 
 STATE_VERSION = 1
-_N_SPECIAL = len(SPECIAL_TOKENS)
 
 
 class CaptionLoader:
@@ -47,6 +45,7 @@ class CaptionLoader:
             )
         self.cfg = cfg
         self.sources = [_Source(s, cfg.seed) for s in cfg.sources]
+        self.special = common_special(self.sources)
         self.rng = np.random.default_rng(cfg.seed)
         self.captions_per_batch = captions_per_batch
         self.max_text_len = max_text_len
@@ -77,7 +76,8 @@ class CaptionLoader:
                 self.skipped += 1
                 continue
             ids = doc.input_ids[doc.loss_mask]
-            caption = [int(t) for t in ids if t >= _N_SPECIAL][: self.max_text_len]
+            specials = src.special.ids()  # the caption is the document's text: no special token
+            caption = [int(t) for t in ids if int(t) not in specials][: self.max_text_len]
             if not caption:
                 self.skipped += 1
                 continue

@@ -31,15 +31,12 @@ Model states are exact, so a phase whose model states alone exceed the device's 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kimivl_model.config import VLMConfig
 from kimivl_model.muon import build_param_groups
 from kimivl_model.vlm import KimiVL
-from tasks.model_io import NATIVE_CONFIG, read_native_config
 from tasks.train.distributed_muon import assign_owners
 from tasks.train.engine_config import resolve_precision
 
@@ -74,18 +71,9 @@ class MemoryPlan:
         return {**asdict(self), "total": self.total}
 
 
-def model_config(recipe: Any) -> VLMConfig:
-    """The architecture every phase trains: ``model.init_checkpoint``'s config when it exists (an imported
-    model, as ``build_model`` loads it), else the preset (later phases keep their parent's architecture)."""
-    init = recipe.model.init_checkpoint
-    if init is not None and (Path(init) / NATIVE_CONFIG).is_file():
-        return read_native_config(init)
-    return recipe.model.vlm_config()
-
-
 def _phase_model_groups(recipe: Any, phase: Any) -> tuple[KimiVL, list[dict[str, Any]]]:
     with torch.device("meta"):
-        model = KimiVL(model_config(recipe), with_coca=phase.objective == "coca")
+        model = KimiVL(recipe.model.architecture(), with_coca=phase.objective == "coca")
     model.set_trainable(list(phase.trainable))
     return model, build_param_groups(model, lr=1.0)
 

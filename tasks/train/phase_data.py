@@ -16,6 +16,8 @@ from tasks.data.loader import (
     tokens_by_modality,
     tokens_by_source,
 )
+from tasks.data.text_tokenizer import check_model_ids
+from tasks.manifest import ManifestError, read_manifest
 from tasks.recipe import Recipe
 from tasks.train.coca_loader import CaptionLoader
 from tasks.train.stages import PhaseConfig
@@ -47,10 +49,25 @@ def build_loader(recipe: Recipe, phase: PhaseConfig, data_root: Path, cfg: VLMCo
     return PackedLoader(mix)
 
 
-def batch_tokens(phase: PhaseConfig, batch: dict[str, Any]) -> dict[str, int]:
+def check_tokenizer(phase: PhaseConfig, data_root: Path, cfg: VLMConfig) -> None:
+    """Before the model is built: every source of the phase was tokenized with ids the model reads
+    (``<|media_pad|>`` = the config's ``media_pad_token_id``, every id inside the vocabularies), read from
+    the tokenize step's manifests; a mismatch is a ``TokenizerMismatchError`` naming both values."""
+    for s in phase.sources:
+        path = Path(data_root) / "tokenized" / s.name
+        try:
+            tok = read_manifest(path).extra.get("tokenizer")
+        except ManifestError:
+            continue  # the loader names the missing dataset
+        if tok is not None:
+            check_model_ids(tok, cfg, f"phase {phase.name!r}, source {s.name!r} ({path})")
+
+
+def batch_tokens(phase: PhaseConfig, batch: dict[str, Any], media_pad_id: int) -> dict[str, int]:
+    """Text / image / video tokens of one batch (``media_pad_id``: the packed loader's ``special.media_pad``)."""
     if phase.objective == "coca":
         return dict(batch["tokens"])
-    t = tokens_by_modality(batch)
+    t = tokens_by_modality(batch, media_pad_id)
     return {k: int(t[k]) for k in ("text", "image", "video")}
 
 

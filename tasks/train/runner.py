@@ -37,7 +37,13 @@ from tasks.train.engine import LossResult, TrainEngine
 from tasks.train.engine_config import EngineConfig
 from tasks.train.flops import MfuMeter
 from tasks.train.memory import preflight as memory_preflight
-from tasks.train.phase_data import batch_tokens, batch_tokens_by_source, build_loader, by_group
+from tasks.train.phase_data import (
+    batch_tokens,
+    batch_tokens_by_source,
+    build_loader,
+    by_group,
+    check_tokenizer,
+)
 from tasks.train.phase_lock import phase_lock
 from tasks.train.phase_model import (
     RESULT,
@@ -178,6 +184,9 @@ def _run_phase(
     pdir = phase_dir(out_root, phase)
     tracker = tracker or JsonlTracker(pdir)
     plan = memory_preflight(recipe, phase, log)  # model states that cannot fit stop here, before any build
+    check_tokenizer(
+        phase, data_root, recipe.model.architecture()
+    )  # token ids the model cannot read: likewise
     model, vcfg, parent = build_model(recipe, phase, out_root)
     start_step = 0
     if (sched_parent := lr_parent(recipe, phase)) is not None:
@@ -259,7 +268,7 @@ def _run_phase(
         res = engine.train_step(mine)
         step_tokens, step_groups = 0, dict.fromkeys(by_group(phase, {}), 0)
         for b in batches:
-            for k, v in batch_tokens(phase, b).items():
+            for k, v in batch_tokens(phase, b, loader.special.media_pad).items():
                 tokens[k] += v
                 step_tokens += v
             src = batch_tokens_by_source(phase, b, loader.source_names)

@@ -21,8 +21,8 @@ from kimivl_model.config import preset
 from kimivl_model.vlm import KimiVL
 from tasks.data.io import iter_rows
 from tasks.data.schema import RECORD_SCHEMA
-from tasks.data.special_tokens import IM_END, SPECIAL_IDS
-from tasks.data.tokenizer import load_tokenizer
+from tasks.data.special_tokens import IM_END, OWN_BPE_SPECIAL_IDS
+from tasks.data.text_tokenizer import load_tokenizer
 from tasks.eval.heldout import TrainingIndex, build_heldout
 from tasks.eval.niah import NIAHConfig, haystacks
 from tasks.eval.prompts import PromptBuilder
@@ -122,7 +122,7 @@ def test_oracle_scores_one_constant_scores_zero(setup, tmp_path):
     root, ck, tok_dir = setup
     cfg = CFG.model_copy(update={"tasks": (*GEN_TASKS, "niah_text", "niah_video")})
     table, b = _answer_table(cfg, tok_dir, root)
-    end = [SPECIAL_IDS[IM_END]]
+    end = [OWN_BPE_SPECIAL_IDS[IM_END]]
 
     def oracle(model, input_ids, *, pixel_values=None, **_):
         ans = table[_key(input_ids, pixel_values)]

@@ -16,7 +16,7 @@ import yaml
 
 from kimivl_model.vlm import KimiVL
 from tasks.data.loader import PackedLoader, tokens_by_modality, tokens_by_source
-from tasks.data.special_tokens import SPECIAL_IDS
+from tasks.data.special_tokens import OWN_BPE_IDS, OWN_BPE_SPECIAL_IDS
 from tasks.manifest import read_manifest
 from tasks.model_io import load_native, load_safetensors
 from tasks.train.phase_data import build_loader, by_group, mixture
@@ -103,7 +103,7 @@ def test_tokens_equal_real_tokens_of_the_batches_seen_and_budget_stops(tiny_run)
         last = 0
         for _ in range(r["steps"] * phase.micro_batches_per_step):
             b = next(loader)
-            t = b["tokens"] if phase.objective == "coca" else tokens_by_modality(b)
+            t = b["tokens"] if phase.objective == "coca" else tokens_by_modality(b, OWN_BPE_IDS.media_pad)
             last = sum(t[k] for k in seen)
             for k in seen:
                 seen[k] += int(t[k])
@@ -135,13 +135,13 @@ def test_sft_loss_gradient_from_user_and_system_tokens_is_zero(tiny_run):
     in_prompt = torch.zeros_like(ids, dtype=torch.bool)
     state = None
     for i, t in enumerate(ids.tolist()):
-        if t in (SPECIAL_IDS["<|im_user|>"], SPECIAL_IDS["<|im_system|>"]):
+        if t in (OWN_BPE_SPECIAL_IDS["<|im_user|>"], OWN_BPE_SPECIAL_IDS["<|im_system|>"]):
             state = "prompt"
-        elif t == SPECIAL_IDS["<|im_assistant|>"]:
+        elif t == OWN_BPE_SPECIAL_IDS["<|im_assistant|>"]:
             state = "answer"
         if state == "prompt" and i > 0:
             in_prompt[i - 1] = True
-        if t == SPECIAL_IDS["<|im_end|>"]:
+        if t == OWN_BPE_SPECIAL_IDS["<|im_end|>"]:
             state = None
     assert in_prompt.any()
     assert (labels[in_prompt] == -100).all()

@@ -17,9 +17,10 @@ from PIL import Image
 from kimivl_model.config import preset
 from kimivl_model.image_processing import pack_images
 from kimivl_model.vlm import KimiVL
-from tasks.data.special_tokens import EOS, MEDIA_START, SPECIAL_IDS, THINK_END, THINK_START
+from tasks.data.special_tokens import EOS, MEDIA_START, OWN_BPE_SPECIAL_IDS, THINK_END, THINK_START
 from tasks.data.synth_render import BACKGROUNDS
 from tasks.data.synth_text import prose_paragraphs
+from tasks.data.text_tokenizer import load_tokenizer
 from tasks.data.tokenizer import TokenizerConfig, build_tokenizer
 from tasks.eval import metrics as M
 from tasks.eval.heldout import HELDOUT_SEED_BASE, TrainingIndex, build_heldout, heldout_seed
@@ -39,9 +40,11 @@ CFG = preset("tiny")
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(tmp_path_factory):
     texts = [p.text for p in prose_paragraphs()[:300]] + ["What is the secret number? The answer is 4721."]
-    return build_tokenizer(iter(texts), TokenizerConfig(vocab_size=800))
+    d = tmp_path_factory.mktemp("tok")
+    build_tokenizer(iter(texts), TokenizerConfig(vocab_size=800)).save(str(d / "tokenizer.json"))
+    return load_tokenizer(d)
 
 
 # ------------------------------------------------------------------------------------- string metrics
@@ -224,8 +227,8 @@ def test_prompt_builder_matches_training_format(tok):
     ids = b.encode("<image>\nWhat is it?", [{"width": 84, "height": 56}], "image")
     pads = sum(t == CFG.media_pad_token_id for t in ids)
     assert pads == (56 // 14 // 2) * (84 // 14 // 2)
-    text = tok.encode(f"{THINK_START} x {THINK_END} 42", add_special_tokens=False).ids
-    assert b.decode([*text, SPECIAL_IDS[EOS], 50, 51]) == f"{THINK_START} x {THINK_END} 42"
+    text = tok.encode(f"{THINK_START} x {THINK_END} 42")
+    assert b.decode([*text, OWN_BPE_SPECIAL_IDS[EOS], 50, 51]) == f"{THINK_START} x {THINK_END} 42"
 
 
 # ------------------------------------------------------------------------------------------- NIAH
@@ -243,7 +246,7 @@ def test_text_needle_sits_at_the_stated_depth(tok, style):
             h = build_text_haystack(b, length, depth, seed=3)
             assert length - 100 < len(h.input_ids) <= length
             text = f"{'' if depth == 0 else ' '}The secret number is {h.value}."
-            needle = tok.encode(text, add_special_tokens=False).ids
+            needle = tok.encode(text)
             assert _find(h.input_ids, needle) == [h.needle_offset]  # exact offset, needle occurs once
             assert tok.decode(h.input_ids[h.needle_offset : h.needle_offset + len(needle)]) == text
             span = h.haystack_end - h.haystack_start - len(needle)
@@ -259,7 +262,7 @@ def test_video_needle_frame_at_the_stated_depth(tok):
         h = build_video_haystack(b, 512, depth, seed=1, frame_side=56)
         n = len(h.images)
         assert len(h.input_ids) <= 512 and n >= 20
-        starts = [i for i, t in enumerate(h.input_ids) if t == SPECIAL_IDS[MEDIA_START]]
+        starts = [i for i, t in enumerate(h.input_ids) if t == OWN_BPE_SPECIAL_IDS[MEDIA_START]]
         assert len(starts) == n
         k = starts.index(h.needle_offset)
         assert k == round(depth * (n - 1))

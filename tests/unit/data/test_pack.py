@@ -19,15 +19,15 @@ from tasks.data.loader import (
     tokens_by_modality,
     tokens_by_source,
 )
-from tasks.data.pack import Document, Packer, pack_documents, packing_efficiency, split_document
-from tasks.data.special_tokens import SPECIAL_IDS
+from tasks.data.pack import Document, MediaIds, Packer, pack_documents, packing_efficiency, split_document
+from tasks.data.special_tokens import OWN_BPE_IDS, OWN_BPE_SPECIAL_IDS
 from tasks.data.tokenize import TokenizeConfig, run_tokenize
 from tasks.data.tokenizer import TokenizerConfig, run_train_tokenizer
 
 from .records import make_record, picture, write_dataset
 
 BOS, EOS, MS, MC, PAD, ME = (
-    SPECIAL_IDS[t]
+    OWN_BPE_SPECIAL_IDS[t]
     for t in ("<|bos|>", "<|eos|>", "<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>")
 )
 
@@ -51,6 +51,7 @@ def synth_doc(i: int, n_text: int, grids=(), video=False, seed=0, prefix=0) -> D
         images=images,
         grid_hws=tuple(grids),
         media_kind="video" if video else ("image" if grids else "none"),
+        media_ids=MediaIds.of(OWN_BPE_IDS),
     )
 
 
@@ -219,7 +220,7 @@ def test_loader_batch_runs_through_tiny_kimivl(datasets):
     assert (batch["position_ids"][cu[:-1]] == 0).all()
     g = batch["grid_hws"]
     assert batch["pixel_values"].shape == (int((g[:, 0] * g[:, 1]).sum()), 3, 14, 14)
-    counts = tokens_by_modality(batch)
+    counts = tokens_by_modality(batch, OWN_BPE_IDS.media_pad)
     n_pad = int((ids == PAD).sum())
     assert counts["text"] == ids.numel() - n_pad and counts["image"] + counts["video"] == n_pad > 0
     assert counts["total"] == ids.numel() and counts["padding"] == 0

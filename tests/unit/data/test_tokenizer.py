@@ -10,7 +10,8 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from tasks.data.special_tokens import SPECIAL_TOKENS
-from tasks.data.tokenizer import TokenizerConfig, load_tokenizer, run_train_tokenizer
+from tasks.data.text_tokenizer import load_tokenizer
+from tasks.data.tokenizer import TokenizerConfig, run_train_tokenizer
 from tasks.manifest import read_manifest
 
 from .records import make_record, picture, write_dataset
@@ -69,14 +70,14 @@ def test_special_ids_fixed_and_roundtrip(records_dir, tmp_path):
     m = run_train_tokenizer([records_dir], tmp_path / "tok", CFG)
     tok = load_tokenizer(tmp_path / "tok")
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(14))
-    assert m.counts["vocab_size"] == tok.get_vocab_size() <= 400
+    assert m.counts["vocab_size"] == tok.vocab_size <= 400
     # specials are single tokens when they appear in text
-    assert tok.encode("a◁think▷b◁/think▷<|im_end|>").ids.count(12) == 1
+    assert tok.encode("a◁think▷b◁/think▷<|im_end|>").count(12) == 1
     # byte-level: any text round-trips, nothing is unknown
     text = "Grüße, 東京! emoji 🙂 tabs\tand\nnewlines  double"
-    assert tok.decode(tok.encode(text).ids) == text
+    assert tok.decode(tok.encode(text)) == text
     # placeholders were removed from the training text: no learned token spans them
-    vocab = tok.get_vocab()
+    vocab = Tokenizer.from_file(str(tmp_path / "tok/tokenizer.json")).get_vocab()
     assert not [t for t in vocab if "image>" in t or "video>" in t or "<ima" in t]
 
 
@@ -105,7 +106,11 @@ def test_max_training_chars_subset(records_dir, tmp_path):
     assert m.counts["training_records"] < m.counts["records"] == 120
 
 
-def test_load_rejects_wrong_special_ids(tmp_path):
+def test_loaded_ids_come_from_the_file_and_a_model_mismatch_names_both(tmp_path):
+    """A tokenizer.json whose specials sit elsewhere loads with ITS ids; the model check names both values."""
+    from kimivl_model.config import preset
+    from tasks.data.text_tokenizer import TokenizerMismatchError, check_model_ids
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -113,8 +118,11 @@ def test_load_rejects_wrong_special_ids(tmp_path):
     )
     tok.train_from_iterator(["some text here"] * 10, trainer=trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ValueError, match="expected 0"):
-        load_tokenizer(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.special.media_pad == len(SPECIAL_TOKENS) - 1 - SPECIAL_TOKENS.index("<|media_pad|>") == 8
+    assert loaded.special.pad == 13 and loaded.special.think_end == 0
+    with pytest.raises(TokenizerMismatchError, match=r"<\|media_pad\|> at id 8.*media_pad_token_id = 5"):
+        check_model_ids(loaded.describe(), preset("tiny"), "test")
 
 
 def test_errors_name_inputs(tmp_path):
