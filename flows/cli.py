@@ -101,38 +101,60 @@ def model_init_cmd(
 @model_app.command("import")
 def model_import_cmd(
     hf_dir: Path = typer.Argument(
-        ..., help="directory with config.json + *.safetensors (public Kimi-VL layout)"
+        ..., help="directory with config.json + *.safetensors (public Kimi-VL layout) and its tokenizer"
     ),
     out: Path = typer.Option(..., "--out", help="native checkpoint directory to write"),
 ) -> None:
-    """Convert a public-layout Kimi-VL checkpoint into this library's native checkpoint."""
+    """Convert a public-layout Kimi-VL checkpoint into this library's native checkpoint; its tokenizer
+    (tiktoken.model or tokenizer.json + tokenizer_config.json) comes along in OUT/tokenizer/, ready for a
+    recipe's `data.tokenizer: from_checkpoint`."""
     from kimivl_model.hf_interop import CheckpointLayoutError
-    from tasks.model_io import load_hf, save_native, verify_loadable
+    from tasks.model_io import TOKENIZER_DIR, import_public
 
     try:
-        cfg, sd = load_hf(hf_dir)
-        verify_loadable(cfg, sd)
+        _, n = import_public(hf_dir, out)
     except (FileNotFoundError, CheckpointLayoutError, ValueError) as e:
         _fail(str(e))
-    save_native(sd, cfg, out)
-    console.print(f"imported {hf_dir} -> {out} ({len(sd)} tensors)")
+    tok = "with its tokenizer" if (out / TOKENIZER_DIR).is_dir() else "WITHOUT a tokenizer (none found)"
+    console.print(f"imported {hf_dir} -> {out} ({n} tensors, {tok})")
 
 
 @model_app.command("export")
 def model_export_cmd(
     checkpoint: Path = typer.Argument(..., help="native checkpoint directory"),
     out: Path = typer.Option(..., "--out", help="directory for the public Kimi-VL layout"),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="tokenizer directory to ship with it (default: CHECKPOINT/tokenizer if any)"
+    ),
+    assets: Path | None = typer.Option(
+        None,
+        "--assets",
+        help="an import's hf_assets/ (original config.json etc.; default: CHECKPOINT/hf_assets)",
+    ),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (the original's torch_dtype, else float32) | float32 | bfloat16"
+    ),
     max_shard_gb: float = typer.Option(5.0, "--max-shard-gb"),
 ) -> None:
-    """Convert a native checkpoint to the public Kimi-VL layout (config.json + sharded safetensors)."""
-    from tasks.model_io import load_native, save_hf
+    """Convert a native checkpoint to the public Kimi-VL layout (config.json + sharded safetensors + tokenizer)."""
+    from tasks.model_io import ASSETS_DIR, TOKENIZER_DIR, export_public, load_native
 
+    tokenizer = tokenizer or (checkpoint / TOKENIZER_DIR if (checkpoint / TOKENIZER_DIR).is_dir() else None)
+    assets = assets or (checkpoint / ASSETS_DIR if (checkpoint / ASSETS_DIR).is_dir() else None)
     try:
         cfg, sd = load_native(checkpoint)
+        export_public(
+            sd,
+            cfg,
+            out,
+            tokenizer_dir=tokenizer,
+            assets_dir=assets,
+            dtype=dtype,
+            max_shard_bytes=int(max_shard_gb * 2**30),
+        )
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    save_hf(sd, cfg, out, max_shard_bytes=int(max_shard_gb * 2**30))
-    console.print(f"exported {checkpoint} -> {out}")
+    console.print(f"exported {checkpoint} -> {out}" + (f" (tokenizer from {tokenizer})" if tokenizer else ""))
 
 
 @app.command("smoke")

@@ -44,7 +44,15 @@ from flows.data_flow import DataParams, data_flow, load_recipe_checked
 from flows.launched_phase import LaunchSettings
 from flows.stage_flow import make_tracking, run_phases
 from tasks.eval.points import INIT_POINT, EvalPoint, RecipeEval, pipeline_report, run_point
-from tasks.manifest import ManifestError, is_up_to_date, read_manifest, verify_files, write_manifest
+from tasks.manifest import (
+    ManifestError,
+    Parent,
+    hash_files,
+    is_up_to_date,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 from tasks.publish import join, publish_data, publish_dir
 from tasks.recipe import RecipeError
 
@@ -81,9 +89,16 @@ class PipelineParams(BaseModel):
 
 
 @task(name="export", task_run_name="export", **pc.io_task_options())
-def export_model(final: Path, export_root: Path, max_shard_bytes: int) -> dict[str, Any]:
-    """final/ -> export/native (a verified copy) and export/hf (public layout), both skipped when current."""
-    from tasks.model_io import load_native, save_hf
+def export_model(
+    final: Path,
+    export_root: Path,
+    max_shard_bytes: int,
+    tokenizer_dir: Path | None = None,
+    assets_dir: Path | None = None,
+) -> dict[str, Any]:
+    """final/ -> export/native (a verified copy) and export/hf (public layout with the data's tokenizer and,
+    for a fine-tuned import, the original's other files and dtype), both skipped when current."""
+    from tasks.model_io import export_public, load_native
 
     log = pc.run_log()
     src = read_manifest(final)
@@ -101,18 +116,38 @@ def export_model(final: Path, export_root: Path, max_shard_bytes: int) -> dict[s
         _replace_dir(stage, native)
         log(f"[export] native checkpoint -> {native}")
     hf_config = {"format": "kimi-vl-hf", "max_shard_bytes": max_shard_bytes}
-    if is_up_to_date(hf, config=hf_config, parents=[parent]):
+    parents = [parent]
+    for extra in (tokenizer_dir, assets_dir):
+        if extra is not None:
+            hf_config[Path(extra).name] = str(extra)
+            parents.append(_files_parent(Path(extra)))
+    if is_up_to_date(hf, config=hf_config, parents=parents):
         up_to_date.append("hf")
         log(f"[export] {hf}: up to date (skipped)")
     else:
         stage = export_root / ".hf.staging"
         shutil.rmtree(stage, ignore_errors=True)
         cfg, sd = load_native(final)
-        save_hf(sd, cfg, stage, max_shard_bytes=max_shard_bytes)
-        write_manifest(stage, kind="export", step="export:hf", config=hf_config, parents=[parent])
+        export_public(
+            sd,
+            cfg,
+            stage,
+            tokenizer_dir=tokenizer_dir,
+            assets_dir=assets_dir,
+            max_shard_bytes=max_shard_bytes,
+        )
+        write_manifest(stage, kind="export", step="export:hf", config=hf_config, parents=parents)
         _replace_dir(stage, hf)
         log(f"[export] public Kimi-VL layout -> {hf}")
     return {"native": str(native), "hf": str(hf), "source": str(final), "up_to_date": up_to_date}
+
+
+def _files_parent(directory: Path) -> Parent:
+    """A directory as an export parent: its manifest's hash when it has one, else the hash of its files."""
+    try:
+        return read_manifest(directory).parent_of(directory)
+    except ManifestError:
+        return Parent(uri=str(directory.resolve()), content_hash=hash_files(directory)[0])
 
 
 def _same_copy(dst: Path, content_hash: str) -> bool:
@@ -216,7 +251,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
         exported = None
         if params.export and last is not None:
             exported = export_model.with_options(retries=params.io_retries)(
-                last, out / "export", int(params.export_max_shard_gb * 2**30)
+                last, out / "export", int(params.export_max_shard_gb * 2**30), *export_sources(recipe, data)
             )
             exported["published"] = copy(Path(exported["hf"]), "export", "hf")
     create_markdown_artifact(
@@ -247,6 +282,17 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
         "tracking": getattr(tracking, "report", None),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def export_sources(recipe: Any, data: Path) -> tuple[Path | None, Path | None]:
+    """(tokenizer, assets) an export ships: the data's tokenizer, and an imported init checkpoint's
+    original files (``hf_assets/``: its config.json keys, processor configs)."""
+    from tasks.model_io import ASSETS_DIR
+
+    tok = data / "tokenizer"
+    init = recipe.model.init_checkpoint
+    assets = Path(init) / ASSETS_DIR if init is not None and (Path(init) / ASSETS_DIR).is_dir() else None
+    return (tok if tok.is_dir() else None), assets
 
 
 def run_pipeline(params: PipelineParams, tracking: Any = None) -> dict[str, Any]:

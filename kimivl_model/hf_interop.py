@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kimivl_model.config import LMConfig, MoonViTConfig, ProjectorConfig, VLMConfig
+from kimivl_model.config import CoCaConfig, LMConfig, MoonViTConfig, ProjectorConfig, VLMConfig
 
 _EXPERT_STACKED = re.compile(
     r"^(language_model\.model\.layers\.(\d+)\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$"
@@ -152,8 +152,8 @@ def from_hf_config(hf: dict[str, Any], name: str = "imported") -> VLMConfig:
         raise CheckpointLayoutError(
             f"config.json model_type: expected 'kimi_vl', got {hf.get('model_type')!r}"
         )
-    try:
-        v, t = hf["vision_config"], hf["text_config"]
+    try:  # the placeholder id is the tokenizer's: never assumed (checked against it on import)
+        v, t, pad_id = hf["vision_config"], hf["text_config"], hf["media_placeholder_token_id"]
     except KeyError as e:
         raise CheckpointLayoutError(f"config.json: missing {e.args[0]!r}") from None
     for field_name, expected in (("scoring_func", "sigmoid"), ("hidden_act", "silu"), ("moe_layer_freq", 1)):
@@ -210,6 +210,7 @@ def from_hf_config(hf: dict[str, Any], name: str = "imported") -> VLMConfig:
             vit_hidden_size=vit.hidden_size, lm_hidden_size=lm.hidden_size, merge_kernel=merge
         ),
         lm=lm,
-        media_pad_token_id=hf.get("media_placeholder_token_id", 163605),
+        coca=CoCaConfig(vocab_size=lm.vocab_size),  # the ViT-stage caption decoder reads the same tokenizer
+        media_pad_token_id=pad_id,
         ignore_index=hf.get("ignore_index", -100),
     )

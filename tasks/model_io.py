@@ -265,3 +265,100 @@ def verify_loadable(cfg: VLMConfig, state_dict: dict[str, torch.Tensor]) -> None
             f"checkpoint does not match config {cfg.name!r}: missing {missing[:5]} ({len(missing)}), "
             f"unexpected {unexpected[:5]} ({len(unexpected)}), wrong shapes {shapes[:5]} ({len(shapes)})"
         )
+
+
+# ------------------------------------------------------------------ public checkpoints with their files
+
+TOKENIZER_DIR = "tokenizer"  # a native checkpoint's copy of the public checkpoint's tokenizer files
+ASSETS_DIR = "hf_assets"  # ... and of its other small files (the original config.json, processor configs)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".msgpack", ".h5")
+_MAX_ASSET_BYTES = 64 * 2**20
+
+
+def import_public(src_dir: Path, out_dir: Path) -> tuple[VLMConfig, int]:
+    """A public-layout Kimi-VL checkpoint -> a native checkpoint that brings its tokenizer along.
+
+    ``out_dir`` gets the weights (this library's layout, in the checkpoint's dtype) and config, ``tokenizer/``
+    (``tiktoken.model`` / ``tokenizer.json`` + ``tokenizer_config.json`` + chat template, as shipped; the
+    special ids they state must be the ones the config's model reads) and ``hf_assets/`` (every other small
+    non-weight file, e.g. the original ``config.json``, so an export can write the same layout back). Weight
+    files other than safetensors are never read. Returns (config, tensor count)."""
+    from tasks.data.text_tokenizer import TOKENIZER_FILES, check_model_ids, load_tokenizer
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    cfg, sd = load_hf(src_dir)
+    verify_loadable(cfg, sd)
+    names = sorted(p.name for p in src_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    tok_files = [n for n in names if n in TOKENIZER_FILES]
+    if tok_files:
+        for n in tok_files:
+            _copy_atomic(src_dir / n, out_dir / TOKENIZER_DIR / n)
+        check_model_ids(load_tokenizer(out_dir / TOKENIZER_DIR).describe(), cfg, f"importing {src_dir}")
+    for n in names:
+        p = src_dir / n
+        if (
+            n in tok_files
+            or n == HF_INDEX
+            or n.endswith(_WEIGHT_SUFFIXES)
+            or p.stat().st_size > _MAX_ASSET_BYTES
+        ):
+            continue
+        _copy_atomic(p, out_dir / ASSETS_DIR / n)
+    save_native(sd, cfg, out_dir)
+    return cfg, len(sd)
+
+
+def export_public(
+    state_dict: dict[str, torch.Tensor],
+    cfg: VLMConfig,
+    out_dir: Path,
+    *,
+    tokenizer_dir: Path | None = None,
+    assets_dir: Path | None = None,
+    dtype: str = "auto",
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """The public Kimi-VL layout with its files: weights (``save_hf``), ``config.json`` = the original one
+    from ``assets_dir`` (an import's ``hf_assets/``) with every field this library owns overwritten, the
+    other assets, and the tokenizer's files from ``tokenizer_dir``. ``dtype``: "auto" = the original config's
+    ``torch_dtype`` when there is one, else float32; or "float32" / "bfloat16"."""
+    out_dir = Path(out_dir)
+    original = {}
+    if assets_dir is not None and (Path(assets_dir) / "config.json").is_file():
+        original = json.loads((Path(assets_dir) / "config.json").read_text())
+    if dtype == "auto":
+        dtype = original.get("torch_dtype") or "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype: expected auto, float32 or bfloat16, got {dtype!r}")
+    cast = torch.float32 if dtype == "float32" else torch.bfloat16
+    tensors = {k: (t.to(cast) if t.is_floating_point() else t) for k, t in state_dict.items()}
+    save_hf(tensors, cfg, out_dir, max_shard_bytes=max_shard_bytes)
+    config = merge_config(original, to_hf_config(cfg))
+    for sub in (config, config.get("text_config")):
+        if isinstance(sub, dict) and "torch_dtype" in sub:
+            sub["torch_dtype"] = dtype
+    write_json_atomic(config, out_dir / "config.json")
+    if assets_dir is not None:
+        for p in sorted(Path(assets_dir).iterdir()):
+            if p.is_file() and p.name != "config.json":
+                _copy_atomic(p, out_dir / p.name)
+    if tokenizer_dir is not None:
+        from tasks.data.text_tokenizer import load_tokenizer
+
+        for n in load_tokenizer(tokenizer_dir).files:
+            _copy_atomic(Path(tokenizer_dir) / n, out_dir / n)
+    return out_dir
+
+
+def merge_config(original: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """``original`` with ``ours`` written over it, nested objects merged key by key (keys only the original
+    has, e.g. ``auto_map`` or token ids, are kept)."""
+    out = dict(original)
+    for k, v in ours.items():
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(Path(src).read_bytes())
