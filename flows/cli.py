@@ -87,7 +87,7 @@ def model_init_cmd(
     import torch
 
     from kimivl_model.vlm import KimiVL
-    from tasks.model_io import save_native
+    from tasks.io.weights import save_native
 
     cfg = _preset(preset_name)
     if cfg.name == "a3b":
@@ -109,7 +109,7 @@ def model_import_cmd(
     (tiktoken.model or tokenizer.json + tokenizer_config.json) comes along in OUT/tokenizer/, ready for a
     recipe's `data.tokenizer: from_checkpoint`."""
     from kimivl_model.hf_interop import CheckpointLayoutError
-    from tasks.model_io import TOKENIZER_DIR, import_public
+    from tasks.io.weights import TOKENIZER_DIR, import_public
 
     try:
         _, n = import_public(hf_dir, out)
@@ -137,7 +137,7 @@ def model_export_cmd(
     max_shard_gb: float = typer.Option(5.0, "--max-shard-gb"),
 ) -> None:
     """Convert a native checkpoint to the public Kimi-VL layout (config.json + sharded safetensors + tokenizer)."""
-    from tasks.model_io import ASSETS_DIR, TOKENIZER_DIR, export_public, load_native
+    from tasks.io.weights import ASSETS_DIR, TOKENIZER_DIR, export_public, load_native
 
     tokenizer = tokenizer or (checkpoint / TOKENIZER_DIR if (checkpoint / TOKENIZER_DIR).is_dir() else None)
     assets = assets or (checkpoint / ASSETS_DIR if (checkpoint / ASSETS_DIR).is_dir() else None)

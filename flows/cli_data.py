@@ -19,7 +19,7 @@ console = Console(stderr=True)
 RECIPE = typer.Option(Path("params.yaml"), "--recipe", "-r", help="recipe YAML (default: params.yaml)")
 
 
-def _recipe(path: Path):
+def load_recipe_or_exit(path: Path):
     from tasks.recipe import RecipeError, load_recipe
 
     try:
@@ -35,7 +35,7 @@ def _emit(obj: dict) -> None:
 
 def _guard(fn, *args):
     from tasks.data.io import DatasetError
-    from tasks.manifest import ManifestError
+    from tasks.io.manifest import ManifestError
 
     try:
         return fn(*args, log=console.print)
@@ -54,7 +54,7 @@ def data_all(
     """Every data step: sources -> filter -> dedup (+QA) -> validate -> tokenizer -> tokenize."""
     from tasks.data.pipeline import run_data_all
 
-    r = _recipe(recipe)
+    r = load_recipe_or_exit(recipe)
     _emit(_guard(run_data_all, r.data, out))
 
 
@@ -63,7 +63,7 @@ def data_sources(recipe: Path = RECIPE, out: Path = typer.Option(Path("data/raw"
     """Generate the synthetic corpus and ingest the recipe's user sources into OUT/<name>/."""
     from tasks.data.pipeline import step_sources
 
-    _emit(_guard(step_sources, _recipe(recipe).data, out))
+    _emit(_guard(step_sources, load_recipe_or_exit(recipe).data, out))
 
 
 @data_app.command("filter")
@@ -75,7 +75,7 @@ def data_filter(
     """Quality rules; rejected rows go to OUT/<name>/quarantine with their reason."""
     from tasks.data.pipeline import step_filter
 
-    _emit(_guard(step_filter, _recipe(recipe).data, inp, out))
+    _emit(_guard(step_filter, load_recipe_or_exit(recipe).data, inp, out))
 
 
 @data_app.command("dedup")
@@ -87,7 +87,7 @@ def data_dedup(
     """Exact + near-duplicate removal (kept aside in duplicates/), then rejection-sampled synthetic QA."""
     from tasks.data.pipeline import step_dedup
 
-    _emit(_guard(step_dedup, _recipe(recipe).data, inp, out))
+    _emit(_guard(step_dedup, load_recipe_or_exit(recipe).data, inp, out))
 
 
 @data_app.command("validate")
@@ -99,7 +99,7 @@ def data_validate(
     """Great Expectations data contracts: accepted rows and quarantined rows with the failed expectation."""
     from tasks.data.pipeline import step_validate
 
-    _emit(_guard(step_validate, _recipe(recipe).data, inp, out))
+    _emit(_guard(step_validate, load_recipe_or_exit(recipe).data, inp, out))
 
 
 @data_app.command("tokenizer")
@@ -111,7 +111,7 @@ def data_tokenizer(
     """Train the byte-level BPE (fixed special-token ids) on the validated text."""
     from tasks.data.pipeline import step_tokenizer
 
-    _emit(_guard(step_tokenizer, _recipe(recipe).data, inp, out))
+    _emit(_guard(step_tokenizer, load_recipe_or_exit(recipe).data, inp, out))
 
 
 @data_app.command("tokenize")
@@ -124,7 +124,7 @@ def data_tokenize(
     """Tokenize every validated dataset (media blocks, ChatML masks) into tokenized shards."""
     from tasks.data.pipeline import step_tokenize
 
-    _emit(_guard(step_tokenize, _recipe(recipe).data, inp, tokenizer, out))
+    _emit(_guard(step_tokenize, load_recipe_or_exit(recipe).data, inp, tokenizer, out))
 
 
 @data_app.command("ingest")

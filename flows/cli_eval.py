@@ -119,14 +119,14 @@ def eval_cmd(
     """Evaluate a checkpoint: held-out VQA/counting/OCR/grounding/chart/doc/video/math, caption and text
     loss, text and video needle-in-a-haystack; writes OUT/eval.json, OUT/report.md and NIAH plots."""
     from tasks.eval.suite import compare_reports, resolve_checkpoint, run_eval
-    from tasks.model_io import atomic_path, write_json_atomic
+    from tasks.io.weights import atomic_path, write_json_atomic
 
     cfg = _config(
         config, tasks, niah_lengths, niah_video_lengths, niah_depths, max_items, prompt_style, seed, device
     )
     if checkpoint.startswith("s3://"):
-        from tasks.publish import fetch_dir
-        from tasks.storage import StorageError
+        from tasks.io.publish import fetch_dir
+        from tasks.io.storage import StorageError
 
         try:
             checkpoint = fetch_dir(checkpoint, out / ".fetched")
@@ -138,7 +138,7 @@ def eval_cmd(
     except FileNotFoundError as e:
         _fail(str(e))
     from tasks.data.text_tokenizer import check_model_ids, load_tokenizer
-    from tasks.model_io import read_native_config
+    from tasks.io.weights import read_native_config
 
     try:  # a tokenizer the model cannot read stops here, naming both values
         tok = load_tokenizer(tokenizer)

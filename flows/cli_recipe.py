@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from flows.cli_data import RECIPE, _recipe
+from flows.cli_data import RECIPE, load_recipe_or_exit
 
 recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Recipe tools (DVC pipeline).")
 console = Console(stderr=True)
@@ -28,7 +28,7 @@ def recipe_split(
     """Write phase-<name>.json and eval-<after>.json: the settings each DVC stage depends on."""
     from tasks.dvc_pipeline import split_recipe
 
-    files = split_recipe(_recipe(recipe), out)
+    files = split_recipe(load_recipe_or_exit(recipe), out)
     sys.stdout.write(json.dumps({"files": [str(f) for f in files]}) + "\n")
 
 
@@ -41,9 +41,9 @@ def recipe_dvc(
 ) -> None:
     """Render dvc.yaml (data steps, recipe split, every phase, every evaluation point) from the recipe."""
     from tasks.dvc_pipeline import render_dvc_yaml
-    from tasks.model_io import atomic_path
+    from tasks.io.weights import atomic_path
 
-    text = render_dvc_yaml(_recipe(recipe), str(recipe))
+    text = render_dvc_yaml(load_recipe_or_exit(recipe), str(recipe))
     if check:
         current = dvc_file.read_text() if dvc_file.is_file() else ""
         if current != text:
@@ -80,7 +80,7 @@ def recipe_memory(
     if device not in ("cuda", "cpu"):
         console.print(f"[bold red]error:[/] --device: expected cuda or cpu, got {device!r}")
         raise typer.Exit(2)
-    plans = plan_recipe(_recipe(recipe), world, device)
+    plans = plan_recipe(load_recipe_or_exit(recipe), world, device)
     cols = ("phase", "params", "trainable", "bf16", "weights", "grads", "optim", "autocast", "total")
     t = Table(title=f"model states per rank (GiB; no activations): {recipe}, {world} rank(s), {device}")
 
@@ -128,8 +128,8 @@ def dvc_remote_cmd(
     repo: Path = typer.Option(Path("."), "--repo", help="the DVC repository"),
 ) -> None:
     """Make URL the default DVC remote (git-ignored local config; credentials stay in the environment)."""
-    from tasks.dvc_remote import configure_dvc_remote
-    from tasks.storage import StorageError
+    from tasks.io.dvc_remote import configure_dvc_remote
+    from tasks.io.storage import StorageError
 
     try:
         configure_dvc_remote(repo, url, endpoint_url)

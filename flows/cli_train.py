@@ -204,7 +204,7 @@ def train_cmd(
     local_rank: int | None = typer.Option(None, "--local_rank", hidden=True),
 ) -> None:
     """Run every phase of the recipe in order; writes OUT/summary.json."""
-    from tasks.model_io import write_json_atomic
+    from tasks.io.weights import write_json_atomic
 
     if (nproc > 1 or hostfile is not None) and not worker:
         _relaunch(
@@ -330,8 +330,8 @@ def run_cmd(
     from flows.prefect_common import console_logs_to_current_stderr
     from flows.stage_flow import make_tracking
     from tasks.data.io import DatasetError
-    from tasks.manifest import ManifestError
-    from tasks.model_io import write_json_atomic
+    from tasks.io.manifest import ManifestError
+    from tasks.io.weights import write_json_atomic
     from tasks.train.checkpoint import CheckpointError, DivergenceError
     from tasks.train.memory import MemoryPlanError
     from tasks.train.phase_lock import PhaseBusyError

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.data import pipeline as steps
 from tasks.data.pipeline import DataRecipe
-from tasks.manifest import MANIFEST_NAME
+from tasks.io.manifest import MANIFEST_NAME
 
 
 class DataParams(BaseModel):

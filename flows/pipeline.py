@@ -44,7 +44,8 @@ from flows.data_flow import DataParams, data_flow, load_recipe_checked
 from flows.launched_phase import LaunchSettings
 from flows.stage_flow import make_tracking, run_phases
 from tasks.eval.points import INIT_POINT, EvalPoint, RecipeEval, pipeline_report, run_point
-from tasks.manifest import (
+from tasks.io.files import replace_dir
+from tasks.io.manifest import (
     ManifestError,
     Parent,
     hash_files,
@@ -53,7 +54,7 @@ from tasks.manifest import (
     verify_files,
     write_manifest,
 )
-from tasks.publish import join, publish_data, publish_dir
+from tasks.io.publish import join, publish_data, publish_dir
 from tasks.recipe import RecipeError
 
 
@@ -98,7 +99,7 @@ def export_model(
 ) -> dict[str, Any]:
     """final/ -> export/native (a verified copy) and export/hf (public layout with the data's tokenizer and,
     for a fine-tuned import, the original's other files and dtype), both skipped when current."""
-    from tasks.model_io import export_public, load_native
+    from tasks.io.weights import export_public, load_native
 
     log = pc.run_log()
     src = read_manifest(final)
@@ -113,7 +114,7 @@ def export_model(
         shutil.rmtree(stage, ignore_errors=True)
         shutil.copytree(final, stage)
         verify_files(stage)
-        _replace_dir(stage, native)
+        replace_dir(stage, native)
         log(f"[export] native checkpoint -> {native}")
     hf_config = {"format": "kimi-vl-hf", "max_shard_bytes": max_shard_bytes}
     parents = [parent]
@@ -137,7 +138,7 @@ def export_model(
             max_shard_bytes=max_shard_bytes,
         )
         write_manifest(stage, kind="export", step="export:hf", config=hf_config, parents=parents)
-        _replace_dir(stage, hf)
+        replace_dir(stage, hf)
         log(f"[export] public Kimi-VL layout -> {hf}")
     return {"native": str(native), "hf": str(hf), "source": str(final), "up_to_date": up_to_date}
 
@@ -157,11 +158,6 @@ def _same_copy(dst: Path, content_hash: str) -> bool:
     except ManifestError:
         return False
     return m.content_hash == content_hash
-
-
-def _replace_dir(stage: Path, dst: Path) -> None:
-    shutil.rmtree(dst, ignore_errors=True)
-    stage.replace(dst)
 
 
 @task(name="publish", **pc.io_task_options())
@@ -287,7 +283,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
 def export_sources(recipe: Any, data: Path) -> tuple[Path | None, Path | None]:
     """(tokenizer, assets) an export ships: the data's tokenizer, and an imported init checkpoint's
     original files (``hf_assets/``: its config.json keys, processor configs)."""
-    from tasks.model_io import ASSETS_DIR
+    from tasks.io.weights import ASSETS_DIR
 
     tok = data / "tokenizer"
     init = recipe.model.init_checkpoint

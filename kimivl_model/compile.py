@@ -8,7 +8,7 @@ three functions stay eager because their work is decided on the host from data:
 - ``varlen_attention``: segment lengths (``cu_seqlens``) pick kernels and batch shapes; the fused varlen
   kernels (flash-attn, ``torch.nn.attention.varlen``) gain nothing from compilation;
 - ``sequence_aux_loss``: its shapes follow the number of documents in the batch;
-- ``_swiglu_loop`` (the per-expert fallback where ``torch._grouped_mm`` is not used, e.g. CPU): its
+- ``swiglu_loop`` (the per-expert fallback where ``torch._grouped_mm`` is not used, e.g. CPU): its
   Python loop follows the per-expert token counts.
 
 Without this, every new document mix would recompile. With it, the first batch with a different number of
@@ -40,7 +40,7 @@ def _keep_host_driven_functions_eager() -> None:
     mla.varlen_attention = eager_attn
     moonvit.varlen_attention = eager_attn
     moe.sequence_aux_loss = torch.compiler.disable(moe.sequence_aux_loss)
-    moe._swiglu_loop = torch.compiler.disable(moe._swiglu_loop)
+    moe.swiglu_loop = torch.compiler.disable(moe.swiglu_loop)
     _EAGER_PATCHED = True
 
 

@@ -9,7 +9,7 @@ in one batched call. All other tensors share names and layouts with the public c
 (adjacent-pair RoPE, fused ViT ``wqkv`` laid out [q | k | v], the projector's (kernel_row, kernel_col)
 pixel-shuffle order), so the mapping below is complete and explicit.
 
-Pure functions on dicts of tensors: no file I/O here (``tasks/model_io.py`` reads and writes safetensors).
+Pure functions on dicts of tensors: no file I/O here (``tasks/io/weights.py`` reads and writes safetensors).
 """
 
 from __future__ import annotations

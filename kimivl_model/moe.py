@@ -26,7 +26,7 @@ gradients in place, bit-identical to the per-expert autograd graph it replaces).
 
 Two kernels for the same combine, chosen by device (``COMBINE_IMPLS``; both run on CPU, and
 ``tests/unit/test_moe.py`` checks them against each other and against a per-token reference):
-- ``gather`` (CUDA): permute the (T*k, hidden) outputs back to (token, slot) order (``_PermuteRows``), then
+- ``gather`` (CUDA): permute the (T*k, hidden) outputs back to (token, slot) order (``PermuteRows``), then
   a weighted sum over the k slots. Verified on the H100 path (``tests/unit/test_gpu_path.py``).
 - ``bag`` (CPU): ``F.embedding_bag(inv, ys, mode="sum", per_sample_weights=w)``, the gather, the weighting
   and the sum in one pass, and its backward likewise (measured 5.1 vs 27.5 ms forward + backward for
@@ -155,24 +155,24 @@ class _SwiGLULoop(torch.autograd.Function):
         return dx, None, dgate, dup, ddown
 
 
-def _swiglu_loop(
+def swiglu_loop(
     xs: torch.Tensor, counts: list[int], gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
     """xs (N, hidden) sorted by expert, counts[e] rows each -> (N, hidden); one matmul set per expert."""
     return _SwiGLULoop.apply(xs, counts, gate, up, down)
 
 
-def _swiglu_grouped(
+def swiglu_grouped(
     xs: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
-    """Same as ``_swiglu_loop`` with one ``torch._grouped_mm`` per projection (offs = cumulative ends)."""
+    """Same as ``swiglu_loop`` with one ``torch._grouped_mm`` per projection (offs = cumulative ends)."""
     offs = torch.cumsum(counts, dim=0).to(torch.int32)  # (E,)
     g = torch._grouped_mm(xs, gate.transpose(-2, -1), offs=offs)  # (N, inter)
     u = torch._grouped_mm(xs, up.transpose(-2, -1), offs=offs)  # (N, inter)
     return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)  # (N, hidden)
 
 
-class _PermuteRows(torch.autograd.Function):
+class PermuteRows(torch.autograd.Function):
     """y = x[perm] for a permutation ``perm`` of x's rows; backward = grad[inv] (a gather, not index_add)."""
 
     @staticmethod
@@ -186,7 +186,7 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inv), None, None
 
 
-class _DispatchRows(torch.autograd.Function):
+class DispatchRows(torch.autograd.Function):
     """xs = x[order // k]: each token copied to its k expert slots in expert order.
 
     Backward: the slots' gradients are gathered back into (token, slot) order with the inverse
@@ -226,7 +226,7 @@ def expert_counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
     )
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The lower-precision dtype when CUDA autocast is on for x's device, else None."""
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         return torch.get_autocast_dtype("cuda")
@@ -270,23 +270,21 @@ class RoutedExperts(nn.Module):
         inv = torch.argsort(order)  # (T*k,) inverse permutation: sorted position of each (token, slot)
         counts = expert_counts(flat, self.num_experts)  # (E,)
         weights = (self.gate_proj, self.up_proj, self.down_proj)
-        low = _autocast_dtype(x)
+        low = autocast_dtype(x)
         compute = low if low is not None else self.gate_proj.dtype
         if low is not None:  # one cast of each 3D weight per call (autocast would cast every expert's slice)
             weights = tuple(p.to(low) for p in weights)
         combine = _combine_impl(self.combine, x)
-        xs = _DispatchRows.apply(
-            x.to(compute), order, inv, k, combine
-        )  # (T*k, hidden), contiguous per expert
+        xs = DispatchRows.apply(x.to(compute), order, inv, k, combine)  # (T*k, hidden), contiguous per expert
         if self._use_grouped(x, compute):
-            ys = _swiglu_grouped(xs, counts, *weights)
+            ys = swiglu_grouped(xs, counts, *weights)
         else:
-            ys = _swiglu_loop(xs, counts.tolist(), *weights)
+            ys = swiglu_loop(xs, counts.tolist(), *weights)
         # weighted sum over the k slots in the residual dtype (fp32 under autocast over fp32 weights)
         w = topk_weight.to(x.dtype)
         if combine == "bag":  # row inv[t*k+j] of ys is token t's slot j
             return F.embedding_bag(inv.view(t, k), ys.to(x.dtype), mode="sum", per_sample_weights=w)
-        ys = _PermuteRows.apply(ys, inv, order).view(t, k, -1)  # (T, k, hidden) back in (token, slot) order
+        ys = PermuteRows.apply(ys, inv, order).view(t, k, -1)  # (T, k, hidden) back in (token, slot) order
         return (ys.to(x.dtype) * w[..., None]).sum(dim=1)  # (T, hidden)
 
 

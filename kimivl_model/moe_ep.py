@@ -33,13 +33,13 @@ from torch.distributed.nn.functional import all_to_all_single as all_to_all_auto
 from kimivl_model.config import LMConfig
 from kimivl_model.moe import (
     EXPERT_IMPLS,
+    DispatchRows,
+    PermuteRows,
     RoutedExperts,
-    _autocast_dtype,
-    _DispatchRows,
-    _PermuteRows,
-    _swiglu_grouped,
-    _swiglu_loop,
+    autocast_dtype,
     expert_counts,
+    swiglu_grouped,
+    swiglu_loop,
 )
 
 
@@ -118,25 +118,25 @@ class ExpertParallelExperts(nn.Module):
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send, recv = send_counts.tolist(), recv_counts.tolist()  # host sync: split sizes
 
-        low = _autocast_dtype(x)
+        low = autocast_dtype(x)
         weights = (self.gate_proj, self.up_proj, self.down_proj)
         compute = low if low is not None else self.gate_proj.dtype
         if low is not None:
             weights = tuple(p.to(low) for p in weights)
-        xs = _DispatchRows.apply(x.to(compute), order, inv, k, "gather")  # (T*k, hidden) by expert
+        xs = DispatchRows.apply(x.to(compute), order, inv, k, "gather")  # (T*k, hidden) by expert
         local_ids = self._exchange(sorted_ids - dest * self.num_local, recv, send, grad=False)
         xr = self._exchange(xs, recv, send, grad=True)  # (R, hidden), blocks by source rank
         perm = torch.argsort(local_ids, stable=True)  # regroup the received rows by local expert
         perm_inv = torch.argsort(perm)
         counts = expert_counts(local_ids, self.num_local)
-        xe = _PermuteRows.apply(xr, perm, perm_inv)
+        xe = PermuteRows.apply(xr, perm, perm_inv)
         if self._use_grouped(x, compute):
-            ye = _swiglu_grouped(xe, counts, *weights)
+            ye = swiglu_grouped(xe, counts, *weights)
         else:
-            ye = _swiglu_loop(xe, counts.tolist(), *weights)
-        yr = _PermuteRows.apply(ye, perm_inv, perm)  # back to the received order
+            ye = swiglu_loop(xe, counts.tolist(), *weights)
+        yr = PermuteRows.apply(ye, perm_inv, perm)  # back to the received order
         ys = self._exchange(yr, send, recv, grad=True)  # (T*k, hidden) in sorted order again
-        ys = _PermuteRows.apply(ys, inv, order).view(t, k, -1)  # (token, slot) order
+        ys = PermuteRows.apply(ys, inv, order).view(t, k, -1)  # (token, slot) order
         return (ys.to(x.dtype) * topk_weight.to(x.dtype)[..., None]).sum(dim=1)
 
 

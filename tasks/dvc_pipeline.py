@@ -16,7 +16,7 @@ checks it is current):
   summary is a DVC metrics file (``dvc metrics show`` / ``dvc metrics diff``).
 
 Outputs live under ``RUN_DIR`` (``runs/dvc``) and ``data/``, are cached by DVC (``dvc push`` to the S3
-remote that ``tasks.dvc_remote`` configures) and never go into git.
+remote that ``tasks.io.dvc_remote`` configures) and never go into git.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 
 from tasks.eval.points import INIT_POINT
-from tasks.manifest import canonical_json
-from tasks.model_io import atomic_path
+from tasks.io.manifest import canonical_json
+from tasks.io.weights import atomic_path
 
 RUN_DIR = "runs/dvc"
 SPLIT_DIR = f"{RUN_DIR}/recipe"

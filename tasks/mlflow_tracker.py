@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.faults import crash_point
+from tasks.io.faults import crash_point
 from tasks.mlflow_store import (
     _SERIES_KEYS,
     PARENT_TAG,

@@ -18,7 +18,7 @@ from tasks.data.synth import SYNTH_KINDS
 from tasks.data.text_tokenizer import check_model_ids, load_tokenizer
 from tasks.data.tokenizer import CHECKPOINT_TOKENIZER
 from tasks.eval.points import INIT_POINT, RecipeEval
-from tasks.model_io import NATIVE_CONFIG, read_native_config
+from tasks.io.weights import NATIVE_CONFIG, read_native_config
 from tasks.train.stages import NAME_PATTERN, STAGES, PhaseConfig
 
 

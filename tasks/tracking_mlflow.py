@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.manifest import ManifestError, code_version, config_hash, read_manifest
+from tasks.io.manifest import ManifestError, code_version, config_hash, read_manifest
 from tasks.mlflow_runs import compare_runs, replay_spool
 from tasks.mlflow_store import (
     _SERIES_KEYS,

@@ -55,9 +55,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.data.filter import document_text, strip_placeholders
 from tasks.data.images import MAX_PIXELS
-from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows, staged_output
+from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows
 from tasks.data.schema import DUPLICATE_SCHEMA, RECORD_SCHEMA
-from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
+from tasks.io.files import staged_dir
+from tasks.io.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 STEP = "dedup"
 METHODS = ("exact", "minhash", "phash")
@@ -326,7 +327,7 @@ def run_dedup(
     if is_up_to_date(out_dir, config=cfg, parents=parents):
         return read_manifest(out_dir)
     workers = workers or min(8, os.cpu_count() or 1)
-    with staged_output(out_dir) as stage, ThreadPoolExecutor(max_workers=workers) as pool:
+    with staged_dir(out_dir) as stage, ThreadPoolExecutor(max_workers=workers) as pool:
         accepted = ShardWriter(stage, RECORD_SCHEMA, cfg.rows_per_shard)
         dups = ShardWriter(stage / "duplicates", DUPLICATE_SCHEMA, cfg.rows_per_shard)
         by_method = dict.fromkeys(METHODS, 0)

@@ -40,7 +40,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from tasks.data.images import ImageDecodeError, decode_image, image_size
-from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows, staged_output
+from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows
 from tasks.data.schema import (
     IMAGE_TOKEN,
     KINDS,
@@ -50,7 +50,8 @@ from tasks.data.schema import (
     ROLES,
     VIDEO_TOKEN,
 )
-from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
+from tasks.io.files import staged_dir
+from tasks.io.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 STEP = "filter"
 _KEEP_CONTROL = frozenset("\t\n\r")
@@ -340,7 +341,7 @@ def run_filter(in_dir: Path, out_dir: Path, cfg: FilterConfig) -> Manifest:
     parents = [read_manifest(in_dir).parent_of(in_dir)]
     if is_up_to_date(out_dir, config=cfg, parents=parents):
         return read_manifest(out_dir)
-    with staged_output(out_dir) as stage:
+    with staged_dir(out_dir) as stage:
         accepted = ShardWriter(stage, RECORD_SCHEMA, cfg.rows_per_shard)
         quarantine = ShardWriter(stage / "quarantine", QUARANTINE_SCHEMA, cfg.rows_per_shard)
         by_reason: Counter[str] = Counter()

@@ -37,9 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tasks.data.images import MAX_PIXELS
 from tasks.data.ingest_checks import Reject, excerpt, validate_record
 from tasks.data.ingest_readers import READERS, Item, check_path_name
-from tasks.data.io import DEFAULT_ROWS_PER_SHARD, DatasetError, ShardWriter, staged_output
+from tasks.data.io import DEFAULT_ROWS_PER_SHARD, DatasetError, ShardWriter
 from tasks.data.schema import KINDS, QUARANTINE_SCHEMA, RECORD_SCHEMA
-from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
+from tasks.io.files import staged_dir
+from tasks.io.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 FORMATS = ("llava", "coco", "jsonl", "webdataset", "parquet")
 DEFAULT_KIND = {"llava": "sft", "coco": "caption", "jsonl": "text", "webdataset": "caption", "parquet": None}
@@ -113,7 +114,7 @@ def run_ingest(src: Path, out_dir: Path, cfg: IngestConfig) -> Manifest:
     seen: dict[str, str] = {}
     reasons: Counter[str] = Counter()
     n_in = n_img = added = 0
-    with staged_output(out_dir) as stage:
+    with staged_dir(out_dir) as stage:
         ok = ShardWriter(stage, RECORD_SCHEMA, cfg.rows_per_shard)
         bad = ShardWriter(stage / "quarantine", QUARANTINE_SCHEMA, cfg.rows_per_shard)
         for item in items:

@@ -19,7 +19,7 @@ from tasks.data.ingest_checks import Reject, check_text, decode_text, image_from
 from tasks.data.ingest_common import Item, content_parent, id_of, input_files, make_record
 from tasks.data.io import DatasetError
 from tasks.data.schema import IMAGE_TOKEN, RECORD_SCHEMA
-from tasks.manifest import Parent
+from tasks.io.manifest import Parent
 
 if TYPE_CHECKING:
     from tasks.data.ingest import IngestConfig

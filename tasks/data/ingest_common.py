@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.data.ingest_checks import Reject, check_utf8
 from tasks.data.io import DatasetError
-from tasks.manifest import Parent, sha256_file
+from tasks.io.manifest import Parent, sha256_file
 
 if TYPE_CHECKING:
     from tasks.data.ingest import IngestConfig

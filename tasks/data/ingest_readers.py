@@ -26,7 +26,7 @@ from tasks.data.ingest_common import (
 )
 from tasks.data.io import DatasetError
 from tasks.data.schema import IMAGE_TOKEN
-from tasks.manifest import Parent
+from tasks.io.manifest import Parent
 
 if TYPE_CHECKING:
     from tasks.data.ingest import IngestConfig

@@ -5,19 +5,15 @@ Layout of a dataset directory::
     DIR/part-00000.parquet ...         accepted rows (RECORD_SCHEMA or TOKENIZED_SCHEMA)
     DIR/quarantine/part-00000.parquet  rows set aside, with ``reason`` and ``step`` (QUARANTINE_SCHEMA)
     DIR/duplicates/part-00000.parquet  rows found to repeat another, with ``duplicate_of`` (dedup only)
-    DIR/manifest.json                  lineage + counts (tasks/manifest.py), written last
+    DIR/manifest.json                  lineage + counts (tasks/io/manifest.py), written last
 
 A step writes into a hidden staging directory beside ``DIR`` and renames it into place only after its
-manifest is written (``staged_output``), so a killed step never leaves a complete-looking ``DIR``.
+manifest is written (``tasks.io.files.staged_dir``), so a killed step never leaves a complete-looking ``DIR``.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +25,6 @@ DEFAULT_ROWS_PER_SHARD = 2048
 
 class DatasetError(ValueError):
     """Unreadable or mis-shaped dataset; the message names the file and what was expected."""
-
-
-@contextmanager
-def staged_output(out_dir: Path) -> Iterator[Path]:
-    """Yield a fresh staging dir; on success replace ``out_dir`` with it, on error delete it."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(stage, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardWriter:

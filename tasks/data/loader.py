@@ -39,7 +39,7 @@ from tasks.data.io import read_table
 from tasks.data.pack import Document, MediaIds, PackedSequence, Packer, Piece, build_sequence
 from tasks.data.schema import TOKENIZED_SCHEMA
 from tasks.data.special_tokens import SpecialIds
-from tasks.manifest import config_hash, read_manifest
+from tasks.io.manifest import config_hash, read_manifest
 
 STATE_VERSION = 1
 
@@ -135,7 +135,7 @@ class MixtureConfig(BaseModel):
         return config_hash(d)
 
 
-class _Source:
+class TokenizedSource:
     """One tokenized dataset held as an Arrow table, walked in a per-epoch seeded permutation."""
 
     def __init__(self, spec: SourceSpec, seed: int) -> None:
@@ -188,7 +188,7 @@ class _Source:
         return Document.from_row(row_dict, self.media_ids, source=self.name, row_index=row)
 
 
-def common_special(sources: list[_Source]) -> SpecialIds:
+def common_special(sources: list[TokenizedSource]) -> SpecialIds:
     """The special ids every source was tokenized with (one model reads them all)."""
     if len({s.special for s in sources}) > 1:
         raise ValueError(
@@ -204,7 +204,7 @@ class PackedLoader:
 
     def __init__(self, cfg: MixtureConfig) -> None:
         self.cfg = cfg
-        self.sources = [_Source(s, cfg.seed) for s in cfg.sources]
+        self.sources = [TokenizedSource(s, cfg.seed) for s in cfg.sources]
         self._by_name = {s.name: s for s in self.sources}
         self.special = common_special(self.sources)
         self.rng = np.random.default_rng(cfg.seed)

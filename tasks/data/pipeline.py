@@ -30,7 +30,7 @@ from tasks.data.synth import SynthConfig, run_synth
 from tasks.data.tokenize import TokenizeConfig, run_tokenize
 from tasks.data.tokenizer import TokenizerConfig, run_train_tokenizer
 from tasks.data.validate import ValidateConfig, run_validate
-from tasks.manifest import MANIFEST_NAME, Manifest
+from tasks.io.manifest import MANIFEST_NAME, Manifest
 
 LAYERS = ("raw", "filtered", "dedup", "validated", "tokenizer", "tokenized")
 QA_NAME = "synthetic_qa"

@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_contracts.derive import parse_meta
-from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows, staged_output
+from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows
 from tasks.data.qa_facts import (
     Candidate,
     Fact,
@@ -48,7 +48,8 @@ from tasks.data.qa_facts import (
 from tasks.data.qa_openai import GeneratorError, GeneratorOutputError, OpenAICompatibleGenerator
 from tasks.data.qa_passage import passage_fact_for, sample_passage_fact
 from tasks.data.schema import IMAGE_TOKEN, KINDS, QUARANTINE_SCHEMA, RECORD_SCHEMA, VIDEO_TOKEN
-from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
+from tasks.io.files import staged_dir
+from tasks.io.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 __all__ = [
     "Candidate",
@@ -332,7 +333,7 @@ def run_qa_synthesis(
         "injected_errors": 0,
         "injected_errors_rejected": 0,
     }
-    with staged_output(out_dir) as stage:
+    with staged_dir(out_dir) as stage:
         acc = ShardWriter(stage, RECORD_SCHEMA, cfg.rows_per_shard)
         quar = ShardWriter(stage / "quarantine", QUARANTINE_SCHEMA, cfg.rows_per_shard)
         for d in in_dirs:

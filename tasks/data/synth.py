@@ -41,12 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.data import synth_kinds as sk
 from tasks.data.images import encode_image
-from tasks.data.io import ShardWriter, staged_output
+from tasks.data.io import ShardWriter
 from tasks.data.schema import IMAGE_TOKEN, RECORD_SCHEMA, VIDEO_TOKEN
 from tasks.data.synth_chat import cot, sft
 from tasks.data.synth_kinds import Ctx, Draft
 from tasks.data.synth_text import prose_paragraphs, topics_sha256
-from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
+from tasks.io.files import staged_dir
+from tasks.io.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 SYNTH_VERSION = 1  # bump when a generator's output changes on purpose (forces regeneration)
 GENERATORS = {
@@ -323,7 +324,7 @@ def synth_kind(out_dir: Path, cfg: SynthConfig, kind: str) -> Manifest:
     if is_up_to_date(out_dir, config=sub, parents=[]):
         return read_manifest(out_dir)
     stats: Counter[str] = Counter()
-    with staged_output(out_dir) as stage:
+    with staged_dir(out_dir) as stage:
         w = ShardWriter(stage, RECORD_SCHEMA, cfg.rows_per_shard)
         for row in generate_rows(cfg, kind):
             s = json.loads(row["meta"])["synth"]

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kimivl_model.image_processing import smart_resize_hw
 from tasks.data.chat_format import ChatFormat
-from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows, staged_output
+from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows
 from tasks.data.schema import (
     IMAGE_TOKEN,
     QUARANTINE_SCHEMA,
@@ -55,7 +55,8 @@ from tasks.data.schema import (
 )
 from tasks.data.special_tokens import THINK_END, THINK_START, SpecialIds
 from tasks.data.text_tokenizer import TextTokenizer, TokenizerFormatError, load_tokenizer
-from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
+from tasks.io.files import staged_dir
+from tasks.io.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 STEP = "tokenize"
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
@@ -325,7 +326,7 @@ def run_tokenize(in_dir: Path, tokenizer_dir: Path, out_dir: Path, cfg: Tokenize
     doc_tok = DocTokenizer(tok, cfg)
     n = q = truncated = 0
     tokens = {"text": 0, "image": 0, "video": 0}
-    with staged_output(out_dir) as stage:
+    with staged_dir(out_dir) as stage:
         accepted = ShardWriter(stage, TOKENIZED_SCHEMA, cfg.rows_per_shard)
         quarantine = ShardWriter(stage / "quarantine", QUARANTINE_SCHEMA, cfg.rows_per_shard)
         for row in iter_rows(in_dir, RECORD_SCHEMA):

@@ -29,11 +29,12 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tasks.data.io import DatasetError, shard_files, staged_output
+from tasks.data.io import DatasetError, shard_files
 from tasks.data.schema import IMAGE_TOKEN, RECORD_SCHEMA, VIDEO_TOKEN
 from tasks.data.special_tokens import OWN_BPE_SPECIAL_IDS, OWN_BPE_SPECIALS
 from tasks.data.text_tokenizer import HF_FILE, load_tokenizer
-from tasks.manifest import Manifest, Parent, is_up_to_date, read_manifest, sha256_file, write_manifest
+from tasks.io.files import staged_dir
+from tasks.io.manifest import Manifest, Parent, is_up_to_date, read_manifest, sha256_file, write_manifest
 
 TOKENIZER_FILE = HF_FILE
 STEP = "train_tokenizer"
@@ -173,7 +174,7 @@ def run_train_tokenizer(in_dirs: list[Path], out_dir: Path, cfg: TokenizerConfig
     if n_chars == 0:
         raise DatasetError(f"in_dirs: {[str(d) for d in in_dirs]} hold no text to train a tokenizer on")
     tok = build_tokenizer(_corpus(in_dirs, keep), cfg)
-    with staged_output(out_dir) as stage:
+    with staged_dir(out_dir) as stage:
         (stage / TOKENIZER_FILE).write_text(tok.to_str(pretty=True))
         return write_manifest(
             stage,
@@ -202,7 +203,7 @@ def run_copy_tokenizer(src: Path, out_dir: Path, cfg: TokenizerConfig) -> Manife
     parents = [Parent(uri=str(src.resolve()), content_hash=_files_hash(src, tok.files))]
     if is_up_to_date(out_dir, config=cfg, parents=parents):
         return read_manifest(out_dir)
-    with staged_output(out_dir) as stage:
+    with staged_dir(out_dir) as stage:
         for name in tok.files:
             shutil.copyfile(src / name, stage / name)
         return write_manifest(

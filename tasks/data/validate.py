@@ -22,9 +22,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from data_contracts.specs import BOUNDED_COLUMNS, Bound
-from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows, staged_output
+from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows
 from tasks.data.schema import KINDS, QUARANTINE_SCHEMA, RECORD_SCHEMA
-from tasks.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
+from tasks.io.files import staged_dir
+from tasks.io.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 STEP = "validate"
 GX_RESULTS = "gx_results.json"
@@ -90,7 +91,7 @@ def run_validate(in_dir: Path, out_dir: Path, cfg: ValidateConfig) -> Manifest:
     rows = iter_rows(in_dir, RECORD_SCHEMA)
     derived = [derive_row(r, i, full_decode=cfg.decode_images) for i, r in enumerate(rows)]
     result = validate_derived(derived, cfg.kind, cfg.bounds)
-    with staged_output(out_dir) as stage:
+    with staged_dir(out_dir) as stage:
         acc = ShardWriter(stage, RECORD_SCHEMA, cfg.rows_per_shard)
         quar = ShardWriter(stage / "quarantine", QUARANTINE_SCHEMA, cfg.rows_per_shard)
         n_in = 0

@@ -39,7 +39,7 @@ from tasks.data.schema import IMAGE_TOKEN, RECORD_SCHEMA, VIDEO_TOKEN
 from tasks.data.synth import SYNTH_KINDS, SynthConfig, generate_rows
 from tasks.data.synth_kinds import box_text
 from tasks.data.synth_text import MathProblem, verify_problem
-from tasks.manifest import MANIFEST_NAME
+from tasks.io.manifest import MANIFEST_NAME
 
 HELDOUT_SEED_BASE = 10_000
 # task -> (synthetic source kind, seed offset inside the namespace)

@@ -30,9 +30,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.eval.suite import TASKS, EvalConfig, GenerateFn, run_eval
-from tasks.faults import crash_point
-from tasks.manifest import ManifestError, Parent, hash_files, is_up_to_date, read_manifest, write_manifest
-from tasks.model_io import atomic_path, write_json_atomic
+from tasks.io.faults import crash_point
+from tasks.io.manifest import ManifestError, Parent, hash_files, is_up_to_date, read_manifest, write_manifest
+from tasks.io.weights import atomic_path, write_json_atomic
 
 Log = Callable[[str], Any]
 EVAL_DIR = "eval"

@@ -1,6 +1,6 @@
 """The evaluation step: a checkpoint + its tokenizer -> ``eval.json``, NIAH plots and ``report.md``.
 
-``run_eval`` loads a native checkpoint (``tasks.model_io.load_native``), builds every enabled task's
+``run_eval`` loads a native checkpoint (``tasks.io.weights.load_native``), builds every enabled task's
 held-out set (``heldout.py``; checked against the training data when ``train_data_root`` is given), runs
 the tasks and writes, atomically, under ``out_dir``:
 
@@ -34,7 +34,7 @@ from tasks.eval.heldout import HELDOUT_TASKS, EvalItem, HeldoutSet, TrainingInde
 from tasks.eval.niah import NIAHConfig, run_niah, summarize
 from tasks.eval.prompts import PromptBuilder
 from tasks.eval.report import compare_reports, render_report, summary_metrics, write_plots
-from tasks.model_io import NATIVE_CONFIG, atomic_path, load_native, write_json_atomic
+from tasks.io.weights import NATIVE_CONFIG, atomic_path, load_native, write_json_atomic
 
 GEN_TASKS = ("vqa", "counting", "ocr", "grounding", "chart_qa", "doc_qa", "video_qa", "math")
 LOSS_TASKS = ("caption_loss", "text_loss")

@@ -19,9 +19,7 @@ Multi-node runs need ``root`` on a filesystem shared by all nodes (each rank wri
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -31,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.faults import crash_point
-from tasks.model_io import CheckpointError, atomic_path, write_json_atomic
+from tasks.io.faults import crash_point
+from tasks.io.files import atomic_path, fsync_dir, replace_dir, sha256_file, write_json_atomic
+from tasks.io.weights import CheckpointError
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -79,14 +78,6 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ files
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def torch_save_atomic(obj: Any, path: Path) -> None:
     with atomic_path(Path(path)) as tmp:
         torch.save(obj, tmp)
@@ -98,14 +89,6 @@ def torch_load_plain(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be loaded with weights_only=True: {e}") from e
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checksums(directory: Path, relative: list[str]) -> dict[str, str]:
@@ -148,19 +131,9 @@ def _phase_of(ckpt: Path) -> str:
     return Path(ckpt).parent.parent.name
 
 
-def publish(staging: Path, final: Path) -> None:
+def commit_checkpoint(staging: Path, final: Path) -> None:
     """Rename a fully written staging directory onto ``final`` (replacing an older one)."""
-    staging, final = Path(staging), Path(final)
-    old = final.parent / f".{final.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-        crash_point(f"checkpoint:publish_old_moved:{_phase_of(final)}")
-    os.replace(staging, final)
-    fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(staging, final, crash_name=f"checkpoint:publish_old_moved:{_phase_of(final)}")
 
 
 def read_trainer_state(directory: Path) -> dict[str, Any]:
@@ -270,7 +243,7 @@ def save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any]
 def _save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any]) -> Path:
     import torch.distributed as dist
 
-    from tasks.model_io import save_safetensors_atomic
+    from tasks.io.weights import save_safetensors_atomic
 
     final = Path(final)
     staging = staging_path(final)
@@ -316,7 +289,7 @@ def _save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any
         write_checksums(staging, sums)
         fsync_dir(staging)
         crash_point(f"checkpoint:before_publish:{_phase_of(final)}")
-        publish(staging, final)
+        commit_checkpoint(staging, final)
     if multi:
         dist.barrier()
     return final
@@ -338,7 +311,7 @@ def _check_all_ranks(engine: Any, error: CheckpointError | None) -> None:
 def load_engine_checkpoint(
     engine: Any, directory: Path, *, weights_only_resume: bool = False
 ) -> dict[str, Any]:
-    from tasks.model_io import load_safetensors
+    from tasks.io.weights import load_safetensors
 
     directory = Path(directory)
     files = [MODEL_FILE, STATE_FILE]

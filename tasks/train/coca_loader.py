@@ -23,7 +23,7 @@ import torch
 
 from kimivl_model.image_processing import image_to_patches
 from tasks.data.images import decode_image, to_tensor
-from tasks.data.loader import MixtureConfig, _Source, common_special
+from tasks.data.loader import MixtureConfig, TokenizedSource, common_special
 
 STATE_VERSION = 1
 
@@ -44,7 +44,7 @@ class CaptionLoader:
                 "CaptionLoader: weights are per (image, caption) document; weight_unit must be 'documents'"
             )
         self.cfg = cfg
-        self.sources = [_Source(s, cfg.seed) for s in cfg.sources]
+        self.sources = [TokenizedSource(s, cfg.seed) for s in cfg.sources]
         self.special = common_special(self.sources)
         self.rng = np.random.default_rng(cfg.seed)
         self.captions_per_batch = captions_per_batch

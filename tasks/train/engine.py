@@ -53,11 +53,11 @@ from tasks.train.distributed_muon import DistributedMuon
 from tasks.train.engine_config import EngineConfig, build_ds_config
 from tasks.train.engine_parts import (
     LossFn,
+    LossModule,
     LossResult,
     StepResult,
-    _install_step_guard,
-    _LossModule,
     count_target_tokens,
+    install_step_guard,
     seed_everything,
     to_device,
 )
@@ -121,7 +121,7 @@ class TrainEngine:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("model: no parameter has requires_grad=True; nothing to train")
-        self._wrapper = _LossModule(model, loss_fn)
+        self._wrapper = LossModule(model, loss_fn)
         self.ds_config = build_ds_config(cfg, self.world_size, self.device_type)
         optimizer = None
         params: dict[str, Any] = {}
@@ -152,7 +152,7 @@ class TrainEngine:
         )
         self.device = self.ds.device
         if cfg.zero_stage == 0:
-            _install_step_guard(self.optimizer)
+            install_step_guard(self.optimizer)
         self.ds.train()
         if self.rank == 0 and tracker is not None:
             tracker.log_params(
@@ -358,7 +358,7 @@ class TrainEngine:
 
     def export_weights(self, path: Path) -> Path:
         """Write the full fp32 weights as safetensors (rank 0) for the next stage; returns ``path``."""
-        from tasks.model_io import save_safetensors_atomic
+        from tasks.io.weights import save_safetensors_atomic
 
         path = Path(path)
         state = self.full_state_dict()  # collective with bf16 working weights

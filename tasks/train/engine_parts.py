@@ -56,7 +56,7 @@ def count_target_tokens(micro_batch: Any) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
-class _LossModule(nn.Module):
+class LossModule(nn.Module):
     """What DeepSpeed wraps: forward(micro_batch) -> the scalar that this micro-batch backpropagates."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
@@ -76,7 +76,7 @@ class _LossModule(nn.Module):
         return res.loss_sum.float() * self.token_scale + res.extra_loss
 
 
-def _install_step_guard(optimizer: torch.optim.Optimizer) -> None:
+def install_step_guard(optimizer: torch.optim.Optimizer) -> None:
     """Let the engine veto the next ``optimizer.step()`` (non-finite step) under ZeRO 0, where DeepSpeed
     calls the optimizer directly; DeepSpeed reads ``optimizer.overflow`` afterwards (skipped-step count)."""
     inner = optimizer.step

@@ -17,7 +17,7 @@ from tasks.data.loader import (
     tokens_by_source,
 )
 from tasks.data.text_tokenizer import check_model_ids
-from tasks.manifest import ManifestError, read_manifest
+from tasks.io.manifest import ManifestError, read_manifest
 from tasks.recipe import Recipe
 from tasks.train.coca_loader import CaptionLoader
 from tasks.train.stages import PhaseConfig

@@ -11,8 +11,8 @@ import torch
 from kimivl_model.compile import compile_blocks
 from kimivl_model.config import VLMConfig
 from kimivl_model.vlm import KimiVL
-from tasks.manifest import Parent, read_manifest
-from tasks.model_io import load_native
+from tasks.io.manifest import Parent, read_manifest
+from tasks.io.weights import load_native
 from tasks.recipe import Recipe
 from tasks.train.stages import PhaseConfig
 

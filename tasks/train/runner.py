@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from kimivl_model.vlm import KimiVL
-from tasks.faults import crash_point
-from tasks.manifest import read_manifest, write_manifest
-from tasks.model_io import NATIVE_CONFIG, NATIVE_WEIGHTS, write_json_atomic
+from tasks.io.faults import crash_point
+from tasks.io.manifest import read_manifest, write_manifest
+from tasks.io.weights import NATIVE_CONFIG, NATIVE_WEIGHTS, write_json_atomic
 from tasks.recipe import Recipe
 from tasks.tracking import JsonlTracker, Tracker
 from tasks.train.checkpoint import checkpoint_path, latest_checkpoint

@@ -143,7 +143,7 @@ def run_smoke(
         "optimizer": opt_summary,
     }
     if out_dir is not None:
-        from tasks.model_io import save_native, write_json_atomic
+        from tasks.io.weights import save_native, write_json_atomic
 
         out_dir = Path(out_dir)
         save_native(model.state_dict(), cfg, out_dir / "checkpoint")

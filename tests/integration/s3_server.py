@@ -51,7 +51,7 @@ class S3Server:
     data_dir: Path
 
     def env(self) -> dict[str, str]:
-        """The environment variables a client (tasks.storage, DVC, MLflow) needs to reach this server."""
+        """The environment variables a client (tasks.io.storage, DVC, MLflow) needs to reach this server."""
         return {
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,

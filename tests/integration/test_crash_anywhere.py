@@ -4,7 +4,7 @@ an uninterrupted run: bit-identical weights and dataset manifests, the same toke
 twice), one MLflow parent run and one run per phase (resumed, not duplicated), and after every kill no
 partial dataset or checkpoint is marked complete.
 
-The kill points are the ``tasks.faults.crash_point`` calls (between checkpoint files, before manifests,
+The kill points are the ``tasks.io.faults.crash_point`` calls (between checkpoint files, before manifests,
 markers and renames, after optimizer steps, before MLflow deliveries); the uninterrupted run counts them,
 and each process of the chain is killed at a random point of its own about total/(N+1) points in, so the
 chain crosses the whole pipeline. ``KIMIVL_CRASH_POINTS`` (default 20)
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.manifest import MANIFEST_NAME, ManifestError, read_manifest, verify_files
+from tasks.io.manifest import MANIFEST_NAME, ManifestError, read_manifest, verify_files
 from tasks.train.checkpoint import CheckpointError, verify_checksums
 from tests.integration.conftest import ROOT, SMALL_DATA, short_recipe
 

@@ -8,7 +8,7 @@ import pytest
 
 from tasks.data.loader import MixtureConfig, PackedLoader, SourceSpec
 from tasks.data.pipeline import datasets, run_data_all
-from tasks.manifest import read_manifest
+from tasks.io.manifest import read_manifest
 from tests.integration.conftest import SMALL_DATA
 
 SMALL = SMALL_DATA

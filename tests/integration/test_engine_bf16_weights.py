@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from kimivl_model.muon import apply_param_update_, build_param_groups
 from kimivl_model.precision import low_precision_weights
-from tasks.model_io import load_safetensors
+from tasks.io.weights import load_safetensors
 from tasks.train.checkpoint import CheckpointError, checkpoint_path
 from tasks.train.distributed_muon import DistributedMuon
 from tasks.train.engine import TrainEngine

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.model_io import load_safetensors
+from tasks.io.weights import load_safetensors
 from tasks.train import checkpoint as ckpt
 from tasks.train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint
 from tasks.train.engine import TrainEngine
@@ -94,7 +94,7 @@ def test_incomplete_checkpoint_is_never_loaded(tmp_path, monkeypatch):
     def crash(staging, final):
         raise KeyboardInterrupt("simulated kill before the rename")
 
-    monkeypatch.setattr(ckpt, "publish", crash)
+    monkeypatch.setattr(ckpt, "commit_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
         eng.save_checkpoint(checkpoint_path(tmp_path, 4))
     staged = ckpt.staging_path(checkpoint_path(tmp_path, 4))

@@ -27,7 +27,7 @@ from tasks.eval.heldout import TrainingIndex, build_heldout
 from tasks.eval.niah import NIAHConfig, haystacks
 from tasks.eval.prompts import PromptBuilder
 from tasks.eval.suite import GEN_TASKS, TASKS, EvalConfig, run_eval
-from tasks.model_io import save_native
+from tasks.io.weights import save_native
 
 SIZES = {t: 2 for t in ("vqa", "counting", "ocr", "grounding", "chart_qa", "doc_qa", "video_qa", "math")}
 CFG = EvalConfig(

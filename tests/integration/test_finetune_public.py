@@ -26,7 +26,7 @@ from tasks.data.chat_format import ChatFormat
 from tasks.data.io import iter_rows
 from tasks.data.schema import RECORD_SCHEMA, TOKENIZED_SCHEMA
 from tasks.data.text_tokenizer import load_tokenizer
-from tasks.model_io import load_hf, load_native
+from tasks.io.weights import load_hf, load_native
 from tests.integration.conftest import subprocess_env
 from tests.public_fixture import script
 

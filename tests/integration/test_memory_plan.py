@@ -165,7 +165,7 @@ def test_plan_uses_the_init_checkpoints_architecture(tmp_path):
     import dataclasses
 
     from kimivl_model.config import preset
-    from tasks.model_io import NATIVE_CONFIG
+    from tasks.io.weights import NATIVE_CONFIG
 
     cfg = preset("tiny")
     wide = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=cfg.lm.vocab_size * 2))

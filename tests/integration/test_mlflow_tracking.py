@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app as kimivl_app
 from flows.cli_compare import compare_cmd
-from tasks.manifest import code_version, read_manifest
+from tasks.io.manifest import code_version, read_manifest
 from tasks.recipe import recipe_from_dict
 from tasks.tracking_mlflow import PipelineTracking, clean_params, default_tracking_uri, replay_spool
 from tasks.train.runner import read_result

@@ -25,7 +25,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from tasks.manifest import read_manifest
+from tasks.io.manifest import read_manifest
 from tests.integration._prefect_common import _artifact, _client
 from tests.integration.conftest import ROOT, short_recipe, stop_process_group, subprocess_env
 
@@ -58,7 +58,7 @@ def test_ui_triggered_pipeline_tracks_to_mlflow_with_s3_artifacts(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.cli_ops import healthy
-    from tasks import storage
+    from tasks.io import storage
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)

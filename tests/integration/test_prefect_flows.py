@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tasks.manifest import read_manifest
+from tasks.io.manifest import read_manifest
 from tests.integration._prefect_common import _artifact, _client
 from tests.integration.conftest import short_recipe
 
@@ -203,7 +203,7 @@ def test_stage_flow_trains_phase_with_tracking_links(stage_run):
 
 def test_pipeline_flow_skips_done_work_evaluates_and_exports(stage_run):
     from flows.pipeline import PipelineParams, pipeline_flow
-    from tasks.model_io import load_hf, load_native
+    from tasks.io.weights import load_hf, load_native
 
     stage_params, _, _ = stage_run
     params = PipelineParams(

@@ -4,7 +4,7 @@ checkpoint can run code.
 - engine checkpoints (``tasks/train/checkpoint.py``): sha256 of every file in ``checksums.json``; a flipped
   byte, a truncated, missing or replaced file is a ``CheckpointError`` naming it; optimizer/RNG state is read
   with ``torch.load(weights_only=True)``, so a pickle payload is refused even when its checksum was forged;
-- native checkpoints / a phase's ``final/`` (``tasks/model_io.py``): verified against their manifest, and a
+- native checkpoints / a phase's ``final/`` (``tasks/io/weights.py``): verified against their manifest, and a
   phase refuses to start from a corrupted parent (``kimivl stage`` exits 1 naming the file);
 - weights are safetensors only; no ``torch.load`` without ``weights_only=True`` and no ``pickle`` anywhere.
 
@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 
 from kimivl_model.config import preset
 from kimivl_model.vlm import KimiVL
-from tasks.manifest import write_manifest
-from tasks.model_io import CheckpointIntegrityError, load_native, save_native
+from tasks.io.manifest import write_manifest
+from tasks.io.weights import CheckpointIntegrityError, load_native, save_native
 from tasks.train import checkpoint as ckpt
 from tasks.train.checkpoint import CheckpointError, checkpoint_path, torch_load_plain
 
@@ -263,7 +263,7 @@ def _torn(path) -> OSError:
 @pytest.mark.integration
 @pytest.mark.parametrize("victim", ["weights", "optimizer state"])
 def test_disk_full_during_checkpoint_save_publishes_nothing(tmp_path, monkeypatch, victim):
-    from tasks import model_io
+    from tasks.io import weights as model_io
 
     eng = fresh_engine()
     root = tmp_path / "checkpoints"

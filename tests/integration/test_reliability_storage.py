@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage
-from tasks.storage import COMPLETE_MARKER, S3Settings, StorageError
+from tasks.io import storage
+from tasks.io.storage import COMPLETE_MARKER, S3Settings, StorageError
 from tests.integration.s3_server import S3Server, free_ports
 
 BUCKET = "kimivl-test"

@@ -17,8 +17,8 @@ import yaml
 from kimivl_model.vlm import KimiVL
 from tasks.data.loader import PackedLoader, tokens_by_modality, tokens_by_source
 from tasks.data.special_tokens import OWN_BPE_IDS, OWN_BPE_SPECIAL_IDS
-from tasks.manifest import read_manifest
-from tasks.model_io import load_native, load_safetensors
+from tasks.io.manifest import read_manifest
+from tasks.io.weights import load_native, load_safetensors
 from tasks.train.phase_data import build_loader, by_group, mixture
 from tasks.train.runner import MissingParentError, build_model, final_dir, lm_loss, run_phase
 from tests.integration.conftest import ROOT, short_recipe

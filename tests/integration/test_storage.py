@@ -1,4 +1,4 @@
-"""tasks.storage against local disk and a real S3 server (SeaweedFS), plus a DVC remote round trip."""
+"""tasks.io.storage against local disk and a real S3 server (SeaweedFS), plus a DVC remote round trip."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage
-from tasks.dvc_remote import configure_dvc_remote, dvc_env, run_dvc
-from tasks.storage import COMPLETE_MARKER, S3Settings, StorageError
+from tasks.io import storage
+from tasks.io.dvc_remote import configure_dvc_remote, dvc_env, run_dvc
+from tasks.io.storage import COMPLETE_MARKER, S3Settings, StorageError
 from tests.integration.s3_server import S3Server, free_ports
 
 BUCKET = "kimivl-test"

@@ -15,7 +15,7 @@ from kimivl_model.hf_interop import (
 )
 from kimivl_model.summary import build_meta_model
 from kimivl_model.vlm import KimiVL
-from tasks.model_io import load_hf, load_native, save_hf, save_native, verify_loadable
+from tasks.io.weights import load_hf, load_native, save_hf, save_native, verify_loadable
 
 CFG = preset("tiny")
 

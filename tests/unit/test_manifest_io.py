@@ -5,8 +5,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from tasks.data.io import DatasetError, ShardWriter, count_rows, iter_rows, read_table, staged_output
-from tasks.manifest import (
+from tasks.data.io import DatasetError, ShardWriter, count_rows, iter_rows, read_table
+from tasks.io.files import staged_dir
+from tasks.io.manifest import (
     ManifestError,
     Parent,
     config_hash,
@@ -20,7 +21,7 @@ SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("x", p
 
 
 def _write(out, n, cfg=None, parents=None):
-    with staged_output(out) as stage:
+    with staged_dir(out) as stage:
         w = ShardWriter(stage, SCHEMA, rows_per_shard=3)
         w.write_many({"id": f"r{i}", "x": i} for i in range(n))
         w.close()
@@ -58,7 +59,7 @@ def test_skip_rule_needs_same_config_parents_and_intact_files(tmp_path):
 def test_failed_step_leaves_no_output_and_keeps_the_previous_one(tmp_path):
     out = tmp_path / "d"
     first = _write(out, 4)
-    with pytest.raises(RuntimeError), staged_output(out) as stage:
+    with pytest.raises(RuntimeError), staged_dir(out) as stage:
         (stage / "part-00000.parquet").write_bytes(b"half")
         raise RuntimeError("killed")
     assert read_manifest(out).content_hash == first.content_hash
@@ -101,7 +102,7 @@ def test_safetensors_bytes_do_not_depend_on_the_process(tmp_path):
     import sys
 
     code = (
-        "import sys, torch; from pathlib import Path; from tasks.model_io import save_safetensors_atomic; "
+        "import sys, torch; from pathlib import Path; from tasks.io.weights import save_safetensors_atomic; "
         "save_safetensors_atomic({'a': torch.arange(6.0), 'b': torch.ones(2, 3)}, Path(sys.argv[1]), "
         "metadata={'step': '4', 'format': 'pt', 'phase': 'x', 'zz': '1'})"
     )

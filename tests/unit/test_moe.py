@@ -274,7 +274,7 @@ def test_swiglu_loop_node_is_bit_identical_to_per_expert_autograd():
     """``_SwiGLULoop`` (one autograd node, in-place outputs and weight gradients) against the per-expert
     ``F.linear``/``F.silu`` graph it replaces: same bits forward and backward, empty experts get zero
     weight gradients, frozen weights get none."""
-    from kimivl_model.moe import _swiglu_loop
+    from kimivl_model.moe import swiglu_loop
 
     def per_expert(xs, counts, gate, up, down):
         outs = []
@@ -289,7 +289,7 @@ def test_swiglu_loop_node_is_bit_identical_to_per_expert_autograd():
     xs0, dy = torch.randn(sum(counts), h), torch.randn(sum(counts), h)
     for frozen in (False, True):
         results = []
-        for fn in (per_expert, _swiglu_loop):
+        for fn in (per_expert, swiglu_loop):
             ws = [b.clone().requires_grad_(not frozen) for b in base]
             xs = xs0.clone().requires_grad_()
             y = fn(xs, counts, *ws)
@@ -307,7 +307,7 @@ def test_swiglu_loop_node_is_bit_identical_to_per_expert_autograd():
 
 def test_dispatch_and_combine_gathers_gradcheck():
     """The custom permutation gathers (no index_add in backward) have exact gradients (fp64 gradcheck)."""
-    from kimivl_model.moe import _DispatchRows, _PermuteRows
+    from kimivl_model.moe import DispatchRows, PermuteRows
 
     torch.manual_seed(0)
     t, k, h = 5, 3, 4
@@ -316,13 +316,13 @@ def test_dispatch_and_combine_gathers_gradcheck():
     inv = torch.argsort(order)
     x = torch.randn(t, h, dtype=torch.float64, requires_grad=True)
     ys = torch.randn(t * k, h, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a: _DispatchRows.apply(a, order, inv, k), (x,))
-    assert torch.autograd.gradcheck(lambda a: _DispatchRows.apply(a, order, inv, k, "bag"), (x,))
+    assert torch.autograd.gradcheck(lambda a: DispatchRows.apply(a, order, inv, k), (x,))
+    assert torch.autograd.gradcheck(lambda a: DispatchRows.apply(a, order, inv, k, "bag"), (x,))
     w = torch.rand(t, k, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(  # the CPU combine: gather + weights + sum over the k slots in one op
         lambda a, b: F.embedding_bag(inv.view(t, k), a, mode="sum", per_sample_weights=b), (ys, w)
     )
-    assert torch.autograd.gradcheck(lambda a: _PermuteRows.apply(a, inv, order), (ys,))
+    assert torch.autograd.gradcheck(lambda a: PermuteRows.apply(a, inv, order), (ys,))
     # the dispatch puts token order // k at sorted position p; the permutation undoes the sort
-    torch.testing.assert_close(_DispatchRows.apply(x, order, inv, k), x[order // k])
-    torch.testing.assert_close(_PermuteRows.apply(ys[order], inv, order), ys)
+    torch.testing.assert_close(DispatchRows.apply(x, order, inv, k), x[order // k])
+    torch.testing.assert_close(PermuteRows.apply(ys[order], inv, order), ys)

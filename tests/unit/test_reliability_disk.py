@@ -25,12 +25,13 @@ from typer.testing import CliRunner
 
 from kimivl_model.config import preset
 from kimivl_model.vlm import KimiVL
-from tasks import model_io, storage
 from tasks.data import io as data_io
 from tasks.data.filter import FilterConfig, run_filter
-from tasks.manifest import read_manifest, verify_files, write_manifest
-from tasks.model_io import CheckpointIntegrityError, load_native, save_native, write_json_atomic
-from tasks.storage import StorageError
+from tasks.io import storage
+from tasks.io import weights as model_io
+from tasks.io.manifest import read_manifest, verify_files, write_manifest
+from tasks.io.storage import StorageError
+from tasks.io.weights import CheckpointIntegrityError, load_native, save_native, write_json_atomic
 from tasks.tracking import JsonlTracker
 from tests.unit.data.records import make_record, write_dataset
 
@@ -151,29 +152,18 @@ def test_disk_full_mid_dataset_keeps_the_previous_output(dataset, tmp_path, monk
 
 
 def test_disk_full_while_writing_a_manifest_leaves_none(tmp_path, monkeypatch):
-    import tasks.manifest as manifest_mod
-
     d = tmp_path / "d"
     d.mkdir()
     (d / "part-00000.parquet").write_bytes(b"data")
-    real_fdopen = os.fdopen
+    real_write_text = Path.write_text
 
-    class Torn:
-        def __init__(self, f):
-            self.f = f
+    def torn(self, text, *a, **kw):  # half the manifest reaches the temp file, then the disk is full
+        if self.name.startswith(".manifest.json."):
+            real_write_text(self, text[: len(text) // 2])
+            raise enospc(self)
+        return real_write_text(self, text, *a, **kw)
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, s):
-            self.f.write(s[: len(s) // 2])
-            self.f.flush()
-            raise enospc(self.f.name)
-
-    monkeypatch.setattr(manifest_mod.os, "fdopen", lambda fd, mode: Torn(real_fdopen(fd, mode)))
+    monkeypatch.setattr(Path, "write_text", torn)
     with pytest.raises(OSError, match="No space left"):
         write_manifest(d, kind="dataset", step="t", config={})
     assert sorted(p.name for p in d.iterdir()) == ["part-00000.parquet"]  # no manifest, no temp file

@@ -56,7 +56,7 @@ def test_cli_init_export_import_round_trip(tmp_path, preset_name):
     assert (tmp_path / "hf" / "config.json").is_file()
     r = runner.invoke(app, ["model", "import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
     assert r.exit_code == 0, r.output
-    from tasks.model_io import load_native
+    from tasks.io.weights import load_native
 
     _, a = load_native(tmp_path / "n")
     _, b = load_native(tmp_path / "back")

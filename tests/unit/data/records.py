@@ -10,9 +10,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tasks.data.images import encode_image
-from tasks.data.io import ShardWriter, staged_output
+from tasks.data.io import ShardWriter
 from tasks.data.schema import IMAGE_TOKEN, RECORD_SCHEMA
-from tasks.manifest import Manifest, write_manifest
+from tasks.io.files import staged_dir
+from tasks.io.manifest import Manifest, write_manifest
 
 DEFAULT_CAPTION = "A clear photograph of a red ball resting on a wooden table."
 _UNSET: Any = object()
@@ -55,7 +56,7 @@ def make_record(
 
 def write_dataset(directory: Path, rows: list[dict[str, Any]], rows_per_shard: int = 3) -> Manifest:
     """Write ``rows`` as a finished dataset (shards + manifest of step 'test')."""
-    with staged_output(Path(directory)) as stage:
+    with staged_dir(Path(directory)) as stage:
         w = ShardWriter(stage, RECORD_SCHEMA, rows_per_shard)
         w.write_many(rows)
         n = w.close()

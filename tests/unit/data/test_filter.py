@@ -16,7 +16,7 @@ from tasks.data.filter import FilterConfig, QualityRules, check_record, run_filt
 from tasks.data.images import encode_image
 from tasks.data.io import count_rows, iter_rows
 from tasks.data.schema import QUARANTINE_SCHEMA, RECORD_SCHEMA
-from tasks.manifest import read_manifest
+from tasks.io.manifest import read_manifest
 from tests.unit.data.records import DEFAULT_CAPTION, make_record, picture, write_dataset
 
 CFG = FilterConfig()

@@ -19,7 +19,7 @@ from tasks.data.images import decode_image
 from tasks.data.ingest import IngestConfig, run_ingest
 from tasks.data.io import DatasetError, iter_rows
 from tasks.data.schema import QUARANTINE_SCHEMA, RECORD_SCHEMA
-from tasks.manifest import read_manifest
+from tasks.io.manifest import read_manifest
 
 
 def png_bytes(w: int = 20, h: int = 16, color=(200, 30, 30), fmt: str = "PNG") -> bytes:

@@ -20,7 +20,7 @@ from tasks.data.images import decode_image
 from tasks.data.io import read_table
 from tasks.data.schema import IMAGE_TOKEN, RECORD_SCHEMA, VIDEO_TOKEN
 from tasks.data.synth import SYNTH_KINDS, SynthConfig, run_synth
-from tasks.manifest import read_manifest
+from tasks.io.manifest import read_manifest
 from tests.unit.data._synth_common import CFG, COLOR_RGB, CORNERS, check_roles, clean, strings
 
 BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tasks.data.special_tokens import SPECIAL_TOKENS
 from tasks.data.text_tokenizer import load_tokenizer
 from tasks.data.tokenizer import TokenizerConfig, run_train_tokenizer
-from tasks.manifest import read_manifest
+from tasks.io.manifest import read_manifest
 
 from .records import make_record, picture, write_dataset
 

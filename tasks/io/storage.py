@@ -12,7 +12,7 @@ Semantics (DESIGN.md, "bytes at rest"):
 - S3 configuration comes from the standard environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``
   (``AWS_SESSION_TOKEN``), ``AWS_DEFAULT_REGION``; endpoint from ``KIMIVL_S3_ENDPOINT_URL`` or
   ``AWS_ENDPOINT_URL``; tuning from ``KIMIVL_S3_*`` (see ``S3Settings.from_env``).
-- S3 settings, clients and error translation: ``tasks.s3_client``.
+- S3 settings, clients and error translation: ``tasks.io.s3``.
 - Retries: botocore's ``standard`` (or ``adaptive``) retry mode, i.e. exponential backoff with jitter on
   5xx, throttling and connection errors, up to ``max_attempts`` in total, plus connect/read timeouts.
   Past the limit a ``StorageError`` names the operation, the URI and the number of attempts; messages
@@ -21,13 +21,10 @@ Semantics (DESIGN.md, "bytes at rest"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,21 +32,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from tasks.faults import crash_point
-from tasks.s3_client import (
+from tasks.io.faults import crash_point
+from tasks.io.files import atomic_path, sha256_file, staged_dir
+from tasks.io.s3 import (
     S3Settings,
     StorageError,
-    _is_not_found,
-    _s3_call,
-    _transfer_config,
+    is_not_found,
+    s3_call,
     s3_client,
     scrub_secrets,
+    transfer_config,
 )
 
 COMPLETE_MARKER = "_COMPLETE"
 MARKER_FORMAT = 1
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-__all__ = [  # settings, clients and errors live in tasks.s3_client; importable from here as before
+__all__ = [  # settings, clients and errors live in tasks.io.s3; importable from here as before
     "COMPLETE_MARKER", "S3Settings", "StorageError", "delete", "dir_matches", "exists", "get_dir",
     "get_file", "is_complete", "list_uris", "put_dir", "put_file", "read_bytes", "s3_client",
     "scrub_secrets", "write_bytes",
@@ -108,50 +106,6 @@ def _local_errors(op: str, uri: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- local helpers
-@contextmanager
-def _atomic_local(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``final``; on success fsync + rename onto ``final``, else remove it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, final)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-@contextmanager
-def _staged_local_dir(final: Path) -> Iterator[Path]:
-    """Yield a hidden staging dir beside ``final``; on success it replaces ``final``, else it is removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stage = final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(stage, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _dir_files(local_dir: Path) -> dict[str, Path]:
     """Relative POSIX path -> file, for every regular file under ``local_dir`` (sorted)."""
     files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
@@ -165,15 +119,15 @@ def put_file(local_path: str | os.PathLike, uri: str, *, settings: S3Settings | 
     if not src.is_file():
         raise StorageError(f"put_file to {uri}: source {src} is not a file")
     if loc.scheme == "file":
-        with _local_errors("put_file", uri), _atomic_local(loc.path) as tmp:
+        with _local_errors("put_file", uri), atomic_path(loc.path) as tmp:
             shutil.copyfile(src, tmp)
         return uri
     st = settings or S3Settings.from_env()
     client = s3_client(st)
-    _s3_call(
+    s3_call(
         "put_file",
         uri,
-        lambda: client.upload_file(str(src), loc.bucket, loc.key, Config=_transfer_config(st)),
+        lambda: client.upload_file(str(src), loc.bucket, loc.key, Config=transfer_config(st)),
         st,
     )
     return uri
@@ -185,16 +139,16 @@ def get_file(uri: str, local_path: str | os.PathLike, *, settings: S3Settings | 
     if loc.scheme == "file":
         if not loc.path.is_file():
             raise StorageError(f"get_file failed for {uri}: no such file")
-        with _local_errors("get_file", uri), _atomic_local(dst) as tmp:
+        with _local_errors("get_file", uri), atomic_path(dst) as tmp:
             shutil.copyfile(loc.path, tmp)
         return dst
     st = settings or S3Settings.from_env()
     client = s3_client(st)
-    with _local_errors("get_file", uri), _atomic_local(dst) as tmp:
-        _s3_call(
+    with _local_errors("get_file", uri), atomic_path(dst) as tmp:
+        s3_call(
             "get_file",
             uri,
-            lambda: client.download_file(loc.bucket, loc.key, str(tmp), Config=_transfer_config(st)),
+            lambda: client.download_file(loc.bucket, loc.key, str(tmp), Config=transfer_config(st)),
             st,
         )
     return dst
@@ -208,7 +162,7 @@ def read_bytes(uri: str, *, settings: S3Settings | None = None) -> bytes:
             return loc.path.read_bytes()
     st = settings or S3Settings.from_env()
     client = s3_client(st)
-    return _s3_call(
+    return s3_call(
         "read_bytes", uri, lambda: client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read(), st
     )
 
@@ -217,12 +171,12 @@ def write_bytes(data: bytes, uri: str, *, settings: S3Settings | None = None) ->
     """Write ``data`` to ``uri`` atomically (one PUT on S3, temp + rename locally); returns ``uri``."""
     loc = _parse(uri)
     if loc.scheme == "file":
-        with _local_errors("write_bytes", uri), _atomic_local(loc.path) as tmp:
+        with _local_errors("write_bytes", uri), atomic_path(loc.path) as tmp:
             tmp.write_bytes(data)
         return uri
     st = settings or S3Settings.from_env()
     client = s3_client(st)
-    _s3_call("write_bytes", uri, lambda: client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data), st)
+    s3_call("write_bytes", uri, lambda: client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data), st)
     return uri
 
 
@@ -239,11 +193,11 @@ def exists(uri: str, *, settings: S3Settings | None = None) -> bool:
             client.head_object(Bucket=loc.bucket, Key=loc.key)
             return True
         except Exception as e:
-            if _is_not_found(e):
+            if is_not_found(e):
                 return False
             raise
 
-    return _s3_call("exists", uri, head, st)
+    return s3_call("exists", uri, head, st)
 
 
 def list_uris(prefix: str, *, settings: S3Settings | None = None) -> list[str]:
@@ -269,7 +223,7 @@ def list_uris(prefix: str, *, settings: S3Settings | None = None) -> list[str]:
             keys += [obj["Key"] for obj in page.get("Contents", [])]
         return sorted(_s3_uri(loc.bucket, k) for k in keys)
 
-    return _s3_call("list_uris", prefix, listing, st)
+    return s3_call("list_uris", prefix, listing, st)
 
 
 def delete(uri: str, *, recursive: bool = False, settings: S3Settings | None = None) -> None:
@@ -289,21 +243,19 @@ def delete(uri: str, *, recursive: bool = False, settings: S3Settings | None = N
     st = settings or S3Settings.from_env()
     client = s3_client(st)
     if not recursive:
-        _s3_call("delete", uri, lambda: client.delete_object(Bucket=loc.bucket, Key=loc.key), st)
+        s3_call("delete", uri, lambda: client.delete_object(Bucket=loc.bucket, Key=loc.key), st)
         return
     base = _dir_key(loc.key)
     marker = _s3_uri(loc.bucket, base + COMPLETE_MARKER)
-    _s3_call(
-        "delete", marker, lambda: client.delete_object(Bucket=loc.bucket, Key=base + COMPLETE_MARKER), st
-    )
+    s3_call("delete", marker, lambda: client.delete_object(Bucket=loc.bucket, Key=base + COMPLETE_MARKER), st)
     for u in list_uris(_s3_uri(loc.bucket, base), settings=st):
         key = _parse(u).key
-        _s3_call("delete", u, lambda key=key: client.delete_object(Bucket=loc.bucket, Key=key), st)
+        s3_call("delete", u, lambda key=key: client.delete_object(Bucket=loc.bucket, Key=key), st)
 
 
 # ---------------------------------------------------------------------------------------------- directories
 def _marker_bytes(files: dict[str, Path]) -> bytes:
-    entries = {rel: {"size": p.stat().st_size, "sha256": _sha256(p)} for rel, p in files.items()}
+    entries = {rel: {"size": p.stat().st_size, "sha256": sha256_file(p)} for rel, p in files.items()}
     return (json.dumps({"format": MARKER_FORMAT, "files": entries}, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -322,7 +274,7 @@ def put_dir(local_dir: str | os.PathLike, uri_prefix: str, *, settings: S3Settin
         )
     marker = _marker_bytes(files)
     if loc.scheme == "file":
-        with _local_errors("put_dir", uri_prefix), _staged_local_dir(loc.path) as stage:
+        with _local_errors("put_dir", uri_prefix), staged_dir(loc.path) as stage:
             for rel, p in files.items():
                 (stage / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(p, stage / rel)
@@ -331,23 +283,23 @@ def put_dir(local_dir: str | os.PathLike, uri_prefix: str, *, settings: S3Settin
     st = settings or S3Settings.from_env()
     client, base = s3_client(st), _dir_key(loc.key)
     marker_uri = _s3_uri(loc.bucket, base + COMPLETE_MARKER)
-    _s3_call(
+    s3_call(
         "put_dir", marker_uri, lambda: client.delete_object(Bucket=loc.bucket, Key=base + COMPLETE_MARKER), st
     )
     previous = set(list_uris(_s3_uri(loc.bucket, base), settings=st))
-    tconf = _transfer_config(st)
+    tconf = transfer_config(st)
 
     def upload(item: tuple[str, Path]) -> str:
         rel, p = item
         uri = _s3_uri(loc.bucket, base + rel)
-        _s3_call("put_dir", uri, lambda: client.upload_file(str(p), loc.bucket, base + rel, Config=tconf), st)
+        s3_call("put_dir", uri, lambda: client.upload_file(str(p), loc.bucket, base + rel, Config=tconf), st)
         return uri
 
     with ThreadPoolExecutor(max_workers=min(st.max_concurrency, max(1, len(files)))) as pool:
         written = set(pool.map(upload, files.items()))
     for stale in sorted(previous - written - {marker_uri}):
         key = _parse(stale).key
-        _s3_call("put_dir", stale, lambda key=key: client.delete_object(Bucket=loc.bucket, Key=key), st)
+        s3_call("put_dir", stale, lambda key=key: client.delete_object(Bucket=loc.bucket, Key=key), st)
     crash_point("storage:put_dir:before_marker")
     write_bytes(marker, marker_uri, settings=st)  # last: the prefix is complete from now on
     return uri_prefix
@@ -403,7 +355,7 @@ def get_dir(uri_prefix: str, local_dir: str | os.PathLike, *, settings: S3Settin
     dst, loc = Path(local_dir), _parse(uri_prefix)
     st = None if loc.scheme == "file" else (settings or S3Settings.from_env())
     files = _read_marker(uri_prefix, st)
-    with _local_errors("get_dir", uri_prefix), _staged_local_dir(dst) as stage:
+    with _local_errors("get_dir", uri_prefix), staged_dir(dst) as stage:
 
         def fetch(rel: str) -> None:
             if loc.scheme == "file":
@@ -413,7 +365,7 @@ def get_dir(uri_prefix: str, local_dir: str | os.PathLike, *, settings: S3Settin
             target = stage / rel
             get_file(src_uri, target, settings=st)
             want = files[rel]
-            if target.stat().st_size != want["size"] or _sha256(target) != want["sha256"]:
+            if target.stat().st_size != want["size"] or sha256_file(target) != want["sha256"]:
                 raise StorageError(f"get_dir: {src_uri} does not match the size/sha256 in {COMPLETE_MARKER}")
 
         workers = 1 if st is None else min(st.max_concurrency, max(1, len(files)))

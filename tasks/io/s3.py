@@ -1,6 +1,6 @@
-"""The S3 side of ``tasks.storage``: settings from the environment, cached boto3 clients, and the
+"""The S3 side of ``tasks.io.storage``: settings from the environment, cached boto3 clients, and the
 translation of botocore/boto3/s3transfer failures into ``StorageError`` messages that name the operation,
-the URI and the number of attempts, never a credential (see ``tasks.storage`` for the semantics)."""
+the URI and the number of attempts, never a credential (see ``tasks.io.storage`` for the semantics)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def s3_client(settings: S3Settings | None = None) -> Any:
     return client
 
 
-def _transfer_config(settings: S3Settings) -> Any:
+def transfer_config(settings: S3Settings) -> Any:
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(
@@ -141,7 +141,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _s3_call(op: str, uri: str, fn: Callable[[], T], settings: S3Settings) -> T:
+def s3_call(op: str, uri: str, fn: Callable[[], T], settings: S3Settings) -> T:
     """Run ``fn``; turn any botocore/boto3/s3transfer failure into a StorageError naming ``op`` and ``uri``."""
     try:
         return fn()
@@ -158,7 +158,7 @@ def _s3_call(op: str, uri: str, fn: Callable[[], T], settings: S3Settings) -> T:
         raise StorageError(msg) from None
 
 
-def _is_not_found(exc: BaseException) -> bool:
+def is_not_found(exc: BaseException) -> bool:
     from botocore.exceptions import ClientError
 
     if not isinstance(exc, ClientError):

@@ -22,25 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.faults import crash_point
+from tasks.io.files import atomic_path, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def canonical_json(obj: Any) -> str:
@@ -157,17 +147,9 @@ def write_manifest(
         code_version=code_version(),
         extra=dict(extra or {}),
     )
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(m.to_dict(), indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        crash_point(f"manifest:{step}")
-        os.replace(tmp, out_dir / MANIFEST_NAME)
-    except Exception:  # e.g. ENOSPC: no half-written manifest and no temp file left behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # the manifest makes the directory complete: written last, atomically (a crash point before the rename)
+    with atomic_path(out_dir / MANIFEST_NAME, crash_name=f"manifest:{step}") as tmp:
+        tmp.write_text(json.dumps(m.to_dict(), indent=2, sort_keys=True) + "\n")
     return m
 
 

@@ -10,7 +10,7 @@ Two layouts:
 Nothing is unpickled: safetensors holds only raw tensors. Every file is written to a temporary name in the
 target directory, fsynced and renamed, so a crash never leaves a half-written file under the final name.
 
-Integrity: ``save_native`` writes a ``manifest.json`` (``tasks.manifest``: size + sha256 of every file) last;
+Integrity: ``save_native`` writes a ``manifest.json`` (``tasks.io.manifest``: size + sha256 of every file) last;
 a phase's ``final/`` has one too. ``load_native`` / ``load_hf`` check a directory's manifest when it has one,
 so a flipped byte, a truncated or a missing file is a ``CheckpointIntegrityError`` naming the file, never
 silently different weights. A safetensors file that cannot be parsed is the same error. (A checkpoint made
@@ -20,11 +20,7 @@ elsewhere without a manifest, e.g. a downloaded HF one, can only be checked for 
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +30,7 @@ from safetensors.torch import save_file
 
 from kimivl_model.config import VLMConfig
 from kimivl_model.hf_interop import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
-from tasks.faults import crash_point
+from tasks.io.files import atomic_path, copy_file_atomic, write_json_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -52,29 +48,6 @@ class CheckpointIntegrityError(CheckpointError, ValueError):
 NATIVE_WEIGHTS = "model.safetensors"
 NATIVE_CONFIG = "kimivl_config.json"
 HF_INDEX = "model.safetensors.index.json"
-
-
-@contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``final``; on success fsync + rename onto ``final``, else delete it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        crash_point("atomic_write")
-        os.replace(tmp_path, final)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _contiguous_unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -135,7 +108,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def verify_checkpoint_dir(directory: Path) -> None:
     """Check every file a directory's ``manifest.json`` lists (size + sha256); no manifest: nothing to check."""
-    from tasks.manifest import MANIFEST_NAME, ManifestError, verify_files
+    from tasks.io.manifest import MANIFEST_NAME, ManifestError, verify_files
 
     if not (Path(directory) / MANIFEST_NAME).is_file():
         return
@@ -150,7 +123,7 @@ def verify_checkpoint_dir(directory: Path) -> None:
 
 def save_native(state_dict: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: Path) -> Path:
     """Weights + config, then ``manifest.json`` (sizes and sha256 of both) last."""
-    from tasks.manifest import write_manifest
+    from tasks.io.manifest import write_manifest
 
     # an older manifest stays until the new one replaces it: an interrupted rewrite then fails verification
     # (new weights, old hashes) instead of loading unverified
@@ -292,7 +265,7 @@ def import_public(src_dir: Path, out_dir: Path) -> tuple[VLMConfig, int]:
     tok_files = [n for n in names if n in TOKENIZER_FILES]
     if tok_files:
         for n in tok_files:
-            _copy_atomic(src_dir / n, out_dir / TOKENIZER_DIR / n)
+            copy_file_atomic(src_dir / n, out_dir / TOKENIZER_DIR / n)
         check_model_ids(load_tokenizer(out_dir / TOKENIZER_DIR).describe(), cfg, f"importing {src_dir}")
     for n in names:
         p = src_dir / n
@@ -303,7 +276,7 @@ def import_public(src_dir: Path, out_dir: Path) -> tuple[VLMConfig, int]:
             or p.stat().st_size > _MAX_ASSET_BYTES
         ):
             continue
-        _copy_atomic(p, out_dir / ASSETS_DIR / n)
+        copy_file_atomic(p, out_dir / ASSETS_DIR / n)
     save_native(sd, cfg, out_dir)
     return cfg, len(sd)
 
@@ -341,12 +314,12 @@ def export_public(
     if assets_dir is not None:
         for p in sorted(Path(assets_dir).iterdir()):
             if p.is_file() and p.name != "config.json":
-                _copy_atomic(p, out_dir / p.name)
+                copy_file_atomic(p, out_dir / p.name)
     if tokenizer_dir is not None:
         from tasks.data.text_tokenizer import load_tokenizer
 
         for n in load_tokenizer(tokenizer_dir).files:
-            _copy_atomic(Path(tokenizer_dir) / n, out_dir / n)
+            copy_file_atomic(Path(tokenizer_dir) / n, out_dir / n)
     return out_dir
 
 
@@ -357,8 +330,3 @@ def merge_config(original: dict[str, Any], ours: dict[str, Any]) -> dict[str, An
     for k, v in ours.items():
         out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        tmp.write_bytes(Path(src).read_bytes())

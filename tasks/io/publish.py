@@ -1,5 +1,5 @@
 """Copies of a run's outputs in an object store (or another directory): datasets, checkpoints,
-evaluations and the export, each a complete ``put_dir`` upload (``tasks/storage.py``: files first, the
+evaluations and the export, each a complete ``put_dir`` upload (``tasks/io/storage.py``: files first, the
 ``_COMPLETE`` marker with every file's sha256 last), so a reader never sees half an upload.
 
 ``publish_dir`` skips an upload whose marker already lists exactly the local files (a rerun or a resumed
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks import storage
+from tasks.io import storage
 
 Log = Callable[[str], Any]
 

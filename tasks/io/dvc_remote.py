@@ -3,7 +3,7 @@
 ``configure_dvc_remote`` writes the remote (URL, endpoint, default flag) into ``.dvc/config.local``
 (``dvc remote ... --local``), which DVC git-ignores, so neither the endpoint nor anything secret ever lands
 in the committed ``.dvc/config``. Credentials are never written at all: DVC's S3 backend reads the same
-``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_DEFAULT_REGION`` variables as ``tasks.storage``.
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_DEFAULT_REGION`` variables as ``tasks.io.storage``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.storage import S3Settings, StorageError, scrub_secrets
+from tasks.io.storage import S3Settings, StorageError, scrub_secrets
 
 
 def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
