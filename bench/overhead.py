@@ -80,7 +80,7 @@ def run_direct(recipe_path: Path, out: Path) -> None:
     from tasks.data.pipeline import run_data_all
     from tasks.eval.points import run_point
     from tasks.recipe import load_recipe
-    from tasks.tracking import JsonlTracker
+    from tasks.tracking.local import JsonlTracker
     from tasks.train.runner import phase_dir, run_phase
 
     recipe = load_recipe(recipe_path)

@@ -26,7 +26,8 @@ def compare_cmd(
     ),
 ) -> None:
     """Print the params that differ (the recipe diff) and each phase's final metric values (a - b)."""
-    from tasks.tracking_mlflow import compare_runs, scrub
+    from tasks.tracking.mlflow_after import compare_runs
+    from tasks.tracking.secrets import scrub
 
     err = Console(stderr=True)
     try:

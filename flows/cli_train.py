@@ -106,7 +106,7 @@ def _preflight(recipe_path: Path, data: Path):
 def _run(
     recipe_path: Path, phases_sel: list, data: Path, out: Path, tracking_dir: Path | None = None
 ) -> list[dict]:
-    from tasks.tracking import JsonlTracker
+    from tasks.tracking.local import JsonlTracker
     from tasks.train.checkpoint import CheckpointError, DivergenceError
     from tasks.train.memory import MemoryPlanError
     from tasks.train.phase_lock import PhaseBusyError

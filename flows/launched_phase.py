@@ -25,7 +25,7 @@ import yaml
 
 from flows.launch_settings import LaunchSettings, launcher_env
 from tasks.recipe import Recipe
-from tasks.tracking import Tracker
+from tasks.tracking.base import Tracker
 from tasks.train.runner import phase_dir, read_result
 from tasks.train.stages import PhaseConfig
 

@@ -219,18 +219,15 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
             )
             res["published"] = copy(Path(res["dir"]), "eval", after)
             points[after] = res
-            if (hook := getattr(tracking, "eval_done", None)) is not None:
-                hook(after, res)
+            tracking.eval_done(after, res)
 
-    opened = getattr(tracking, "pipeline", None)
-    with opened(recipe, params.model_dump(mode="json")) if opened else _null():
+    with tracking.pipeline(recipe, params.model_dump(mode="json")):
         data_summary = data_flow(
             DataParams(recipe_path=params.recipe_path, data_dir=str(data), io_retries=params.io_retries)
         )
         if uri is not None:
             data_summary["published"] = publish_datasets.with_options(retries=params.io_retries)(data, uri)
-        if (data_hook := getattr(tracking, "data_done", None)) is not None:
-            data_hook(data_summary)
+        tracking.data_done(data_summary)
         if recipe.model.init_checkpoint is not None:
             run_points(INIT_POINT, Path(recipe.model.init_checkpoint))
         results = []
@@ -241,8 +238,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
         report = None
         if points:
             report = pipeline_report(recipe.name, points, stage_of, out)
-            if (report_hook := getattr(tracking, "report_done", None)) is not None:
-                report_hook(Path(report["report"]))
+            tracking.report_done(Path(report["report"]))
         last = Path(results[-1]["checkpoint"]) if results else None
         exported = None
         if params.export and last is not None:
@@ -275,7 +271,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
         },
         "eval_report": None if report is None else report["report"],
         "export": exported,
-        "tracking": getattr(tracking, "report", None),
+        "tracking": tracking.report,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -298,15 +294,9 @@ def run_pipeline(params: PipelineParams, tracking: Any = None) -> dict[str, Any]
     for); each takes about 5 s on 2 cores. Nothing changes for a run against servers: MLflow's import
     still overlaps, no Prefect server is started."""
     if params.tracking == "mlflow":
-        from tasks.tracked_run import resolve_tracking_uri
-        from tasks.tracking_mlflow import warm_client
+        from tasks.tracking.mlflow_connection import warm_client
+        from tasks.tracking.mlflow_names import resolve_tracking_uri
 
         warm_client(resolve_tracking_uri(Path(params.out_dir), params.tracking_uri))
     pc.start_local_server()
     return pipeline_flow(params, tracking=tracking)
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -5,29 +5,15 @@ Training tasks have no automatic retries: a phase checkpoints as it goes, so a m
 run resumes from its last complete checkpoint instead of repeating work. A phase whose ``final/`` is
 complete is up to date and is not run again (logged as such, marked ``up_to_date`` in its result).
 
-Tracking is pluggable (``tracking``, default ``LocalTracking``): any object with
-
-- ``phase(phase, phase_dir)``: a context manager around one phase's training that yields the
-  ``tasks.tracking.Tracker`` ``run_phase`` reports to (``LocalTracking``: the phase directory's
-  ``JsonlTracker``, as ``run_phase`` does on its own; MLflow: the phase's nested run);
-
-and optionally
-
-- ``pipeline(recipe, params)``: a context manager around a whole pipeline run (MLflow: the parent run);
-- ``data_done(summary)``: called with the data flow's summary;
-- ``eval_done(point, result)`` / ``report_done(path)``: an evaluation point's result / the run's report;
-- ``phase_done(phase, result)``: called with a trained phase's result; a dict it returns is merged into
-  the result (e.g. ``{"mlflow_run_id": ..., "mlflow_url": ...}`` for the tokens table).
-
-A yielded tracker with ``run_id`` / ``run_url`` attributes also fills ``mlflow_run_id`` / ``mlflow_url``.
+Tracking: ``tasks.tracking.base.RunTracking`` (``tracking: local`` -> ``LocalTracking``: each phase
+directory's ``metrics.jsonl``; ``mlflow`` -> ``tasks.tracking.mlflow_flow.MlflowRunTracking``). The flows call
+its hooks (``pipeline``, ``phase``, ``phase_done``...) directly; every backend has all of them.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 # isort: off
 from flows import prefect_common as pc  # sets Prefect's environment defaults: import it first
@@ -40,27 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.launched_phase import LaunchSettings, run_phase_launched
 from tasks.recipe import Recipe, RecipeError
-from tasks.tracking import JsonlTracker, Tracker
+from tasks.tracking.base import LocalTracking, RunTracking, tracking_links
 from tasks.train.runner import phase_dir, read_result, run_phase
 from tasks.train.stages import PhaseConfig
-
-
-class FlowTracking(Protocol):
-    """What the flows need from a tracking backend (see the module docstring)."""
-
-    def phase(self, phase: PhaseConfig, phase_dir: Path) -> contextlib.AbstractContextManager[Tracker]: ...
-
-
-class LocalTracking:
-    """The default: a ``JsonlTracker`` per phase directory (``metrics.jsonl``, ``params.json``, ...)."""
-
-    @contextlib.contextmanager
-    def pipeline(self, recipe: Recipe, params: dict[str, Any]) -> Iterator[None]:
-        yield None
-
-    @contextlib.contextmanager
-    def phase(self, phase: PhaseConfig, phase_dir: Path) -> Iterator[Tracker]:
-        yield JsonlTracker(phase_dir)
 
 
 class StageParams(BaseModel):
@@ -87,24 +55,15 @@ class StageParams(BaseModel):
     )
 
 
-def make_tracking(params: Any) -> Any:
+def make_tracking(params: Any) -> RunTracking:
     """The tracking backend a flow's parameters ask for (``tracking``, ``tracking_uri``, ``experiment``)."""
     if params.tracking == "local":
         return LocalTracking()
-    from tasks.tracked_run import MlflowFlowTracking
+    from tasks.tracking.mlflow_flow import MlflowRunTracking
 
-    return MlflowFlowTracking(
+    return MlflowRunTracking(
         params.out_dir, params.tracking_uri, experiment=params.experiment, log=pc.run_log()
     )
-
-
-def tracking_links(tracker: Any) -> dict[str, str]:
-    links = {}
-    if getattr(tracker, "run_id", None):
-        links["mlflow_run_id"] = str(tracker.run_id)
-    if getattr(tracker, "run_url", None):
-        links["mlflow_url"] = str(tracker.run_url)
-    return links
 
 
 @task(name="train-phase", cache_policy=NO_CACHE)
@@ -113,7 +72,7 @@ def train_phase(
     phase: PhaseConfig,
     data_root: Path,
     out_root: Path,
-    tracking: Any = None,
+    tracking: RunTracking | None = None,
     launch: LaunchSettings | None = None,
 ) -> dict[str, Any]:
     """One phase to its token budget (resumes from its last checkpoint); no automatic retries. In this
@@ -130,9 +89,7 @@ def train_phase(
         else:
             result = run_phase(recipe, phase, data_root, out_root, tracker=tracker, log=log)
         result = {**result, **tracking_links(tracker)}
-    done_hook = getattr(tracking, "phase_done", None)
-    extra = done_hook(phase, result) if done_hook else None
-    return {**result, **(extra or {}), "up_to_date": False}
+    return {**result, **tracking.phase_done(phase, result), "up_to_date": False}
 
 
 def select_phases(recipe: Recipe, stage: str) -> list[PhaseConfig]:
@@ -142,16 +99,12 @@ def select_phases(recipe: Recipe, stage: str) -> list[PhaseConfig]:
     return recipe.stage_phases(stage)
 
 
-def stages_in_order(recipe: Recipe) -> list[str]:
-    return list(dict.fromkeys(p.stage for p in recipe.phases))
-
-
 def run_phases(
     recipe: Recipe,
     phases: list[PhaseConfig],
     data_root: Path,
     out_root: Path,
-    tracking: Any = None,
+    tracking: RunTracking | None = None,
     launch: LaunchSettings | None = None,
 ) -> list[dict[str, Any]]:
     """The training tasks, one per phase, in order (each named after its phase)."""
@@ -166,7 +119,8 @@ def run_phases(
 @flow(name="kimivl-stage", log_prints=True)
 def stage_flow(params: StageParams = StageParams(), tracking: Any = None) -> list[dict[str, Any]]:
     """Every phase of ``params.stage`` in recipe order; each starts from the previous phase's final
-    checkpoint (which must exist: run the earlier stages first)."""
+    checkpoint (which must exist: run the earlier stages first). ``tracking``: a ``RunTracking`` (tests
+    and the pipeline pass one; default: from ``params.tracking``)."""
     from flows.data_flow import load_recipe_checked
 
     recipe = load_recipe_checked(params.recipe_path)
@@ -181,9 +135,8 @@ def stage_flow(params: StageParams = StageParams(), tracking: Any = None) -> lis
     out = Path(params.out_dir)
     data = Path(params.data_dir) if params.data_dir else out / "data"
     tracking = tracking or make_tracking(params)
-    opened = getattr(tracking, "pipeline", None)
     # MLflow: the pipeline's parent run of this recipe + run directory is found again, not duplicated
-    with opened(recipe, params.model_dump(mode="json")) if opened else contextlib.nullcontext():
+    with tracking.pipeline(recipe, params.model_dump(mode="json")):
         results = run_phases(recipe, phases, data, out, tracking, params.launch)
     create_markdown_artifact(
         key=pc.artifact_key("kimivl", "stage", params.stage, "tokens"),

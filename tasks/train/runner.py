@@ -31,7 +31,8 @@ from tasks.io.faults import crash_point
 from tasks.io.manifest import read_manifest, write_manifest
 from tasks.io.weights import NATIVE_CONFIG, NATIVE_WEIGHTS, write_json_atomic
 from tasks.recipe import Recipe
-from tasks.tracking import JsonlTracker, Tracker
+from tasks.tracking.base import Tracker
+from tasks.tracking.local import JsonlTracker
 from tasks.train.checkpoint import checkpoint_path, latest_checkpoint
 from tasks.train.engine import LossResult, TrainEngine
 from tasks.train.engine_config import EngineConfig

@@ -19,7 +19,7 @@ from torch import nn
 from kimivl_model.lm import KimiLM
 from kimivl_model.muon import Muon, build_param_groups
 from tasks.io.weights import load_safetensors
-from tasks.tracking import MemoryTracker
+from tasks.tracking.local import MemoryTracker
 from tasks.train import checkpoint as ckpt
 from tasks.train.checkpoint import DivergenceError, checkpoint_path
 from tasks.train.engine import EngineConfig, LossResult, TrainEngine, build_ds_config

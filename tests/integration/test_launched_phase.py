@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tasks.recipe import load_recipe
-from tasks.tracking import MemoryTracker
+from tasks.tracking.local import MemoryTracker
 from tests.integration.conftest import short_recipe
 
 PHASE = "text_pretrain"

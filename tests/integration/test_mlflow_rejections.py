@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from tasks.tracking_mlflow import PipelineTracking
+from tasks.tracking.mlflow_pipeline import PipelineTracking
 from tests.integration.conftest import short_recipe
 
 

@@ -25,7 +25,9 @@ from flows.cli import app as kimivl_app
 from flows.cli_compare import compare_cmd
 from tasks.io.manifest import code_version, read_manifest
 from tasks.recipe import recipe_from_dict
-from tasks.tracking_mlflow import PipelineTracking, clean_params, default_tracking_uri, replay_spool
+from tasks.tracking.mlflow_after import replay_spool
+from tasks.tracking.mlflow_names import clean_params, default_tracking_uri
+from tasks.tracking.mlflow_pipeline import PipelineTracking
 from tasks.train.runner import read_result
 from tests.integration.conftest import short_recipe, stop_process_group
 

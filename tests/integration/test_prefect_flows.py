@@ -16,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tasks.io.manifest import read_manifest
+from tasks.tracking.base import RunTracking
 from tests.integration._prefect_common import _artifact, _client
 from tests.integration.conftest import short_recipe
 
@@ -48,12 +49,12 @@ def _task_runs(flow_run_id, expected: int, timeout: float = 60) -> list:
         time.sleep(0.5)
 
 
-class FakeMlflowTracking:
+class FakeMlflowTracking(RunTracking):
     """A tracking backend shaped like the MLflow one: a parent context, a tracker per phase (with a run id),
     hooks for the data summary and each phase's result (which returns the run's URL)."""
 
     def __init__(self) -> None:
-        from tasks.tracking import MemoryTracker
+        from tasks.tracking.local import MemoryTracker
 
         self.trackers: dict[str, MemoryTracker] = {}
         self.events: list[str] = []
@@ -257,8 +258,7 @@ def test_stage_flow_on_two_launched_processes_relays_rank0_tracking(prefect_harn
     cannot split fails the flow before any work."""
     from flows.launched_phase import LaunchSettings
     from flows.stage_flow import StageParams, stage_flow
-    from tasks.tracked_run import TeeTracker
-    from tasks.tracking import JsonlTracker
+    from tasks.tracking.local import JsonlTracker, TeeTracker
 
     raw = yaml.safe_load(_one_phase_recipe(tmp_path / "one.yaml").read_text())
     p = raw["phases"][0]

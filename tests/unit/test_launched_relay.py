@@ -13,7 +13,7 @@ import yaml
 from flows.launch_settings import ENTRY, LaunchError, LaunchSettings
 from flows.launched_phase import PhaseFileRelay
 from tasks.recipe import recipe_from_dict
-from tasks.tracking import JsonlTracker, MemoryTracker
+from tasks.tracking.local import JsonlTracker, MemoryTracker
 
 ROOT = Path(__file__).resolve().parents[2]
 

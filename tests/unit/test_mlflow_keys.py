@@ -1,4 +1,4 @@
-"""Metric, param and tag names are made valid for MLflow before delivery (``tasks.mlflow_store.mlflow_key``):
+"""Metric, param and tag names are made valid for MLflow before delivery (``tasks.tracking.mlflow_names.mlflow_key``):
 checked against MLflow's own validators, valid names untouched, collisions and long names kept distinct."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 from mlflow.utils.validation import _validate_metric_name, _validate_param_name, _validate_tag_name
 
-from tasks.mlflow_store import MAX_KEY, clean_keys, clean_params, clean_tags, mlflow_key
+from tasks.tracking.mlflow_names import MAX_KEY, clean_keys, clean_params, clean_tags, mlflow_key
 
 GX_METRIC = "data.validated.cot.by_expectation.expect_column_values_to_be_in_set(answer_verified)"
 

@@ -1,4 +1,4 @@
-"""tasks.mlflow_store.warm_client: the MLflow client built in the background is the one the connection
+"""tasks.tracking.mlflow_connection.warm_client: the MLflow client built in the background is the one the connection
 uses (store created once, usable from the flow's thread), and a failed warm-up surfaces the normal error."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from tasks import mlflow_store
-from tasks.mlflow_store import _Connection, warm_client
-from tasks.tracking_mlflow import PipelineTracking
+from tasks.tracking import mlflow_connection
+from tasks.tracking.mlflow_connection import Connection, warm_client
+from tasks.tracking.mlflow_pipeline import PipelineTracking
 
 
 def test_the_connection_takes_the_warm_client_once(tmp_path):
@@ -19,10 +19,10 @@ def test_the_connection_takes_the_warm_client_once(tmp_path):
     client = fut.result(timeout=120)
     assert (tmp_path / "mlflow.db").is_file()  # the store was created (and migrated) by the warm-up
     assert threading.current_thread() is threading.main_thread()
-    conn = _Connection(uri, "kimivl")
+    conn = Connection(uri, "kimivl")
     assert conn.client is client
-    assert uri not in mlflow_store._WARM  # taken: a later connection builds its own
-    assert _Connection(uri, "kimivl").client is not client
+    assert uri not in mlflow_connection._WARM  # taken: a later connection builds its own
+    assert Connection(uri, "kimivl").client is not client
     exp = conn.experiment_id()  # usable from this thread (the flow's), not only the builder's
     assert client.get_experiment(exp).name == "kimivl"
 
@@ -36,9 +36,9 @@ def test_a_failed_warm_up_surfaces_the_usual_error(tmp_path):
     # the connection does not hand out the failed future's result: it builds its own client, so the
     # error is raised where the flow first touches MLflow, with MLflow's own message
     with pytest.raises(FileExistsError) as direct:
-        _Connection(uri, "kimivl").client  # noqa: B018
+        Connection(uri, "kimivl").client  # noqa: B018
     assert str(direct.value) == str(warm.value) and "afile" in str(direct.value)
-    assert uri not in mlflow_store._WARM
+    assert uri not in mlflow_connection._WARM
 
 
 def test_pipeline_tracking_works_on_a_warm_client(tmp_path):

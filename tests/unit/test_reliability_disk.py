@@ -32,7 +32,7 @@ from tasks.io import weights as model_io
 from tasks.io.manifest import read_manifest, verify_files, write_manifest
 from tasks.io.storage import StorageError
 from tasks.io.weights import CheckpointIntegrityError, load_native, save_native, write_json_atomic
-from tasks.tracking import JsonlTracker
+from tasks.tracking.local import JsonlTracker
 from tests.unit.data.records import make_record, write_dataset
 
 ROOT_USER = os.geteuid() == 0

@@ -1,7 +1,7 @@
 """Secrets never reach a tracker, and settings that merely mention "token" are not hidden.
 
-One rule (``tasks.tracking.is_secret_key``) decides what a credential-like key is, for the JSONL/memory
-trackers and for MLflow (``tasks.tracking_mlflow``); ``scrub`` masks ``user:password@`` in URIs and the
+One rule (``tasks.tracking.secrets.is_secret_key``) decides what a credential-like key is, for the JSONL/memory
+trackers and for MLflow (``tasks.tracking.mlflow_names``); ``scrub`` masks ``user:password@`` in URIs and the
 values of credential-like environment variables wherever they appear. The end-to-end check (a whole
 ``kimivl run`` with credentials in the environment) is
 ``tests/integration/test_reliability_secrets_run.py``; MLflow's own store is checked in
@@ -14,8 +14,9 @@ import json
 
 import pytest
 
-from tasks import tracking, tracking_mlflow
-from tasks.tracking import JsonlTracker, MemoryTracker, is_secret_key, redact, scrub
+from tasks.tracking import mlflow_names, secrets
+from tasks.tracking.local import JsonlTracker, MemoryTracker
+from tasks.tracking.secrets import is_secret_key, redact, scrub
 
 SECRET_KEYS = [
     "token", "TOKEN", "hf_token", "HF_TOKEN", "api_token", "access_token", "AWS_SESSION_TOKEN", "apiToken",
@@ -41,8 +42,8 @@ def test_token_counts_and_tokenizer_settings_are_not_secret(key):
 
 
 def test_mlflow_uses_the_same_rule():
-    assert tracking_mlflow.redact_keys is tracking.redact
-    assert tracking_mlflow.scrub is tracking.scrub
+    assert mlflow_names.redact is secrets.redact
+    assert mlflow_names.scrub is secrets.scrub
 
 
 def test_redact_is_recursive_through_dicts_and_lists():

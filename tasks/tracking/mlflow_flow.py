@@ -1,74 +1,39 @@
-"""MLflow tracking of a whole pipeline run, shaped for the flows (``flows/stage_flow.py`` documents the
-protocol): a parent MLflow run around the pipeline, a nested run per phase, evaluation metrics and reports.
-
-``MlflowFlowTracking`` wraps ``tasks.tracking_mlflow.PipelineTracking``:
+"""MLflow as the flows' ``RunTracking`` backend: a parent MLflow run around the pipeline, a nested run per
+phase, evaluation metrics and reports (``tasks.tracking.mlflow_pipeline.PipelineTracking`` keeps the tree).
 
 - ``pipeline(recipe, params)``: find-or-create the parent run (the resolved recipe as params), end it with
   the run's status, plots and one last delivery attempt; ``report`` holds what was (not) delivered;
 - ``data_done(summary)``: data step counts as parent metrics, dataset versions as tags;
 - ``phase(phase, phase_dir)``: yields a tracker that writes both to the phase's nested run and to the phase
-  directory's ``metrics.jsonl`` (the local record stays complete when the server is down);
+  directory's ``metrics.jsonl`` (the local record stays complete when the server is down); a phase run
+  found again after a crash gets the steps the local record has and MLflow lacks re-sent;
 - ``phase_done(phase, result)``: summary metrics, checkpoint lineage, model registry version; returns the
   run id and (for a tracking server) the run's URL for the tokens table;
 - ``eval_done(point, result)``: the point's summary metrics on the parent run as ``eval.<phase>.<metric>``
   and its directory (``eval.json``, report, NIAH plots) as artifacts; ``report_done(path)``: the run report.
 
 A tracking server that is down never stops the pipeline: what could not be delivered is spooled under
-``OUT/tracking/spool`` and reported (``report["undelivered"]``).
-
-Embedded default: ``sqlite:///OUT/mlflow.db`` with artifacts under ``OUT/mlartifacts`` (no server), unless
-``MLFLOW_TRACKING_URI`` names one.
+``OUT/tracking/spool`` and reported (``report["undelivered"]``). Embedded default: ``sqlite:///OUT/mlflow.db``
+with artifacts under ``OUT/mlartifacts`` (no server), unless ``MLFLOW_TRACKING_URI`` names one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.tracking import JsonlTracker, Tracker
-from tasks.tracking_mlflow import PipelineTracking, _is_remote, default_tracking_uri
+from tasks.tracking.base import RunTracking, Tracker
+from tasks.tracking.local import JsonlTracker, TeeTracker
+from tasks.tracking.mlflow_names import is_remote, resolve_tracking_uri
+from tasks.tracking.mlflow_pipeline import PipelineTracking
 
 Log = Callable[[str], Any]
 
 
-class TeeTracker:
-    """Sends every call to several trackers; ``run_id`` / ``run_url`` come from the first that has them."""
-
-    def __init__(self, *trackers: Tracker, run_url: str | None = None) -> None:
-        self.trackers = trackers
-        self.run_url = run_url
-
-    @property
-    def run_id(self) -> str | None:
-        return next((t.run_id for t in self.trackers if getattr(t, "run_id", None)), None)
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        for t in self.trackers:
-            t.log_params(params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for t in self.trackers:
-            t.log_metrics(metrics, step)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for t in self.trackers:
-            t.set_tags(tags)
-
-    def log_artifact(self, path: Path, name: str | None = None) -> None:
-        for t in self.trackers:
-            t.log_artifact(path, name)
-
-
-def resolve_tracking_uri(out_dir: Path, tracking_uri: str | None = None) -> str:
-    """An explicit URI, else ``$MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///OUT/mlflow.db``."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path(out_dir))
-
-
-class MlflowFlowTracking:
+class MlflowRunTracking(RunTracking):
     """The flows' tracking backend for MLflow (see the module docstring)."""
 
     def __init__(
@@ -83,7 +48,7 @@ class MlflowFlowTracking:
     ) -> None:
         self.out = Path(out_dir).resolve()
         self.uri = resolve_tracking_uri(self.out, tracking_uri)
-        self.remote = _is_remote(self.uri)
+        self.remote = is_remote(self.uri)
         self.out.mkdir(parents=True, exist_ok=True)
         self.pt = PipelineTracking(
             self.uri,
@@ -171,13 +136,13 @@ class MlflowFlowTracking:
         return links
 
     def eval_done(self, point: str, result: dict[str, Any]) -> None:
-        parent = self.pt._require_parent()
+        parent = self.pt.require_parent()
         parent.log_metrics({f"eval.{point}.{k}": float(v) for k, v in result["summary"].items()}, step=0)
         if result.get("dir"):
             parent.log_artifact(Path(result["dir"]), f"eval/{point}")
 
     def report_done(self, path: Path) -> None:
-        self.pt._require_parent().log_artifact(Path(path), "eval")
+        self.pt.require_parent().log_artifact(Path(path), "eval")
 
     @property
     def parent_run_id(self) -> str | None:

@@ -1,9 +1,19 @@
-"""``MlflowTracker``: the ``tasks.tracking.Tracker`` of one MLflow run, never raising into training
-(records are batched, delivered, spooled on failure, retried after a back-off; see ``tasks.tracking_mlflow``).
+"""``MlflowTracker``: the ``Tracker`` of one MLflow run, never raising into training.
+
+Records are buffered in memory and delivered in batches (every ``flush_interval_s``, or at once for a
+non-metric record). When delivery fails (tracking server down, database locked) everything undelivered is
+appended to the run's on-disk spool (``tasks.tracking.mlflow_spool``) and retried on a later call after the
+connection's exponential back-off (``tasks.tracking.mlflow_connection``); the spool is delivered first, then
+emptied. MLflow rejections (a bad value, a changed param) are not retried: a refused batch is split down to
+the refused records, which are written to ``rejected.jsonl`` and reported. Names MLflow would refuse are
+made valid first (``tasks.tracking.mlflow_names.mlflow_key``). Datasets are logged as run inputs whose
+digest is their manifest's content hash.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -12,24 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from tasks.io.faults import crash_point
-from tasks.mlflow_store import (
-    _SERIES_KEYS,
+from tasks.tracking.mlflow_connection import Connection, is_permanent
+from tasks.tracking.mlflow_names import (
+    MAX_DIGEST,
     PARENT_TAG,
     PHASE_TAG,
-    _Batch,
-    _Connection,
-    _manifest_dataset,
-    _permanent,
-    _q,
-    _Spool,
-    _write_json,
+    SERIES_KEYS,
     clean_keys,
     clean_params,
     clean_tags,
+    q,
 )
-from tasks.tracking import scrub
-
-Log = Callable[[str], Any]
+from tasks.tracking.mlflow_spool import Batch, Spool, write_json
+from tasks.tracking.secrets import scrub
 
 # --------------------------------------------------------------------------------------------- tracker
 
@@ -49,7 +54,7 @@ class MlflowTracker:
 
     def __init__(
         self,
-        conn: _Connection,
+        conn: Connection,
         spec: RunSpec,
         spool_dir: Path,
         *,
@@ -58,15 +63,15 @@ class MlflowTracker:
         max_buffer: int = 1000,
     ) -> None:
         self._conn, self.spec, self.parent = conn, spec, parent
-        self._spool = _Spool(spool_dir)
-        self._mem = _Batch()
+        self._spool = Spool(spool_dir)
+        self._mem = Batch()
         self.flush_interval_s, self.max_buffer = flush_interval_s, max_buffer
         self._last_flush = time.monotonic()
         self._remote_params: dict[str, str] = {}
         self.resumed = False
         self.rejected = 0
         self.artifact_names: set[str] = set()
-        self.series: dict[str, dict[int, float]] = {k: {} for k in _SERIES_KEYS}
+        self.series: dict[str, dict[int, float]] = {k: {} for k in SERIES_KEYS}
         self.last: dict[str, float] = {}
 
     # ---- identity
@@ -86,7 +91,7 @@ class MlflowTracker:
         tags = dict(self.spec.lookup)
         if self.parent is not None:
             tags[PARENT_TAG] = self.parent._ensure_run()
-        filt = " and ".join(f"tags.`{k}` = '{_q(v)}'" for k, v in tags.items())
+        filt = " and ".join(f"tags.`{k}` = '{q(v)}'" for k, v in tags.items())
         found = c.search_runs(
             [exp], filter_string=filt, max_results=1, order_by=["attributes.start_time ASC"]
         )
@@ -113,7 +118,7 @@ class MlflowTracker:
             vals = {k: float(v) for k, v in clean_keys({str(k): v for k, v in metrics.items()}).items()}
             self._mem.metrics.append((int(step), time.time(), vals))
             self.last.update(vals)
-            for k in _SERIES_KEYS:
+            for k in SERIES_KEYS:
                 if k in vals:
                     self.series[k][int(step)] = vals[k]
 
@@ -206,7 +211,7 @@ class MlflowTracker:
             "experiment": self._conn.experiment,
             "artifact_location": self._conn.artifact_location,
         }
-        _write_json(self._spool.dir / "run.json", meta)
+        write_json(self._spool.dir / "run.json", meta)
         if self.parent is not None:
             self.parent._write_meta()
 
@@ -214,7 +219,7 @@ class MlflowTracker:
         if self._mem.count():
             self._write_meta()
             self._spool.append(self._mem)
-            self._mem = _Batch()
+            self._mem = Batch()
 
     def _flush(self, force: bool) -> bool:
         self._last_flush = time.monotonic()
@@ -246,7 +251,7 @@ class MlflowTracker:
         try:
             fn(*args)
         except Exception as e:
-            if not _permanent(e):
+            if not is_permanent(e):
                 raise
             self.rejected += 1
             self._spool.reject(what, payload, e)
@@ -264,7 +269,7 @@ class MlflowTracker:
         try:
             send(items)
         except Exception as e:
-            if not _permanent(e):
+            if not is_permanent(e):
                 raise
             if len(items) > 1:
                 mid = len(items) // 2
@@ -286,7 +291,7 @@ class MlflowTracker:
             self._try_split(what, chunk, lambda its: send([entity(k, v) for k, v in its]), dict)
             yield dict(chunk)
 
-    def _deliver(self, run_id: str, b: _Batch) -> None:
+    def _deliver(self, run_id: str, b: Batch) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         crash_point("mlflow:deliver")
@@ -337,7 +342,7 @@ class MlflowTracker:
             self._try("status", status, lambda: c.set_terminated(run_id, status, end_time=int(t * 1000)))
             b.terminal = None
 
-    def _deliver_inputs(self, run_id: str, b: _Batch) -> None:
+    def _deliver_inputs(self, run_id: str, b: Batch) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.entities import DatasetInput, InputTag
 
@@ -348,7 +353,7 @@ class MlflowTracker:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 src = resolve_dataset_source(rec["source"])
-            ent = _manifest_dataset(src, rec["name"], rec["content_hash"], rec["counts"])._to_mlflow_entity()
+            ent = manifest_dataset(src, rec["name"], rec["content_hash"], rec["counts"])._to_mlflow_entity()
             if (ent.name, ent.digest) not in have:
                 tags = [
                     InputTag("mlflow.data.context", "train"),
@@ -377,8 +382,34 @@ class MlflowTracker:
             if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
         phase = rec["tags"].get(PHASE_TAG, "")
-        for mv in c.search_model_versions(f"name = '{_q(name)}' and run_id = '{run_id}'"):
+        for mv in c.search_model_versions(f"name = '{q(name)}' and run_id = '{run_id}'"):
             if mv.tags.get(PHASE_TAG, "") == phase:
                 return  # already registered (a rerun or a replayed spool)
         source = rec["source"] or f"runs:/{run_id}/{rec['artifact_path']}"
         c.create_model_version(name, source, run_id=run_id, tags=rec["tags"], await_creation_for=0)
+
+
+@functools.cache
+def manifest_dataset_cls() -> type:
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class ManifestDataset(MetaDataset):
+        """A tokenized dataset known by its manifest: digest = content hash (MLflow keeps 36 chars), the
+        full hash and the counts in the profile."""
+
+        def __init__(self, source: Any, name: str, content_hash: str, counts: dict[str, Any]) -> None:
+            self._profile = {"content_hash": content_hash, "counts": counts}
+            super().__init__(source, name=name, digest=content_hash[:MAX_DIGEST])
+
+        @property
+        def profile(self) -> dict[str, Any]:
+            return self._profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self._profile, sort_keys=True, default=str)}
+
+    return ManifestDataset
+
+
+def manifest_dataset(source: Any, name: str, content_hash: str, counts: dict[str, Any]) -> Any:
+    return manifest_dataset_cls()(source, name, content_hash, counts)

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.mlflow_store import PHASE_TAG, _Connection, _is_remote
-from tasks.mlflow_tracker import MlflowTracker, RunSpec
+from tasks.tracking.mlflow_connection import Connection
+from tasks.tracking.mlflow_names import PHASE_TAG, is_remote
+from tasks.tracking.mlflow_run import MlflowTracker, RunSpec
 
 Log = Callable[[str], Any]
 
@@ -24,7 +25,7 @@ def replay_spool(spool_root: Path | str, tracking_uri: str | None = None, log: L
     Returns ``{"delivered": n, "remaining": m}``."""
     root = Path(spool_root)
     metas = {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/run.json"))}
-    conns: dict[tuple[str, str], _Connection] = {}
+    conns: dict[tuple[str, str], Connection] = {}
     trackers: dict[str, MlflowTracker] = {}
 
     def build(key: str) -> MlflowTracker:
@@ -33,11 +34,9 @@ def replay_spool(spool_root: Path | str, tracking_uri: str | None = None, log: L
         m = metas[key]
         uri = tracking_uri or m["tracking_uri"]
         loc = m.get("artifact_location")
-        if loc is None and not _is_remote(
-            uri
-        ):  # as PipelineTracking would have chosen: LOCAL_DIR/mlartifacts
+        if loc is None and not is_remote(uri):  # as PipelineTracking would have chosen: LOCAL_DIR/mlartifacts
             loc = (root.parent.parent / "mlartifacts").resolve().as_uri()
-        conn = conns.setdefault((uri, m["experiment"]), _Connection(uri, m["experiment"], loc, log=log))
+        conn = conns.setdefault((uri, m["experiment"]), Connection(uri, m["experiment"], loc, log=log))
         parent = build(m["parent"]) if m.get("parent") else None
         spec = RunSpec(key, m["run_name"], dict(m["lookup"]), None if tracking_uri else m.get("run_id"))
         trackers[key] = MlflowTracker(conn, spec, root / key, parent=parent)

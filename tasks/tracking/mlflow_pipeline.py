@@ -1,31 +1,14 @@
-"""MLflow tracking: a ``Tracker`` per MLflow run, and a parent run per pipeline with a nested run per phase.
+"""The MLflow run tree of one pipeline run: a parent run per pipeline run, a nested run per phase.
 
-``MlflowTracker`` implements the ``tasks.tracking.Tracker`` protocol for one run. It never raises into
-training: records are buffered in memory and delivered in batches (every ``flush_interval_s`` or when a
-non-metric record arrives). When delivery fails (tracking server down, database locked) everything
-undelivered is appended to a local spool (``tasks.tracking.JsonlTracker`` files plus ``inputs.json``,
-``register.json``, ``terminal.json``, ``run.json`` in ``SPOOL/<run>/``) and retried on the next call after
-an exponential back-off; the spool is delivered first, then emptied. ``replay_spool`` delivers a spool left
-by a process that ended while the server was down. MLflow rejections (a bad value, a changed param) are
-not retried: a refused batch is split down to the refused records, which are written to ``rejected.jsonl``
-and reported. Names MLflow would refuse (e.g. a data
-contract's ``expect_..._in_set(answer_verified)`` count, whose parentheses made MLflow reject the pipeline's
-whole batch of data metrics) are made valid first (``mlflow_key``: "(" -> "_", ...); the datasets'
-``manifest.json`` counts keep the original names.
+``PipelineTracking``: ``start_pipeline`` (the parent run: the resolved recipe as params, truncated to
+MLflow's limits, and in full as ``recipe.json``), ``phase_tracker`` (the nested run of a phase, found again by
+its tags after a crash or a rerun, never duplicated; lineage tags; the phase's tokenized datasets as run
+inputs with their manifest hash as digest), ``finish_phase`` (summary metrics, checkpoint lineage, the final
+checkpoint registered as a model version), ``end_pipeline`` (loss and token plots, run statuses, and a report
+of anything that could not be delivered: spooled for ``tasks.tracking.mlflow_after.replay_spool``).
 
-``PipelineTracking`` manages the run tree: ``start_pipeline`` (parent run: the resolved recipe as params,
-truncated to MLflow's limits, and in full as ``recipe.json``), ``phase_tracker`` (nested run per phase,
-found again by its tags after a crash or a rerun, never duplicated; lineage tags; the phase's tokenized
-datasets as run inputs with the manifest hash as digest), ``finish_phase`` (summary metrics, checkpoint
-lineage, the final checkpoint registered as a model version), ``end_pipeline`` (plots, run status, and a
-report of anything that could not be delivered).
-
-Where things live: ``tasks.mlflow_store`` (limits, cleaning, batch/spool, the connection and
-``warm_client``), ``tasks.mlflow_tracker`` (``MlflowTracker``), ``tasks.mlflow_runs`` (``replay_spool``,
-``compare_runs``); this module keeps ``PipelineTracking`` and re-exports the public names.
-
-Secrets: keys that look like credentials are redacted (``redact_keys``), values of credential-like
-environment variables and ``user:password@`` in URIs are masked in every param, tag and artifact written.
+Secrets: keys that look like credentials are redacted, values of credential-like environment variables and
+``user:password@`` in URIs are masked in every param, tag and artifact written (``tasks.tracking.secrets``).
 """
 
 from __future__ import annotations
@@ -37,23 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from tasks.io.manifest import ManifestError, code_version, config_hash, read_manifest
-from tasks.mlflow_runs import compare_runs, replay_spool
-from tasks.mlflow_store import (
-    _SERIES_KEYS,
+from tasks.tracking.mlflow_connection import Connection
+from tasks.tracking.mlflow_names import (
     PARENT_TAG,
     PHASE_TAG,
     ROLE_TAG,
     RUN_KEY_TAG,
-    _Connection,
-    _is_remote,
-    _q,
-    clean_params,
-    default_tracking_uri,
-    redact_keys,
-    warm_client,
+    SERIES_KEYS,
+    is_remote,
+    q,
 )
-from tasks.mlflow_tracker import MlflowTracker, RunSpec
-from tasks.tracking import flatten, scrub
+from tasks.tracking.mlflow_plots import plot_loss_and_tokens
+from tasks.tracking.mlflow_run import MlflowTracker, RunSpec
+from tasks.tracking.secrets import flatten, redact, scrub
 
 Log = Callable[[str], Any]
 
@@ -79,10 +58,10 @@ class PipelineTracking:
         log: Log = print,
     ) -> None:
         self.local_dir = Path(local_dir) if local_dir else Path.cwd() / "tracking"
-        if artifact_location is None and not _is_remote(tracking_uri):
+        if artifact_location is None and not is_remote(tracking_uri):
             # a local store's default artifact root is ./mlruns of whatever the working directory is
             artifact_location = (self.local_dir / "mlartifacts").resolve().as_uri()
-        self.conn = _Connection(tracking_uri, experiment, artifact_location, backoff_s, log)
+        self.conn = Connection(tracking_uri, experiment, artifact_location, backoff_s, log)
         self.data_root = Path(data_root) if data_root else None
         self.out_root = Path(out_root) if out_root else None
         self.registered_model = registered_model
@@ -101,7 +80,7 @@ class PipelineTracking:
         spool = self.local_dir / "spool" / self.run_key[:16] / spec.key
         return MlflowTracker(self.conn, spec, spool, parent=parent, flush_interval_s=self.flush_interval_s)
 
-    def _require_parent(self) -> MlflowTracker:
+    def require_parent(self) -> MlflowTracker:
         if self.parent is None:
             raise RuntimeError("PipelineTracking: call start_pipeline(recipe, ...) before phase_tracker()")
         return self.parent
@@ -147,7 +126,7 @@ class PipelineTracking:
         full = self.local_dir / "recipe.json"
         full.parent.mkdir(parents=True, exist_ok=True)
         full.write_text(
-            scrub(json.dumps(redact_keys({**rd, "phases": list(phases.values())}), indent=2, sort_keys=True))
+            scrub(json.dumps(redact({**rd, "phases": list(phases.values())}), indent=2, sort_keys=True))
         )
         self.parent.log_artifact(full)
         self.parent.set_tags(
@@ -163,7 +142,7 @@ class PipelineTracking:
 
     def log_data_summary(self, summary: dict[str, Any]) -> None:
         """Data step counts (``run_data_all``'s summary) as parent metrics; dataset versions as tags."""
-        parent = self._require_parent()
+        parent = self.require_parent()
         flat = flatten(summary)
         metrics = {
             f"data.{k}": float(v)
@@ -178,7 +157,7 @@ class PipelineTracking:
         """The nested run of a phase: created once, found again (by tags) after a crash or a rerun."""
         if phase_name in self.phases:
             return self.phases[phase_name]
-        parent = self._require_parent()
+        parent = self.require_parent()
         phase = self.recipe.phase(phase_name)
         spec = RunSpec(
             f"phase-{phase_name}",
@@ -237,7 +216,7 @@ class PipelineTracking:
     def finish_phase(self, phase_name: str, result: dict[str, Any]) -> None:
         """Summary metrics, checkpoint lineage from the final manifest, model version; ends the phase run."""
         tr = self.phase_tracker(phase_name)
-        parent = self._require_parent()
+        parent = self.require_parent()
         self.results[phase_name] = result
         tok = result.get("tokens", {})
         summary = {
@@ -297,13 +276,13 @@ class PipelineTracking:
 
     def end_pipeline(self, status: str = "FINISHED") -> dict[str, Any]:
         """Plots, final statuses, one last delivery attempt; reports what could not be delivered."""
-        parent = self._require_parent()
+        parent = self.require_parent()
         for name, tr in self.phases.items():
             if name not in self._finished:
                 tr.terminate(status if status != "FINISHED" else "KILLED")
         plots: list[str] = []
         try:
-            plots = [str(p) for p in self._plots()]
+            plots = [str(p) for p in plot_loss_and_tokens(self)]
             for p in plots:
                 parent.log_artifact(Path(p), "plots")
         except Exception as e:  # plots are a convenience: never fail the pipeline for them
@@ -331,14 +310,14 @@ class PipelineTracking:
             self.log(
                 f"[tracking] WARNING: {report['undelivered']} records were NOT delivered to "
                 f"{report['tracking_uri']} ({undelivered}); they are spooled in {spool}: deliver them later "
-                f"with tasks.tracking_mlflow.replay_spool({str(spool)!r}, TRACKING_URI)"
+                f"with tasks.tracking.mlflow_after.replay_spool({str(spool)!r}, TRACKING_URI)"
             )
         if rejected:
             self.log(f"[tracking] {rejected} records were rejected by MLflow: see {spool}/*/rejected.jsonl")
         return report
 
-    # ---- plots
-    def _phase_run_id(self, name: str) -> str | None:
+    # ---- series (for the plots)
+    def phase_run_id(self, name: str) -> str | None:
         """This pipeline's run of a phase: tracked in this process, or found in the store (a rerun)."""
         if name in self.phases:
             return self.phases[name].run_id
@@ -347,7 +326,7 @@ class PipelineTracking:
             return None
         try:
             tags = {ROLE_TAG: "phase", PHASE_TAG: name, RUN_KEY_TAG: self.run_key, PARENT_TAG: parent}
-            filt = " and ".join(f"tags.`{k}` = '{_q(v)}'" for k, v in tags.items())
+            filt = " and ".join(f"tags.`{k}` = '{q(v)}'" for k, v in tags.items())
             found = self.conn.client.search_runs(
                 [self.conn.experiment_id()], filter_string=filt, max_results=1
             )
@@ -355,94 +334,19 @@ class PipelineTracking:
         except Exception:
             return None
 
-    def _phase_series(self, name: str) -> dict[str, dict[int, float]] | None:
+    def phase_series(self, name: str) -> dict[str, dict[int, float]] | None:
         """Loss and token series of a phase: the store's history, completed by what is still undelivered."""
-        run_id, tr = self._phase_run_id(name), self.phases.get(name)
+        run_id, tr = self.phase_run_id(name), self.phases.get(name)
         if run_id is None and tr is None:
             return None
-        series: dict[str, dict[int, float]] = {k: {} for k in _SERIES_KEYS}
+        series: dict[str, dict[int, float]] = {k: {} for k in SERIES_KEYS}
         if run_id and self.conn.available():
             try:
-                for k in _SERIES_KEYS:
+                for k in SERIES_KEYS:
                     for m in self.conn.client.get_metric_history(run_id, k):
                         series[k][m.step] = m.value
             except Exception:
                 pass
-        for k in _SERIES_KEYS:
+        for k in SERIES_KEYS:
             series[k].update(tr.series[k] if tr else {})
         return series
-
-    def _plots(self) -> list[Path]:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        out = self.local_dir / "plots"
-        out.mkdir(parents=True, exist_ok=True)
-        all_series = {p.name: self._phase_series(p.name) for p in self.recipe.phases}
-        order = [n for n, s in all_series.items() if s is not None]
-        fig = Figure(figsize=(10, 4.5))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        offset, bars = 0.0, {}
-        for name in order:
-            s = all_series[name]
-            steps = sorted(set(s["loss"]) & set(s["tokens_total"]))
-            xs = [offset + s["tokens_total"][i] for i in steps]
-            if xs:
-                ax.plot(xs, [s["loss"][i] for i in steps], lw=1.2, label=name)
-            if offset > 0:
-                ax.axvline(offset, color="grey", ls="--", lw=0.8)
-            ax.text(
-                offset,
-                0.99,
-                f" {name}",
-                rotation=90,
-                va="top",
-                fontsize=7,
-                transform=ax.get_xaxis_transform(),
-            )
-            res_tok = self.results.get(name, {}).get("tokens", {})
-            total = float(res_tok.get("total", max(s["tokens_total"].values(), default=0.0)))
-            offset += total
-            bars[name] = {
-                m: float(res_tok.get(m, max(s[f"tokens_{m}"].values(), default=0.0)))
-                for m in ("text", "image", "video")
-            }
-        ax.set_xlim(left=0, right=max(offset, 1.0))
-        ax.set_xlabel("cumulative training tokens")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{self.recipe.name}: loss across phases (dashed: phase boundaries)")
-        if any(not str(line.get_label()).startswith("_") for line in ax.lines):
-            ax.legend(fontsize=7, ncol=2)
-        loss_png = out / "loss_curve.png"
-        fig.savefig(loss_png, dpi=100, bbox_inches="tight")
-
-        fig2 = Figure(figsize=(10, 4.5))
-        FigureCanvasAgg(fig2)
-        ax2 = fig2.add_subplot()
-        bottom = [0.0] * len(order)
-        for m in ("text", "image", "video"):
-            vals = [bars[n][m] for n in order]
-            ax2.bar(order, vals, bottom=bottom, label=m)
-            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        ax2.set_ylabel("tokens")
-        ax2.set_title(f"{self.recipe.name}: tokens per phase by modality")
-        ax2.tick_params(axis="x", labelrotation=30, labelsize=8)
-        ax2.legend()
-        bar_png = out / "tokens_by_phase.png"
-        fig2.savefig(bar_png, dpi=100, bbox_inches="tight")
-        return [loss_png, bar_png]
-
-
-__all__ = [
-    "MlflowTracker",
-    "PipelineTracking",
-    "RunSpec",
-    "clean_params",
-    "compare_runs",
-    "default_tracking_uri",
-    "redact_keys",
-    "replay_spool",
-    "scrub",
-    "warm_client",
-]
