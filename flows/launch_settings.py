@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# every rank runs this script with the same arguments plus --worker (``kimivl stage|train`` then)
-ENTRY = Path(__file__).resolve().parent / "train_entry.py"
+# every rank runs this script (``stage NAME`` / ``train`` + the recipe, data and run directory + --worker)
+ENTRY = Path(__file__).resolve().parents[1] / "tasks" / "train" / "rank_main.py"
 # set by a launcher for each rank: a launch never inherits a parent's (e.g. an in-process rank's) values
 DIST_ENV = frozenset(
     {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"}
@@ -81,7 +81,7 @@ class LaunchSettings(BaseModel):
         check_launch(recipe, phases, world, self.nproc)  # MemoryPlanError: the model states cannot fit
 
     def command(self, args: list[str]) -> list[str]:
-        """The launcher command line that runs ``train_entry.py *args --worker`` on every rank (after
+        """The launcher command line that runs ``tasks/train/rank_main.py *args --worker`` on every rank (after
         ``check``, which refuses the settings the launcher would)."""
         from tasks.train.launch import build_launch_command
 

@@ -2,7 +2,7 @@
 ``hostfile`` parameters of the pipeline and stage flows).
 
 The flow process stays the orchestrator: it writes the recipe it validated to the phase directory, starts
-``flows/train_entry.py stage <phase> --worker`` under ``torchrun`` or the ``deepspeed`` launcher (the same
+``tasks/train/rank_main.py stage <phase> --worker`` under ``torchrun`` or the ``deepspeed`` launcher (the same
 command ``kimivl stage --nproc N`` runs), streams the ranks' output into the task's log, and relays what rank
 0 records (``JsonlTracker`` files in ``<phase dir>/rank0/<phase>/``: ``params.json``, ``tags.json``,
 ``metrics.jsonl``, ``artifacts.json``) to the flow's tracker as it appears, so the MLflow nested run shows the loss curve while

@@ -213,6 +213,12 @@ class Recipe(BaseModel):
             f"unknown phase {name!r} (recipe {self.name!r} has {[p.name for p in self.phases]})"
         )
 
+    def select(self, name: str) -> list[PhaseConfig]:
+        """The phases ``name`` stands for: one phase of that name, or every phase of that stage."""
+        if name in {p.name for p in self.phases}:
+            return [self.phase(name)]
+        return self.stage_phases(name)
+
     def stage_phases(self, stage: str) -> list[PhaseConfig]:
         ps = [p for p in self.phases if p.stage == stage]
         if not ps:

@@ -16,7 +16,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli_eval import eval_cmd
+from flows.cli.eval import eval_cmd
 from kimivl_model.config import preset
 from kimivl_model.vlm import KimiVL
 from tasks.data.io import iter_rows

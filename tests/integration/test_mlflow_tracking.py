@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app as kimivl_app
-from flows.cli_compare import compare_cmd
+from flows.cli.compare import compare_cmd
 from tasks.io.manifest import code_version, read_manifest
 from tasks.recipe import recipe_from_dict
 from tasks.tracking.mlflow_after import replay_spool

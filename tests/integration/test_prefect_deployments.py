@@ -33,7 +33,7 @@ from tests.integration.conftest import ROOT, short_recipe, stop_process_group, s
 
 
 def _ops_app() -> typer.Typer:
-    from flows.cli_ops import down_cmd, up_cmd
+    from flows.cli.services import down_cmd, up_cmd
 
     app = typer.Typer()
     app.command("up")(up_cmd)
@@ -42,7 +42,7 @@ def _ops_app() -> typer.Typer:
 
 
 SERVE_SCRIPT = (
-    "import typer; from flows.cli_ops import serve_cmd; app = typer.Typer(); "
+    "import typer; from flows.cli.services import serve_cmd; app = typer.Typer(); "
     "app.command('serve')(serve_cmd); app.command('noop')(lambda: None); app()"
 )
 
@@ -57,7 +57,7 @@ def test_ui_triggered_pipeline_tracks_to_mlflow_with_s3_artifacts(
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.cli_ops import healthy
+    from flows.services import healthy
     from tasks.io import storage
 
     for k, v in s3_server.env().items():

@@ -256,7 +256,7 @@ def test_two_process_stage_matches_one_process(tiny_data, tiny_run, tmp_path):
     runs = {}
     for nproc in (1, 2):
         out = tmp_path / f"out{nproc}"
-        cmd = [sys.executable, str(ROOT / "flows" / "train_entry.py"), "stage", "text_pretrain", "--recipe", str(rpath),
+        cmd = [sys.executable, "-m", "flows.cli", "stage", "text_pretrain", "--recipe", str(rpath),
                "--data", str(data_root), "--out", str(out), "--nproc", str(nproc)]  # fmt: skip
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]

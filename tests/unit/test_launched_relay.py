@@ -62,7 +62,7 @@ def test_launch_settings_are_checked_against_the_recipe(tmp_path):
     assert ds.launched and ds.world_size() == 2
     with pytest.raises(ValueError, match="multiple of 2"):
         ds.check(recipe, list(recipe.phases))
-    cmd = ds.command(["stage", "align"])  # every rank runs train_entry.py with the same args + --worker
+    cmd = ds.command(["stage", "align"])  # every rank runs rank_main.py with the same args + --worker
     assert cmd[cmd.index("--hostfile") + 1] == str(hostfile) and cmd[-4:] == [
         str(ENTRY),
         "stage",

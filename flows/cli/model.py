@@ -1,8 +1,4 @@
-"""The ``kimivl`` command (typer + rich). Thin: every command calls a ``tasks/`` or ``kimivl_model`` function.
-
-Invalid input (unknown preset, bad config, missing files) prints one line naming what is wrong and exits 2
-before any work starts.
-"""
+"""``kimivl model ...`` (presets, checkpoints: init, import, export) and ``kimivl smoke``."""
 
 from __future__ import annotations
 
@@ -14,36 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli_compare import compare_cmd
-from flows.cli_data import data_app
-from flows.cli_eval import eval_cmd
-from flows.cli_ops import down_cmd, serve_cmd, up_cmd
-from flows.cli_recipe import dvc_remote_cmd, recipe_app
-from flows.cli_train import run_cmd, stage_cmd, train_cmd
+from flows.cli.common import console, fail
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kimi-VL training system.")
 model_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Model library: presets, checkpoints."
 )
-app.add_typer(model_app, name="model")
-app.add_typer(data_app, name="data")
-app.command("stage")(stage_cmd)
-app.command("train")(train_cmd)
-app.command("run")(run_cmd)
-app.command("eval")(eval_cmd)
-app.command("compare")(compare_cmd)
-app.command("serve")(serve_cmd)
-app.command("up")(up_cmd)
-app.command("down")(down_cmd)
-app.add_typer(recipe_app, name="recipe")
-app.command("dvc-remote")(dvc_remote_cmd)
-
-console = Console(stderr=True)
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(code)
 
 
 def _preset(name: str):
@@ -52,7 +23,7 @@ def _preset(name: str):
     try:
         return preset(name)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @model_app.command("summary")
@@ -91,7 +62,7 @@ def model_init_cmd(
 
     cfg = _preset(preset_name)
     if cfg.name == "a3b":
-        _fail("--preset a3b: initialising 16B parameters on this machine is not supported; use import")
+        fail("--preset a3b: initialising 16B parameters on this machine is not supported; use import")
     torch.manual_seed(seed)
     model = KimiVL(cfg)
     save_native(model.state_dict(), cfg, out)
@@ -114,7 +85,7 @@ def model_import_cmd(
     try:
         _, n = import_public(hf_dir, out)
     except (FileNotFoundError, CheckpointLayoutError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     tok = "with its tokenizer" if (out / TOKENIZER_DIR).is_dir() else "WITHOUT a tokenizer (none found)"
     console.print(f"imported {hf_dir} -> {out} ({n} tensors, {tok})")
 
@@ -153,11 +124,10 @@ def model_export_cmd(
             max_shard_bytes=int(max_shard_gb * 2**30),
         )
     except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     console.print(f"exported {checkpoint} -> {out}" + (f" (tokenizer from {tokenizer})" if tokenizer else ""))
 
 
-@app.command("smoke")
 def smoke_cmd(
     preset_name: str = typer.Option("tiny", "--preset"),
     steps: int = typer.Option(40, "--steps", min=1),
@@ -169,16 +139,8 @@ def smoke_cmd(
 
     cfg = _preset(preset_name)
     if cfg.name == "a3b":
-        _fail("--preset a3b: the smoke run is for tiny/small on a CPU")
+        fail("--preset a3b: the smoke run is for tiny/small on a CPU")
     summary = run_smoke(
         SmokeConfig(preset=preset_name, steps=steps, seed=seed), out_dir=out, log=console.print
     )
     sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
-
-
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

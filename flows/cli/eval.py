@@ -11,22 +11,16 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True)
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(2)
+from flows.cli.common import console, fail
 
 
 def _numbers(text: str, cast, name: str) -> tuple:
     try:
         return tuple(cast(x) for x in text.split(",") if x.strip())
     except ValueError:
-        _fail(f"{name}: expected comma-separated numbers, got {text!r}")
+        fail(f"{name}: expected comma-separated numbers, got {text!r}")
         raise  # unreachable
 
 
@@ -49,15 +43,15 @@ def _config(
     raw: dict = {}
     if config is not None:
         if not config.is_file():
-            _fail(f"--config: {config} does not exist")
+            fail(f"--config: {config} does not exist")
         raw = yaml.safe_load(config.read_text()) or {}
         if not isinstance(raw, dict):
-            _fail(f"--config: {config} must hold a mapping of EvalConfig fields")
+            fail(f"--config: {config} must hold a mapping of EvalConfig fields")
     if tasks != "all":
         raw["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
         unknown = [t for t in raw["tasks"] if t not in TASKS]
         if unknown:
-            _fail(f"--tasks: unknown {unknown} (expected 'all' or some of {', '.join(TASKS)})")
+            fail(f"--tasks: unknown {unknown} (expected 'all' or some of {', '.join(TASKS)})")
     niah = dict(raw.get("niah") or {})
     if niah_lengths:
         niah["lengths"] = _numbers(niah_lengths, int, "--niah-lengths")
@@ -77,7 +71,7 @@ def _config(
             cfg = EvalConfig.model_validate({**cfg.model_dump(), "sizes": sizes})
     except ValidationError as e:
         err = e.errors()[0]
-        _fail(f"eval config: field {'.'.join(map(str, err['loc']))}: {err['msg']}")
+        fail(f"eval config: field {'.'.join(map(str, err['loc']))}: {err['msg']}")
     return cfg
 
 
@@ -131,12 +125,12 @@ def eval_cmd(
         try:
             checkpoint = fetch_dir(checkpoint, out / ".fetched")
         except StorageError as e:
-            _fail(f"--checkpoint: {e}")
+            fail(f"--checkpoint: {e}")
     checkpoint = Path(checkpoint)
     try:
         resolve_checkpoint(checkpoint)
     except FileNotFoundError as e:
-        _fail(str(e))
+        fail(str(e))
     from tasks.data.text_tokenizer import check_model_ids, load_tokenizer
     from tasks.io.weights import read_native_config
 
@@ -144,15 +138,15 @@ def eval_cmd(
         tok = load_tokenizer(tokenizer)
         check_model_ids(tok.describe(), read_native_config(resolve_checkpoint(checkpoint)), "--tokenizer")
     except (OSError, ValueError) as e:
-        _fail(f"--tokenizer: {e}")
+        fail(f"--tokenizer: {e}")
     if train_data is not None and not train_data.is_dir():
-        _fail(f"--train-data: {train_data} is not a directory")
+        fail(f"--train-data: {train_data} is not a directory")
     earlier = None
     if compare is not None:
         try:
             earlier = json.loads(compare.read_text())
         except (OSError, ValueError) as e:
-            _fail(f"--compare: {compare}: {e}")
+            fail(f"--compare: {compare}: {e}")
     result = run_eval(checkpoint, tokenizer, out, cfg, train_data_root=train_data, log=console.print)
     if metrics is not None:
         write_json_atomic(result["summary"], metrics)

@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from flows.cli_data import RECIPE, load_recipe_or_exit
+from flows.cli.common import RECIPE, console, load_recipe_or_exit
 
 recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Recipe tools (DVC pipeline).")
-console = Console(stderr=True)
 
 
 @recipe_app.command("split")

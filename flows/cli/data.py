@@ -6,31 +6,13 @@ Every command validates the recipe first (a bad field exits 2 naming it) and the
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
+
+from flows.cli.common import RECIPE, console, emit, load_recipe_or_exit
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Data pipeline steps.")
-console = Console(stderr=True)
-
-RECIPE = typer.Option(Path("params.yaml"), "--recipe", "-r", help="recipe YAML (default: params.yaml)")
-
-
-def load_recipe_or_exit(path: Path):
-    from tasks.recipe import RecipeError, load_recipe
-
-    try:
-        return load_recipe(path)
-    except RecipeError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from None
-
-
-def _emit(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
 
 
 def _guard(fn, *args):
@@ -55,7 +37,7 @@ def data_all(
     from tasks.data.pipeline import run_data_all
 
     r = load_recipe_or_exit(recipe)
-    _emit(_guard(run_data_all, r.data, out))
+    emit(_guard(run_data_all, r.data, out))
 
 
 @data_app.command("sources")
@@ -63,7 +45,7 @@ def data_sources(recipe: Path = RECIPE, out: Path = typer.Option(Path("data/raw"
     """Generate the synthetic corpus and ingest the recipe's user sources into OUT/<name>/."""
     from tasks.data.pipeline import step_sources
 
-    _emit(_guard(step_sources, load_recipe_or_exit(recipe).data, out))
+    emit(_guard(step_sources, load_recipe_or_exit(recipe).data, out))
 
 
 @data_app.command("filter")
@@ -75,7 +57,7 @@ def data_filter(
     """Quality rules; rejected rows go to OUT/<name>/quarantine with their reason."""
     from tasks.data.pipeline import step_filter
 
-    _emit(_guard(step_filter, load_recipe_or_exit(recipe).data, inp, out))
+    emit(_guard(step_filter, load_recipe_or_exit(recipe).data, inp, out))
 
 
 @data_app.command("dedup")
@@ -87,7 +69,7 @@ def data_dedup(
     """Exact + near-duplicate removal (kept aside in duplicates/), then rejection-sampled synthetic QA."""
     from tasks.data.pipeline import step_dedup
 
-    _emit(_guard(step_dedup, load_recipe_or_exit(recipe).data, inp, out))
+    emit(_guard(step_dedup, load_recipe_or_exit(recipe).data, inp, out))
 
 
 @data_app.command("validate")
@@ -99,7 +81,7 @@ def data_validate(
     """Great Expectations data contracts: accepted rows and quarantined rows with the failed expectation."""
     from tasks.data.pipeline import step_validate
 
-    _emit(_guard(step_validate, load_recipe_or_exit(recipe).data, inp, out))
+    emit(_guard(step_validate, load_recipe_or_exit(recipe).data, inp, out))
 
 
 @data_app.command("tokenizer")
@@ -111,7 +93,7 @@ def data_tokenizer(
     """Train the byte-level BPE (fixed special-token ids) on the validated text."""
     from tasks.data.pipeline import step_tokenizer
 
-    _emit(_guard(step_tokenizer, load_recipe_or_exit(recipe).data, inp, out))
+    emit(_guard(step_tokenizer, load_recipe_or_exit(recipe).data, inp, out))
 
 
 @data_app.command("tokenize")
@@ -124,7 +106,7 @@ def data_tokenize(
     """Tokenize every validated dataset (media blocks, ChatML masks) into tokenized shards."""
     from tasks.data.pipeline import step_tokenize
 
-    _emit(_guard(step_tokenize, load_recipe_or_exit(recipe).data, inp, tokenizer, out))
+    emit(_guard(step_tokenize, load_recipe_or_exit(recipe).data, inp, tokenizer, out))
 
 
 @data_app.command("ingest")
@@ -163,4 +145,4 @@ def data_ingest(
     except (FileNotFoundError, DatasetError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None
-    _emit(m.counts)
+    emit(m.counts)
