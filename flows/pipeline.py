@@ -26,7 +26,6 @@ deploy it so runs start from the Prefect UI with ``PipelineParams`` as a validat
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -44,16 +43,7 @@ from flows.data_flow import DataParams, data_flow, load_recipe_checked
 from flows.launched_phase import LaunchSettings
 from flows.stage_flow import make_tracking, run_phases
 from tasks.eval.points import INIT_POINT, EvalPoint, RecipeEval, pipeline_report, run_point
-from tasks.io.files import replace_dir
-from tasks.io.manifest import (
-    ManifestError,
-    Parent,
-    hash_files,
-    is_up_to_date,
-    read_manifest,
-    verify_files,
-    write_manifest,
-)
+from tasks.io.export import export_run, export_sources
 from tasks.io.publish import join, publish_data, publish_dir
 from tasks.recipe import RecipeError
 
@@ -97,67 +87,8 @@ def export_model(
     tokenizer_dir: Path | None = None,
     assets_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """final/ -> export/native (a verified copy) and export/hf (public layout with the data's tokenizer and,
-    for a fine-tuned import, the original's other files and dtype), both skipped when current."""
-    from tasks.io.weights import export_public, load_native
-
-    log = pc.run_log()
-    src = read_manifest(final)
-    parent = src.parent_of(final)
-    native, hf = export_root / "native", export_root / "hf"
-    up_to_date = []
-    if _same_copy(native, src.content_hash):
-        up_to_date.append("native")
-        log(f"[export] {native}: up to date (skipped)")
-    else:
-        stage = export_root / ".native.staging"
-        shutil.rmtree(stage, ignore_errors=True)
-        shutil.copytree(final, stage)
-        verify_files(stage)
-        replace_dir(stage, native)
-        log(f"[export] native checkpoint -> {native}")
-    hf_config = {"format": "kimi-vl-hf", "max_shard_bytes": max_shard_bytes}
-    parents = [parent]
-    for extra in (tokenizer_dir, assets_dir):
-        if extra is not None:
-            hf_config[Path(extra).name] = str(extra)
-            parents.append(_files_parent(Path(extra)))
-    if is_up_to_date(hf, config=hf_config, parents=parents):
-        up_to_date.append("hf")
-        log(f"[export] {hf}: up to date (skipped)")
-    else:
-        stage = export_root / ".hf.staging"
-        shutil.rmtree(stage, ignore_errors=True)
-        cfg, sd = load_native(final)
-        export_public(
-            sd,
-            cfg,
-            stage,
-            tokenizer_dir=tokenizer_dir,
-            assets_dir=assets_dir,
-            max_shard_bytes=max_shard_bytes,
-        )
-        write_manifest(stage, kind="export", step="export:hf", config=hf_config, parents=parents)
-        replace_dir(stage, hf)
-        log(f"[export] public Kimi-VL layout -> {hf}")
-    return {"native": str(native), "hf": str(hf), "source": str(final), "up_to_date": up_to_date}
-
-
-def _files_parent(directory: Path) -> Parent:
-    """A directory as an export parent: its manifest's hash when it has one, else the hash of its files."""
-    try:
-        return read_manifest(directory).parent_of(directory)
-    except ManifestError:
-        return Parent(uri=str(directory.resolve()), content_hash=hash_files(directory)[0])
-
-
-def _same_copy(dst: Path, content_hash: str) -> bool:
-    try:
-        m = read_manifest(dst)
-        verify_files(dst, m)
-    except ManifestError:
-        return False
-    return m.content_hash == content_hash
+    """The final checkpoint -> OUT/export/{native,hf} (``tasks.io.export.export_run``)."""
+    return export_run(final, export_root, max_shard_bytes, tokenizer_dir, assets_dir, log=pc.run_log())
 
 
 @task(name="publish", **pc.io_task_options())
@@ -274,17 +205,6 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
         "tracking": tracking.report,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-
-
-def export_sources(recipe: Any, data: Path) -> tuple[Path | None, Path | None]:
-    """(tokenizer, assets) an export ships: the data's tokenizer, and an imported init checkpoint's
-    original files (``hf_assets/``: its config.json keys, processor configs)."""
-    from tasks.io.weights import ASSETS_DIR
-
-    tok = data / "tokenizer"
-    init = recipe.model.init_checkpoint
-    assets = Path(init) / ASSETS_DIR if init is not None and (Path(init) / ASSETS_DIR).is_dir() else None
-    return (tok if tok.is_dir() else None), assets
 
 
 def run_pipeline(params: PipelineParams, tracking: Any = None) -> dict[str, Any]:

@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.eval.suite import TASKS, EvalConfig, GenerateFn, run_eval
 from tasks.io.faults import crash_point
-from tasks.io.manifest import ManifestError, Parent, hash_files, is_up_to_date, read_manifest, write_manifest
+from tasks.io.manifest import (
+    ManifestError,
+    dir_parent,
+    is_up_to_date,
+    read_manifest,
+    write_manifest,
+)
 from tasks.io.weights import atomic_path, write_json_atomic
 
 Log = Callable[[str], Any]
@@ -76,15 +82,6 @@ def point_dir(out_root: Path, point: EvalPoint) -> Path:
     return Path(out_root) / EVAL_DIR / point.after
 
 
-def _checkpoint_ref(checkpoint: Path) -> Parent:
-    """The checkpoint as a manifest parent: its manifest's hash, or (an imported checkpoint without one,
-    e.g. ``model.init_checkpoint``) the hash of its files."""
-    try:
-        return read_manifest(checkpoint).parent_of(checkpoint)
-    except ManifestError:
-        return Parent(uri=str(checkpoint.resolve()), content_hash=hash_files(checkpoint)[0])
-
-
 def run_point(
     settings: RecipeEval,
     point: EvalPoint,
@@ -98,7 +95,7 @@ def run_point(
     """Evaluate one point (or find it up to date); returns its ``eval.json`` plus ``dir`` / ``up_to_date``."""
     cfg = settings.point_config(point)
     dst = point_dir(out_root, point)
-    parent = _checkpoint_ref(Path(checkpoint))
+    parent = dir_parent(Path(checkpoint))
     config = {"eval": cfg.model_dump(mode="json"), "after": point.after}
     if is_up_to_date(dst, config=config, parents=[parent]):
         log(f"[eval] after {point.after}: up to date ({dst})")

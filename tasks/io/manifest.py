@@ -179,6 +179,15 @@ def verify_files(out_dir: Path, manifest: Manifest | None = None) -> None:
             raise ManifestError(f"{p}: content differs from its manifest (corrupt or modified)")
 
 
+def dir_parent(directory: Path) -> Parent:
+    """A directory as a manifest parent: its manifest's hash when it has one, else the hash of its files
+    (e.g. an imported checkpoint or a tokenizer made elsewhere)."""
+    try:
+        return read_manifest(directory).parent_of(directory)
+    except ManifestError:
+        return Parent(uri=str(Path(directory).resolve()), content_hash=hash_files(directory)[0])
+
+
 def is_up_to_date(out_dir: Path, *, config: Any, parents: list[Parent] | None = None) -> bool:
     """True when ``out_dir`` holds a complete output made from these parents with this config."""
     try:
