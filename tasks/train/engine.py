@@ -82,7 +82,9 @@ class TrainEngine:
     """DeepSpeed engine + exact token-weighted steps + non-finite guard + pickle-free checkpoints.
 
     ``model``: the full model (frozen params have ``requires_grad=False`` and are never touched);
-    ``loss_fn(model, micro_batch) -> LossResult``; ``count_tokens(micro_batch) -> int`` target tokens
+    ``loss_fn(model, micro_batch) -> LossResult``; ``tracker``: when the engine is driven directly (a
+    library user, tests), it records ``describe()`` once and each step's loss/LR/grad norm there (the
+    phase trainer passes none: its tracking callback records richer per-step metrics); ``count_tokens(micro_batch) -> int`` target tokens
     (default: ``labels != -100``; must agree with ``LossResult.num_tokens``); ``before_step(engine)`` is
     called after the gradients are final (reduced, before clipping) and before the optimizer step (under
     ZeRO 0 they are in ``p.grad``; ZeRO 1/2 keep them partitioned inside DeepSpeed).
@@ -97,7 +99,6 @@ class TrainEngine:
         tracker: Any = None,
         count_tokens: Callable[[Any], int] = count_target_tokens,
         before_step: Callable[[TrainEngine], None] | None = None,
-        log_step_metrics: bool = True,
     ) -> None:
         self.rank, self.world_size = init_distributed_if_needed()  # also sets TORCH_EXTENSIONS_DIR
         import deepspeed
@@ -111,7 +112,6 @@ class TrainEngine:
         self.count_tokens = count_tokens
         self.before_step = before_step
         self.tracker = tracker
-        self.log_step_metrics = log_step_metrics  # False when the caller logs richer per-step metrics
         self.step = 0  # optimizer steps taken (incl. skipped)
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
@@ -124,7 +124,6 @@ class TrainEngine:
         self._wrapper = LossModule(model, loss_fn)
         self.ds_config = build_ds_config(cfg, self.world_size, self.device_type)
         optimizer = None
-        params: dict[str, Any] = {}
         if cfg.optimizer == "muon":
             groups = build_param_groups(
                 model,
@@ -136,11 +135,11 @@ class TrainEngine:
                 adamw_betas=tuple(cfg.adamw_betas),
                 adamw_eps=cfg.adamw_eps,
             )
-            params = {f"optimizer.{k}": v for k, v in param_group_summary(groups).items()}
+            self._optimizer_params = {f"optimizer.{k}": v for k, v in param_group_summary(groups).items()}
             optimizer = DistributedMuon(groups, grads_are_averaged=True)
             self._muon = optimizer
         else:
-            params = {"optimizer.adamw_params": sum(p.numel() for p in self.trainable)}
+            self._optimizer_params = {"optimizer.adamw_params": sum(p.numel() for p in self.trainable)}
         self.low_precision_params = 0
         if cfg.working_weights == "bf16":
             self._hold_working_weights_in_bf16()
@@ -155,16 +154,19 @@ class TrainEngine:
             install_step_guard(self.optimizer)
         self.ds.train()
         if self.rank == 0 and tracker is not None:
-            tracker.log_params(
-                {
-                    "engine": cfg.model_dump(mode="json"),
-                    "world_size": self.world_size,
-                    "precision_resolved": self.precision,
-                    "trainable_params": sum(p.numel() for p in self.trainable),
-                    "bf16_working_params": self.low_precision_params,
-                    **params,
-                }
-            )
+            tracker.log_params(self.describe())
+
+    def describe(self) -> dict[str, Any]:
+        """What this engine is, as tracking params: its config, world size, resolved precision, trainable
+        and bf16-held parameter counts, and how the optimizer grouped the parameters."""
+        return {
+            "engine": self.cfg.model_dump(mode="json"),
+            "world_size": self.world_size,
+            "precision_resolved": self.precision,
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "bf16_working_params": self.low_precision_params,
+            **self._optimizer_params,
+        }
 
     def _hold_working_weights_in_bf16(self) -> None:
         """``working_weights: bf16``: the trainable matmul weights (``kimivl_model.precision``) become bf16,
@@ -302,7 +304,7 @@ class TrainEngine:
             self.consecutive_nonfinite += 1
         else:
             self.consecutive_nonfinite = 0
-        if self.rank == 0 and self.tracker is not None and self.log_step_metrics:
+        if self.rank == 0 and self.tracker is not None:
             self.tracker.log_metrics(
                 {
                     "loss": r.loss,
@@ -352,7 +354,7 @@ class TrainEngine:
         sd = self.model.state_dict(keep_vars=True)
         self._muon.set_master_weights({id(sd[k]): weights[k] for k in sd if k in weights})
 
-    def _barrier(self) -> None:
+    def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
 
@@ -364,7 +366,7 @@ class TrainEngine:
         state = self.full_state_dict()  # collective with bf16 working weights
         if self.rank == 0:
             save_safetensors_atomic(state, path, metadata={"format": "pt", "step": str(self.step)})
-        self._barrier()
+        self.barrier()
         return path
 
     def save_checkpoint(self, directory: Path, extra_state: dict[str, Any] | None = None) -> Path:

@@ -70,6 +70,13 @@ class EngineConfig(BaseModel):
             raise ValueError(f"adamw_betas: each must be in [0, 1), got {self.adamw_betas}")
         return self
 
+    @classmethod
+    def for_phase(cls, train: Any, phase: Any, schedule: LRScheduleConfig) -> EngineConfig:
+        """The engine of a recipe phase: the recipe's ``train`` settings (every field the engine shares with
+        it), the phase's global batch and its LR schedule."""
+        shared = {k: v for k, v in train.model_dump().items() if k in cls.model_fields}
+        return cls(**shared, schedule=schedule, micro_batches_per_step=phase.micro_batches_per_step)
+
     def check_world_size(self, world_size: int) -> int:
         """Gradient-accumulation steps per rank; raises naming ``micro_batches_per_step`` if not divisible."""
         if world_size < 1 or self.micro_batches_per_step % world_size:

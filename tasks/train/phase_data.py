@@ -49,6 +49,17 @@ def build_loader(recipe: Recipe, phase: PhaseConfig, data_root: Path, cfg: VLMCo
     return PackedLoader(mix)
 
 
+def measure_tokens_per_step(phase: PhaseConfig, loader: Any) -> float | None:
+    """CoCa batches are not seq_len rows: the tokens of an optimizer step measured on 3 batches of the
+    phase's loader, whose state is then restored (it starts from its first batch). None for lm/sft."""
+    if phase.objective != "coca":
+        return None
+    state = loader.state_dict()
+    per_batch = sum(sum(next(loader)["tokens"].values()) for _ in range(3)) / 3
+    loader.load_state_dict(state)
+    return phase.micro_batches_per_step * per_batch
+
+
 def check_tokenizer(phase: PhaseConfig, data_root: Path, cfg: VLMConfig) -> None:
     """Before the model is built: every source of the phase was tokenized with ids the model reads
     (``<|media_pad|>`` = the config's ``media_pad_token_id``, every id inside the vocabularies), read from

@@ -19,32 +19,33 @@ import json
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from kimivl_model.config import VLMConfig
 from kimivl_model.vlm import KimiVL
 from tasks.io.faults import crash_point
-from tasks.io.manifest import read_manifest, write_manifest
-from tasks.io.weights import NATIVE_CONFIG, NATIVE_WEIGHTS, write_json_atomic
+from tasks.io.files import write_json_atomic
+from tasks.io.manifest import Parent, read_manifest, write_manifest
+from tasks.io.weights import NATIVE_CONFIG, NATIVE_WEIGHTS
 from tasks.recipe import Recipe
 from tasks.tracking.base import Tracker
 from tasks.tracking.local import JsonlTracker
-from tasks.train.checkpoint import checkpoint_path, latest_checkpoint
+from tasks.train.callbacks import (
+    Checkpointing,
+    Console,
+    LossHistory,
+    Mfu,
+    TokenCounter,
+    Tracking,
+    standard_callbacks,
+)
 from tasks.train.engine import LossResult, TrainEngine
 from tasks.train.engine_config import EngineConfig
-from tasks.train.flops import MfuMeter
 from tasks.train.memory import preflight as memory_preflight
-from tasks.train.phase_data import (
-    batch_tokens,
-    batch_tokens_by_source,
-    build_loader,
-    by_group,
-    check_tokenizer,
-)
+from tasks.train.phase_data import build_loader, check_tokenizer, measure_tokens_per_step
 from tasks.train.phase_lock import phase_lock
 from tasks.train.phase_model import (
     RESULT,
@@ -56,6 +57,7 @@ from tasks.train.phase_model import (
 )
 from tasks.train.schedule import LRScheduleConfig
 from tasks.train.stages import PhaseConfig
+from tasks.train.trainer import Trainer
 
 Log = Callable[[str], Any]
 
@@ -173,22 +175,63 @@ def _run_phase(
     log: Log,
     stop_after_steps: int | None,
 ) -> dict[str, Any]:
-    """``run_phase`` under the phase lock.
-
-    ``stop_after_steps`` ends the process's work after that many optimizer steps of this call (tests use it
-    to simulate an interruption); the phase then stays unfinished and resumes on the next call.
-    """
+    """``run_phase`` under the phase lock (``stop_after_steps``: see ``Trainer.fit``)."""
     done = read_result(out_root, phase)
     if done is not None:
         log(f"[{phase.name}] already complete: {done['checkpoint']}")
         return done
-    pdir = phase_dir(out_root, phase)
-    tracker = tracker or JsonlTracker(pdir)
+    run = build_phase(
+        recipe, phase, data_root, out_root, tracker or JsonlTracker(phase_dir(out_root, phase)), log
+    )
+    if not run.trainer.fit(stop_after_steps):
+        return {"phase": phase.name, "interrupted_at_step": run.trainer.engine.step}
+    result = write_final(recipe, run, data_root, out_root)
+    run.trainer.end(result)
+    return result
+
+
+@dataclass
+class PhaseRun:
+    """A phase set up to train: its trainer and the callbacks its result reads, the architecture it
+    trains and the checkpoint it started from."""
+
+    trainer: Trainer
+    counter: TokenCounter
+    losses: LossHistory
+    cfg: VLMConfig
+    parent: Parent | None
+
+
+def build_phase(
+    recipe: Recipe, phase: PhaseConfig, data_root: Path, out_root: Path, tracker: Tracker, log: Log
+) -> PhaseRun:
+    """Everything a phase trains with, checked first (memory plan, token ids), resumed when it can be."""
     plan = memory_preflight(recipe, phase, log)  # model states that cannot fit stop here, before any build
-    check_tokenizer(
-        phase, data_root, recipe.model.architecture()
-    )  # token ids the model cannot read: likewise
+    check_tokenizer(phase, data_root, recipe.model.architecture())  # token ids the model cannot read: too
     model, vcfg, parent = build_model(recipe, phase, out_root)
+    loader = build_loader(recipe, phase, data_root, vcfg)
+    engine = build_engine(recipe, phase, model, out_root, measure_tokens_per_step(phase, loader))
+    counter, losses = TokenCounter(phase, loader.source_names, loader.special.media_pad), LossHistory()
+    t = recipe.train
+    callbacks = standard_callbacks(
+        counter,
+        losses,
+        mfu=Mfu(vcfg, phase.objective),
+        tracking=Tracking(tracker, plan.as_dict(), parent.uri if parent else None),
+        checkpointing=Checkpointing(t.checkpoint_every_steps, t.keep_checkpoints),
+        console=Console(),
+    )
+    trainer = Trainer(
+        phase, engine, loader, callbacks, counter, phase_dir(out_root, phase) / "checkpoints", log
+    )
+    trainer.resume()
+    return PhaseRun(trainer, counter, losses, vcfg, parent)
+
+
+def build_engine(
+    recipe: Recipe, phase: PhaseConfig, model: KimiVL, out_root: Path, tokens_per_step: float | None
+) -> TrainEngine:
+    """The engine with the phase's LR schedule (continued from an earlier phase where the recipe says so)."""
     start_step = 0
     if (sched_parent := lr_parent(recipe, phase)) is not None:
         done_parent = read_result(out_root, sched_parent)
@@ -197,203 +240,62 @@ def _run_phase(
                 f"phase {phase.name!r} continues the LR schedule of {sched_parent.name!r}, which has not run"
             )
         start_step = int(done_parent["schedule_end_step"])
-    tokens_per_step = None
-    if phase.objective == "coca":  # caption batches are not seq_len rows: measure a fresh loader's batches
-        probe = build_loader(recipe, phase, data_root, vcfg)
-        tokens_per_step = (
-            phase.micro_batches_per_step * sum(sum(next(probe)["tokens"].values()) for _ in range(3)) / 3
-        )
-    t = recipe.train
-    ecfg = EngineConfig(
-        optimizer=t.optimizer,
-        zero_stage=t.zero_stage,
-        precision=t.precision,
-        working_weights=t.working_weights,
-        muon_ns_dtype=t.muon_ns_dtype,
-        schedule=lr_schedule(recipe, phase, start_step, tokens_per_step),
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-        micro_batches_per_step=phase.micro_batches_per_step,
-        max_consecutive_nonfinite=t.max_consecutive_nonfinite,
-        seed=t.seed,
+    ecfg = EngineConfig.for_phase(
+        recipe.train, phase, lr_schedule(recipe, phase, start_step, tokens_per_step)
     )
-    loss_fn = coca_loss if phase.objective == "coca" else lm_loss
-    count = (lambda b: 1) if phase.objective == "coca" else None
-    engine = TrainEngine(
-        model,
-        ecfg,
-        loss_fn,
-        tracker=tracker,
-        log_step_metrics=False,
-        **({"count_tokens": count} if count else {}),
-    )
-    loader = build_loader(recipe, phase, data_root, vcfg)
-    tokens = {"text": 0, "image": 0, "video": 0}
-    # tokens per mixture source: what the phase actually consumed of each dataset (None: a checkpoint
-    # written before this accounting existed was resumed, so the counts would be partial)
-    by_source: dict[str, int] | None = dict.fromkeys(loader.source_names, 0)
-    losses: list[float] = []
-    ckpt_root = pdir / "checkpoints"
-    last = latest_checkpoint(ckpt_root)
-    if last is not None:
-        extra = engine.load_checkpoint(last)
-        loader.load_state_dict(extra["loader"])
-        tokens, losses = extra["tokens"], extra["losses"]
-        by_source = extra.get("tokens_by_source")
-        if by_source is None:
-            log(
-                f"[{phase.name}] {last.name} predates per-source token accounting: not reported for this phase"
-            )
-        log(f"[{phase.name}] resumed from {last.name} at {sum(tokens.values()):,} tokens")
-    elif engine.rank == 0:
-        tracker.log_params(
-            {
-                "phase": phase.model_dump(mode="json"),
-                "engine": ecfg.model_dump(mode="json"),
-                "memory": plan.as_dict(),
-            }
-        )
-        tracker.set_tags(
-            {
-                "phase": phase.name,
-                "stage": phase.stage,
-                "parent_checkpoint": parent.uri if parent else "scratch",
-            }
-        )
-    mfu = MfuMeter(vcfg, phase.objective, device=engine.device_type)
-    budget, t0, steps_here = phase.token_budget, time.perf_counter(), 0
-    base_tokens = sum(tokens.values())
-    while sum(tokens.values()) < budget:
-        batches = [next(loader) for _ in range(phase.micro_batches_per_step)]
-        mine = batches[engine.rank :: engine.world_size]
-        res = engine.train_step(mine)
-        step_tokens, step_groups = 0, dict.fromkeys(by_group(phase, {}), 0)
-        for b in batches:
-            for k, v in batch_tokens(phase, b, loader.special.media_pad).items():
-                tokens[k] += v
-                step_tokens += v
-            src = batch_tokens_by_source(phase, b, loader.source_names)
-            for g, v in by_group(phase, src).items():
-                step_groups[g] += v
-            if by_source is not None:
-                for k, v in src.items():
-                    by_source[k] += v
-        if (
-            not res.skipped
-            and phase.router_bias_update
-            and res.expert_load is not None
-            and res.expert_load.numel()
-        ):
-            with torch.no_grad():
-                model.language_model.update_router_bias(res.expert_load.to(torch.float32))
-        losses.append(res.loss)
-        steps_here += 1
-        elapsed = time.perf_counter() - t0
-        metrics = {
-            "loss": res.loss,
-            "lr": res.lr,
-            "grad_norm": res.grad_norm if math.isfinite(res.grad_norm) else -1.0,
-            "skipped_steps": float(engine.skipped_steps),
-            **{f"tokens_{k}": float(v) for k, v in tokens.items()},
-            "tokens_total": float(sum(tokens.values())),
-            "tokens_per_s": (sum(tokens.values()) - base_tokens) / max(elapsed, 1e-9),
-            # this step's token share per group: the mixture's (scheduled) shares as actually trained on
-            **{f"share.{g}": v / max(step_tokens, 1) for g, v in step_groups.items()},
-            **{f"tokens_source.{k}": float(v) for k, v in (by_source or {}).items()},
-            **{k: float(v) for k, v in res.metrics.items()},
-            **mfu.update(step_tokens, time.perf_counter()),
-        }
-        if res.expert_load is not None and res.expert_load.numel():
-            load = res.expert_load.float()
-            metrics["expert_load_max_over_mean"] = float(
-                (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).mean()
-            )
-        if engine.rank == 0:
-            tracker.log_metrics(metrics, step=engine.step)
-        crash_point(f"train:step:{phase.name}")
-        done_budget = sum(tokens.values()) >= budget
-        if engine.step % t.checkpoint_every_steps == 0 or done_budget:
-            state = {
-                "loader": loader.state_dict(),
-                "tokens": tokens,
-                "losses": losses,
-                "phase": phase.name,
-                **({"tokens_by_source": by_source} if by_source is not None else {}),
-            }
-            engine.save_checkpoint(checkpoint_path(ckpt_root, engine.step), extra_state=state)
-            _prune(ckpt_root, t.keep_checkpoints)
-        if engine.step % 10 == 0 or done_budget:
-            log(
-                f"[{phase.name}] step {engine.step} loss {res.loss:.4f} lr {res.lr:.2e} tokens {sum(tokens.values()):,}/{budget:,}"
-            )
-        if stop_after_steps is not None and steps_here >= stop_after_steps and not done_budget:
-            return {"phase": phase.name, "interrupted_at_step": engine.step}
-    return _finish(
-        recipe, phase, out_root, engine, vcfg, parent, tokens, by_source, losses, data_root, tracker
-    )
+    if phase.objective == "coca":  # one "token" per micro-batch: the CoCa loss is already a mean
+        return TrainEngine(model, ecfg, coca_loss, count_tokens=lambda b: 1)
+    return TrainEngine(model, ecfg, lm_loss)
 
 
-def _prune(root: Path, keep: int) -> None:
-    complete = sorted(p for p in root.glob("step-*") if (p / "checksums.json").is_file())
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _finish(
-    recipe, phase, out_root, engine, vcfg, parent, tokens, by_source, losses, data_root, tracker
-) -> dict[str, Any]:
+def write_final(recipe: Recipe, run: PhaseRun, data_root: Path, out_root: Path) -> dict[str, Any]:
+    """The phase's ``final/``: fp32 weights, model config, ``result.json`` and a lineage manifest (parents:
+    the starting checkpoint and every dataset), staged and renamed into place by rank 0."""
+    engine, phase = run.trainer.engine, run.trainer.phase
     fdir = final_dir(out_root, phase)
     stage = fdir.parent / ".final.staging"
     if engine.rank == 0:
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
     engine.export_weights(stage / NATIVE_WEIGHTS)
-    k = max(1, min(5, len(losses) // 4))
     result = {
         "phase": phase.name,
         "stage": phase.stage,
         "steps": engine.step,
         "skipped_steps": engine.skipped_steps,
         "schedule_end_step": engine.cfg.schedule.start_step + engine.step,
-        "tokens": {**tokens, "total": sum(tokens.values())},
-        **(
-            {"tokens_by_source": dict(by_source), "tokens_by_group": by_group(phase, by_source)}
-            if by_source is not None
-            else {}
-        ),
+        **run.counter.result(),
         "token_budget": phase.token_budget,
-        "final_loss": sum(losses[-k:]) / k,
-        "first_loss": sum(losses[:k]) / k,
-        "rope_theta": vcfg.lm.rope_theta,
+        **run.losses.result(),
+        "rope_theta": run.cfg.lm.rope_theta,
         "checkpoint": str(fdir),
     }
     if engine.rank == 0:
-        write_json_atomic(vcfg.to_dict(), stage / NATIVE_CONFIG)
-        # location-free: the checkpoint's content (and hash) must not depend on where the run directory is
-        stored = {k: v for k, v in result.items() if k != "checkpoint"}
-        (stage / RESULT).write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
-        parents = [parent] if parent else []
-        for s in phase.sources:
-            d = Path(data_root) / "tokenized" / s.name
-            parents.append(read_manifest(d).parent_of(d))
-        write_manifest(
-            stage,
-            kind="checkpoint",
-            step=f"train:{phase.name}",
-            config={"phase": phase.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json")},
-            parents=parents,
-            counts={"tokens": result["tokens"], "steps": result["steps"]},
-        )
+        _write_final_files(recipe, phase, run, result, stage, data_root)
         crash_point(f"train:final_before_rename:{phase.name}")
         shutil.rmtree(fdir, ignore_errors=True)
         crash_point(f"train:final_removed_old:{phase.name}")
         stage.replace(fdir)
-        tracker.log_artifact(fdir, name=f"{phase.name}-final")
-    engine._barrier()
+    engine.barrier()
     return result
 
 
-def run_phases(
-    recipe: Recipe, phases: list[PhaseConfig], data_root: Path, out_root: Path, log: Log = print
-) -> list[dict[str, Any]]:
-    return [run_phase(recipe, p, data_root, out_root, log=log) for p in phases]
+def _write_final_files(
+    recipe: Recipe, phase: PhaseConfig, run: PhaseRun, result: dict[str, Any], stage: Path, data_root: Path
+) -> None:
+    write_json_atomic(run.cfg.to_dict(), stage / NATIVE_CONFIG)
+    # location-free: the checkpoint's content (and hash) must not depend on where the run directory is
+    stored = {k: v for k, v in result.items() if k != "checkpoint"}
+    (stage / RESULT).write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
+    parents = [run.parent] if run.parent else []
+    for s in phase.sources:
+        d = Path(data_root) / "tokenized" / s.name
+        parents.append(read_manifest(d).parent_of(d))
+    write_manifest(
+        stage,
+        kind="checkpoint",
+        step=f"train:{phase.name}",
+        config={"phase": phase.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json")},
+        parents=parents,
+        counts={"tokens": result["tokens"], "steps": result["steps"]},
+    )
