@@ -104,9 +104,9 @@ def moonlight_scale(shape: Sequence[int]) -> float:
 def muon_direction(
     grad: Tensor,
     momentum_buffer: Tensor,
-    beta: float = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
+    beta: float = DEFAULTS["momentum"],
+    nesterov: bool = DEFAULTS["nesterov"],
+    ns_steps: int = DEFAULTS["ns_steps"],
     ns_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Momentum (buffer updated in place: buf = beta*buf + grad), Nesterov look-ahead, orthogonalisation.
@@ -129,9 +129,9 @@ def muon_step_(
     momentum_buffer: Tensor,
     lr: float,
     weight_decay: float,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
+    momentum: float = DEFAULTS["momentum"],
+    nesterov: bool = DEFAULTS["nesterov"],
+    ns_steps: int = DEFAULTS["ns_steps"],
     ns_dtype: torch.dtype = torch.float32,
 ) -> None:
     """In-place Moonlight Muon step: p <- p (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * O."""
@@ -280,7 +280,7 @@ def _adamw_by_structure(model: nn.Module) -> set[int]:
 
 
 def build_param_groups(
-    model: nn.Module, lr: float, weight_decay: float = 0.1, **group_kwargs: Any
+    model: nn.Module, lr: float, weight_decay: float = DEFAULTS["weight_decay"], **group_kwargs: Any
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable params into a Muon group and an AdamW group by module structure.
 

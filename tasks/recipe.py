@@ -19,6 +19,7 @@ from tasks.data.text_tokenizer import check_model_ids, load_tokenizer
 from tasks.data.tokenizer import CHECKPOINT_TOKENIZER
 from tasks.eval.points import INIT_POINT, RecipeEval
 from tasks.io.weights import NATIVE_CONFIG, read_native_config
+from tasks.train.engine_config import OptimizerSettings
 from tasks.train.stages import NAME_PATTERN, STAGES, PhaseConfig
 
 
@@ -61,39 +62,12 @@ class ModelSettings(BaseModel):
         return self.vlm_config()
 
 
-class TrainSettings(BaseModel):
-    """Engine settings shared by every phase (each phase adds its own LR schedule and batch size)."""
+class TrainSettings(OptimizerSettings):
+    """Engine settings shared by every phase (``OptimizerSettings``: optimizer and its hyper-parameters,
+    ZeRO, precision, clipping, seed), plus checkpointing; each phase adds its LR schedule and batch size."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    optimizer: Literal["muon", "adamw"] = "muon"
-    zero_stage: int = Field(default=0, ge=0, le=2)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    working_weights: Literal["fp32", "bf16"] = Field(
-        default="fp32", description="bf16: matmul weights in bf16, fp32 masters in Muon (EngineConfig)"
-    )
-    muon_ns_dtype: Literal["fp32", "bf16"] = Field(
-        default="fp32", description="Muon's Newton-Schulz arithmetic (bf16 on GPUs: ~2x faster, EngineConfig)"
-    )
-    weight_decay: float = Field(default=0.1, ge=0)
-    grad_clip: float = Field(default=1.0, ge=0)
-    seed: int = Field(default=0, ge=0)
     checkpoint_every_steps: int = Field(default=20, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(default=2, gt=0, description="complete checkpoints kept per phase")
-    max_consecutive_nonfinite: int = Field(default=3, ge=1)
-
-    @model_validator(mode="after")
-    def _muon_zero(self) -> TrainSettings:
-        if self.optimizer == "muon" and self.zero_stage != 0:
-            raise ValueError(
-                f"zero_stage: optimizer 'muon' requires zero_stage 0 (DeepSpeed ZeRO >= 1 flattens parameters), "
-                f"got {self.zero_stage}"
-            )
-        if self.working_weights == "bf16" and (self.optimizer != "muon" or self.precision == "fp32"):
-            raise ValueError(
-                f"working_weights: 'bf16' needs optimizer 'muon' (its owner ranks keep the fp32 masters) and "
-                f"precision bf16 or auto, got optimizer {self.optimizer!r}, precision {self.precision!r}"
-            )
-        return self
 
 
 class Recipe(BaseModel):

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kimivl_model.image_processing import image_to_patches
 from tasks.data.images import decode_image, to_tensor
 from tasks.data.io import read_table
+from tasks.data.mixture import ShareSchedule, check_mixture
 from tasks.data.pack import Document, MediaIds, PackedSequence, Packer, Piece, build_sequence
 from tasks.data.schema import TOKENIZED_SCHEMA
 from tasks.data.special_tokens import SpecialIds
@@ -57,22 +58,13 @@ class SourceSpec(BaseModel):
         return self.group or self.name
 
 
-class LinearSchedule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: Literal["linear"] = Field("linear", description="schedule shape")
-    source: str = Field(description="the source group whose share is scheduled")
-    start: float = Field(ge=0.0, le=1.0, description="group share at the start of the stage")
-    end: float = Field(ge=0.0, le=1.0, description="group share once token_budget tokens are drawn")
-
-
 class MixtureConfig(BaseModel):
     """A stage's data mixture, packing and batch size."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sources: list[SourceSpec] = Field(min_length=1, description="tokenized datasets and their weights")
-    schedule: LinearSchedule | None = Field(None, description="optional share schedule of one source group")
+    schedule: ShareSchedule | None = Field(None, description="optional share schedule of one source group")
     token_budget: int | None = Field(None, ge=1, description="stage token budget (the schedule's time axis)")
     seq_len: int = Field(8192, ge=8, description="tokens per packed sequence (upper bound; never padded)")
     micro_batch_tokens: int = Field(8192, ge=8, description="tokens per batch: a multiple of seq_len")
@@ -86,27 +78,13 @@ class MixtureConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MixtureConfig:
-        names = [s.name for s in self.sources]
-        if len(set(names)) != len(names):
-            raise ValueError(f"sources: names must be unique, got {names}")
         if self.micro_batch_tokens % self.seq_len:
             raise ValueError(
                 f"micro_batch_tokens={self.micro_batch_tokens} must be a multiple of seq_len={self.seq_len}"
             )
-        if sum(s.weight for s in self.sources) <= 0:
-            raise ValueError("sources: at least one weight must be > 0")
-        sch = self.schedule
-        if sch is not None:
-            if self.token_budget is None:
-                raise ValueError("token_budget is required with a schedule")
-            inside = [s.weight for s in self.sources if s.group_name == sch.source]
-            outside = [s.weight for s in self.sources if s.group_name != sch.source]
-            if sum(inside) <= 0:
-                raise ValueError(f"schedule.source={sch.source!r}: no source of that group with weight > 0")
-            if min(sch.start, sch.end) < 1.0 and sum(outside) <= 0:
-                raise ValueError(
-                    f"schedule: share < 1 needs a source outside group {sch.source!r} with weight > 0"
-                )
+        check_mixture(self.sources, self.schedule, lambda s: s.group_name)
+        if self.schedule is not None and self.token_budget is None:
+            raise ValueError("token_budget is required with a schedule")
         return self
 
     def probabilities(self, tokens_drawn: int) -> np.ndarray:
@@ -118,7 +96,7 @@ class MixtureConfig(BaseModel):
         assert self.token_budget is not None
         p = min(tokens_drawn / self.token_budget, 1.0)
         share = sch.start + (sch.end - sch.start) * p
-        inside = np.array([s.group_name == sch.source for s in self.sources])
+        inside = np.array([s.group_name == sch.group for s in self.sources])
         probs = np.zeros_like(w)
         probs[inside] = share * w[inside] / w[inside].sum()
         if (~inside).any() and w[~inside].sum() > 0:

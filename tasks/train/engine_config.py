@@ -13,13 +13,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kimivl_model.muon import DEFAULTS as MUON
 from tasks.train.schedule import LRScheduleConfig
 
 
-class EngineConfig(BaseModel):
-    """Typed engine settings; ``build_ds_config`` turns them into the DeepSpeed config dict."""
+class OptimizerSettings(BaseModel):
+    """What the recipe's ``train:`` section and the engine share: the optimizer and its hyper-parameters,
+    ZeRO stage, precision, clipping, divergence guard, seed. Defined, defaulted and checked here only (the
+    Muon/AdamW defaults are the model library's, ``kimivl_model.muon.DEFAULTS``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     optimizer: Literal["muon", "adamw"] = Field(
         "muon", description="muon: Moonlight Muon (AdamW for embeddings/head/vectors); adamw: AdamW for all"
@@ -33,26 +36,27 @@ class EngineConfig(BaseModel):
         description="bf16: trainable matmul weights held in bf16 with fp32 masters in the optimizer (owner "
         "rank); needs optimizer muon and precision bf16. fp32: fp32 weights under autocast",
     )
-    schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig, description="LR schedule")
-    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay (Moonlight: 0.1)")
-    adamw_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (also Muon's AdamW part)")
-    adamw_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
-    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon momentum (Nesterov)")
-    muon_ns_steps: int = Field(5, ge=1, description="Newton-Schulz iterations")
+    weight_decay: float = Field(
+        MUON["weight_decay"], ge=0, description="decoupled weight decay (Moonlight: 0.1)"
+    )
+    adamw_betas: tuple[float, float] = Field(
+        MUON["adamw_betas"], description="AdamW betas (also Muon's AdamW part)"
+    )
+    adamw_eps: float = Field(MUON["adamw_eps"], gt=0, description="AdamW epsilon")
+    muon_momentum: float = Field(MUON["momentum"], ge=0, lt=1, description="Muon momentum (Nesterov)")
+    muon_ns_steps: int = Field(MUON["ns_steps"], ge=1, description="Newton-Schulz iterations")
     muon_ns_dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="Newton-Schulz arithmetic (bf16: the reference implementations' choice, GPU)"
+        MUON["ns_dtype"],
+        description="Newton-Schulz arithmetic (bf16: the reference implementations' choice, ~2x on GPUs)",
     )
     grad_clip: float = Field(1.0, ge=0, description="max global gradient L2 norm; 0 disables clipping")
-    micro_batches_per_step: int = Field(
-        1, ge=1, description="GLOBAL micro-batches (packed sequences) per optimizer step; divisible by world"
-    )
     max_consecutive_nonfinite: int = Field(
         3, ge=1, description="consecutive skipped (non-finite) steps that raise DivergenceError"
     )
     seed: int = Field(0, ge=0, description="seed of python/numpy/torch RNGs (rank r uses seed + r)")
 
     @model_validator(mode="after")
-    def _check(self) -> EngineConfig:
+    def _check(self) -> OptimizerSettings:
         if self.optimizer == "muon" and self.zero_stage != 0:
             raise ValueError(
                 f"zero_stage: optimizer 'muon' requires zero_stage=0, got {self.zero_stage}: DeepSpeed ZeRO >= 1 "
@@ -70,11 +74,20 @@ class EngineConfig(BaseModel):
             raise ValueError(f"adamw_betas: each must be in [0, 1), got {self.adamw_betas}")
         return self
 
+
+class EngineConfig(OptimizerSettings):
+    """Typed engine settings; ``build_ds_config`` turns them into the DeepSpeed config dict."""
+
+    schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig, description="LR schedule")
+    micro_batches_per_step: int = Field(
+        1, ge=1, description="GLOBAL micro-batches (packed sequences) per optimizer step; divisible by world"
+    )
+
     @classmethod
     def for_phase(cls, train: Any, phase: Any, schedule: LRScheduleConfig) -> EngineConfig:
         """The engine of a recipe phase: the recipe's ``train`` settings (every field the engine shares with
         it), the phase's global batch and its LR schedule."""
-        shared = {k: v for k, v in train.model_dump().items() if k in cls.model_fields}
+        shared = {k: getattr(train, k) for k in OptimizerSettings.model_fields}
         return cls(**shared, schedule=schedule, micro_batches_per_step=phase.micro_batches_per_step)
 
     def check_world_size(self, world_size: int) -> int:

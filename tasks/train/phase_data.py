@@ -9,7 +9,6 @@ from typing import Any
 
 from kimivl_model.config import VLMConfig
 from tasks.data.loader import (
-    LinearSchedule,
     MixtureConfig,
     PackedLoader,
     SourceSpec,
@@ -24,15 +23,13 @@ from tasks.train.stages import PhaseConfig
 
 
 def mixture(recipe: Recipe, phase: PhaseConfig, data_root: Path) -> MixtureConfig:
-    sched = phase.share_schedule
+    """The loader's mixture of a phase: its sources (located under ``DATA/tokenized``) and share schedule as
+    the recipe states them, one packed sequence per micro-batch."""
     return MixtureConfig(
         sources=[
-            SourceSpec(
-                name=s.name, path=Path(data_root) / "tokenized" / s.name, weight=s.weight, group=s.group
-            )
-            for s in phase.sources
+            SourceSpec(**s.model_dump(), path=Path(data_root) / "tokenized" / s.name) for s in phase.sources
         ],
-        schedule=LinearSchedule(source=sched.group, start=sched.start, end=sched.end) if sched else None,
+        schedule=phase.share_schedule,
         token_budget=phase.token_budget,
         seq_len=phase.seq_len,
         micro_batch_tokens=phase.seq_len,

@@ -28,6 +28,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.data.mixture import MixtureSource, ShareSchedule, check_mixture
+
 STAGES = ("text_pretrain", "vit", "align", "joint_pretrain", "cooldown", "long_context", "sft", "cot_sft")
 COMPONENTS = ("vit", "projector", "lm", "coca")
 
@@ -35,25 +37,6 @@ COMPONENTS = ("vit", "projector", "lm", "coca")
 class _Strict(BaseModel):
     # NaN/Infinity are never a meaningful weight, learning rate, share or RoPE base (YAML spells them .nan/.inf)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class MixtureSource(_Strict):
-    name: str = Field(
-        description="tokenized dataset name produced by the data pipeline (e.g. 'caption', 'text')"
-    )
-    weight: float = Field(
-        ge=0, description="relative sampling weight (of documents or tokens: the phase's weight_unit)"
-    )
-    group: str = Field(default="text", description="share group, e.g. 'text' or 'multimodal'")
-
-
-class ShareSchedule(_Strict):
-    """Linear change of one group's share (of documents or tokens: the phase's ``weight_unit``) over the
-    phase's token budget."""
-
-    group: str = Field(description="the group whose share changes (e.g. 'multimodal')")
-    start: float = Field(ge=0, le=1, description="share at the first token of the phase")
-    end: float = Field(ge=0, le=1, description="share at the token budget")
 
 
 class LRConfig(_Strict):
@@ -156,31 +139,7 @@ class PhaseConfig(_Strict):
                 "weight_unit 'tokens' is for packed LM/SFT phases; objective 'coca' draws (image, caption) "
                 "pairs at the current resolution, so its weights are per document"
             )
-        names = [s.name for s in self.sources]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"sources: dataset {dup} listed twice; give each dataset one weight")
-        if sum(s.weight for s in self.sources) <= 0:
-            raise ValueError(f"sources: every weight is 0 in {names}; at least one must be > 0")
-        if self.share_schedule is not None:
-            sch = self.share_schedule
-            groups = {s.group for s in self.sources}
-            if sch.group not in groups:
-                raise ValueError(
-                    f"share_schedule.group {sch.group!r} is not a group of the sources {sorted(groups)}"
-                )
-            if len(groups) < 2:
-                raise ValueError("a share_schedule needs sources in at least two groups")
-            inside = sum(s.weight for s in self.sources if s.group == sch.group)
-            outside = sum(s.weight for s in self.sources if s.group != sch.group)
-            if inside <= 0:
-                raise ValueError(
-                    f"share_schedule.group {sch.group!r}: every source of that group has weight 0"
-                )
-            if min(sch.start, sch.end) < 1 and outside <= 0:
-                raise ValueError(
-                    f"share_schedule: a share below 1 needs a source outside group {sch.group!r} with weight > 0"
-                )
+        check_mixture(self.sources, self.share_schedule, lambda s: s.group)
         fr = [r.until_fraction for r in self.progressive_resolution]
         if fr and (fr != sorted(fr) or fr[-1] != 1.0):
             raise ValueError(f"progressive_resolution until_fraction must increase and end at 1.0, got {fr}")

@@ -12,13 +12,13 @@ import torch
 from kimivl_model.config import preset
 from kimivl_model.vlm import KimiVL
 from tasks.data.loader import (
-    LinearSchedule,
     MixtureConfig,
     PackedLoader,
     SourceSpec,
     tokens_by_modality,
     tokens_by_source,
 )
+from tasks.data.mixture import ShareSchedule
 from tasks.data.pack import Document, MediaIds, Packer, pack_documents, packing_efficiency, split_document
 from tasks.data.special_tokens import OWN_BPE_IDS, OWN_BPE_SPECIAL_IDS
 from tasks.data.tokenize import TokenizeConfig, run_tokenize
@@ -344,7 +344,7 @@ def test_linear_schedule_raises_share(datasets):
             SourceSpec(name="txt", path=datasets / "text", weight=1.0),
             SourceSpec(name="mmx", path=datasets / "text", weight=1.0, group="multimodal"),
         ],
-        schedule=LinearSchedule(source="multimodal", start=0.0, end=0.5),
+        schedule=ShareSchedule(group="multimodal", start=0.0, end=0.5),
         token_budget=30_000,
         seq_len=512,
         micro_batch_tokens=512,
@@ -375,7 +375,7 @@ def test_share_schedule_in_tokens_follows_the_schedule_per_quarter(datasets):
                 SourceSpec(name="text", path=datasets / "text", weight=1.0),
                 SourceSpec(name="mm", path=datasets / "mm", weight=1.0, group="multimodal"),
             ],
-            schedule=LinearSchedule(source="multimodal", start=0.0, end=0.5),
+            schedule=ShareSchedule(group="multimodal", start=0.0, end=0.5),
             token_budget=budget,
             seq_len=256,
             micro_batch_tokens=512,
