@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from flows.launch_settings import LaunchSettings, launcher_env
+from tasks.io.files import atomic_path
 from tasks.recipe import Recipe
 from tasks.tracking.base import Tracker
 from tasks.train.runner import phase_dir, read_result
@@ -93,9 +94,8 @@ def run_phase_launched(
     pdir = phase_dir(out_root, phase)
     pdir.mkdir(parents=True, exist_ok=True)
     recipe_file = pdir / "launch-recipe.yaml"  # exactly the recipe this flow validated
-    tmp = recipe_file.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False))
-    tmp.replace(recipe_file)
+    with atomic_path(recipe_file, crash_name=None) as tmp:
+        tmp.write_text(yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False))
     # rank 0 records to rank0/<phase>/ and the relay forwards from there: the flow's tracker may itself
     # write the phase directory's metrics.jsonl (MLflow's local copy), which the relay must not read back
     rank0 = pdir / "rank0"

@@ -11,10 +11,11 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 from flows.local_api import ENV_DEFAULTS as _ENV_DEFAULTS  # imports no Prefect
+from tasks import Log
 from tasks.train.stages import token_mix
 
 for _k, _v in _ENV_DEFAULTS.items():
@@ -24,8 +25,6 @@ from prefect import get_run_logger  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.exceptions import MissingContextError  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
-
-Log = Callable[[str], Any]
 
 # Errors that a retry cannot fix: a missing input, a bad config, a corrupt manifest (all ValueErrors here).
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (

@@ -68,6 +68,11 @@ class TrainSettings(OptimizerSettings):
 
     checkpoint_every_steps: int = Field(default=20, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(default=2, gt=0, description="complete checkpoints kept per phase")
+    resume_weights_only: bool = Field(
+        default=False,
+        description="resume a phase from its last checkpoint's weights, counters and data position with a FRESH "
+        "optimizer state and RNG (the way to continue on another world size or optimizer)",
+    )
 
 
 class Recipe(BaseModel):

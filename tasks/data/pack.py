@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from kimivl_model.lm import IGNORE_INDEX  # the model's label contract
 from tasks.data.special_tokens import SpecialIds
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

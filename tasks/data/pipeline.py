@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks import Log
 from tasks.data.dedup import DedupConfig, run_dedup
 from tasks.data.filter import FilterConfig, run_filter
 from tasks.data.ingest import IngestConfig, run_ingest
@@ -82,9 +83,6 @@ class DataRecipe(BaseModel):
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
-
-
-Log = Callable[[str], Any]
 
 
 def datasets(root: Path) -> list[Path]:

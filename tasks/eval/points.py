@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks import Log
 from tasks.eval.suite import TASKS, EvalConfig, GenerateFn, run_eval
 from tasks.io.faults import crash_point
 from tasks.io.manifest import (
@@ -40,7 +40,6 @@ from tasks.io.manifest import (
 )
 from tasks.io.weights import atomic_path, write_json_atomic
 
-Log = Callable[[str], Any]
 EVAL_DIR = "eval"
 INIT_POINT = "init"  # ``after: init`` evaluates model.init_checkpoint (a3b: the imported text LM)
 

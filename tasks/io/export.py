@@ -9,10 +9,10 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks import Log
 from tasks.io.files import replace_dir
 from tasks.io.manifest import (
     ManifestError,
@@ -23,8 +23,6 @@ from tasks.io.manifest import (
     write_manifest,
 )
 from tasks.io.weights import ASSETS_DIR, export_public, load_native
-
-Log = Callable[[str], Any]
 
 
 def export_sources(recipe: Any, data: Path) -> tuple[Path | None, Path | None]:

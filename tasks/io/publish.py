@@ -10,13 +10,11 @@ directory: ``data/tokenizer``, ``data/tokenized/<name>``, ``phases/<phase>/final
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks import Log
 from tasks.io import storage
-
-Log = Callable[[str], Any]
 
 
 def join(base: str, *parts: str) -> str:

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks import Log
 from tasks.tracking.mlflow_connection import Connection
 from tasks.tracking.mlflow_names import PHASE_TAG, is_remote
 from tasks.tracking.mlflow_run import MlflowTracker, RunSpec
-
-Log = Callable[[str], Any]
 
 # --------------------------------------------------------------------------------------------- replay
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from tasks import Log
 from tasks.tracking.mlflow_names import PERMANENT_ERRORS
 from tasks.tracking.secrets import scrub
-
-Log = Callable[[str], Any]
 
 _WARM: dict[str, Future] = {}
 _WARM_LOCK = threading.Lock()

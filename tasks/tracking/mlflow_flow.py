@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tasks import Log
 from tasks.tracking.base import RunTracking, Tracker
 from tasks.tracking.local import JsonlTracker, TeeTracker
 from tasks.tracking.mlflow_names import is_remote, resolve_tracking_uri
 from tasks.tracking.mlflow_pipeline import PipelineTracking
-
-Log = Callable[[str], Any]
 
 
 class MlflowRunTracking(RunTracking):

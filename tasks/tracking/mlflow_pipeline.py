@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks import Log
 from tasks.io.manifest import ManifestError, code_version, config_hash, read_manifest
 from tasks.tracking.mlflow_connection import Connection
 from tasks.tracking.mlflow_names import (
@@ -33,8 +33,6 @@ from tasks.tracking.mlflow_names import (
 from tasks.tracking.mlflow_plots import plot_loss_and_tokens
 from tasks.tracking.mlflow_run import MlflowTracker, RunSpec
 from tasks.tracking.secrets import flatten, redact, scrub
-
-Log = Callable[[str], Any]
 
 # --------------------------------------------------------------------------------------------- pipeline
 

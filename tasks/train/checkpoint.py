@@ -59,7 +59,7 @@ def staging_path(final: Path) -> Path:
     return final.parent / f".{final.name}.staging"
 
 
-def is_complete(directory: Path) -> bool:
+def is_complete_checkpoint(directory: Path) -> bool:
     d = Path(directory)
     return (d / CHECKSUM_FILE).is_file() and (d / STATE_FILE).is_file()
 
@@ -72,7 +72,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     found = []
     for child in root.iterdir():
         m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and is_complete(child):
+        if m and child.is_dir() and is_complete_checkpoint(child):
             found.append((int(m.group(1)), child))
     return max(found)[1] if found else None
 
@@ -327,14 +327,16 @@ def load_engine_checkpoint(
                 raise CheckpointError(
                     f"{directory / STATE_FILE}: saved with world_size={state['world_size']}, this run has "
                     f"world_size={engine.world_size}; the optimizer state is sharded per rank (DistributedMuon "
-                    "ownership / ZeRO partitions) and cannot be resharded: pass weights_only_resume=True to "
-                    "keep the weights and counters with a fresh optimizer state"
+                    "ownership / ZeRO partitions) and cannot be resharded: set train.resume_weights_only: true in the "
+                    "recipe (TrainEngine.load_checkpoint(weights_only_resume=True)) to keep the weights and counters "
+                    "with a fresh optimizer state"
                 )
             saved_opt = (state["optimizer"], state["zero_stage"])
             if saved_opt != (engine.cfg.optimizer, engine.cfg.zero_stage):
                 raise CheckpointError(
                     f"{directory / STATE_FILE}: saved with optimizer/zero_stage {saved_opt}, this run uses "
-                    f"{(engine.cfg.optimizer, engine.cfg.zero_stage)}; pass weights_only_resume=True"
+                    f"{(engine.cfg.optimizer, engine.cfg.zero_stage)}; set train.resume_weights_only: true in the recipe "
+                    "to continue with a fresh optimizer state"
                 )
     except CheckpointError as e:
         error = e

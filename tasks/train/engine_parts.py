@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from kimivl_model.lm import IGNORE_INDEX  # the model's label contract
 
 
 @dataclass

@@ -19,13 +19,13 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kimivl_model.config import VLMConfig
 from kimivl_model.vlm import KimiVL
+from tasks import Log
 from tasks.io.faults import crash_point
 from tasks.io.files import write_json_atomic
 from tasks.io.manifest import Parent, read_manifest, write_manifest
@@ -58,8 +58,6 @@ from tasks.train.phase_model import (
 from tasks.train.schedule import LRScheduleConfig
 from tasks.train.stages import PhaseConfig
 from tasks.train.trainer import Trainer
-
-Log = Callable[[str], Any]
 
 
 def read_result(out_root: Path, phase: PhaseConfig) -> dict[str, Any] | None:
@@ -221,9 +219,8 @@ def build_phase(
         checkpointing=Checkpointing(t.checkpoint_every_steps, t.keep_checkpoints),
         console=Console(),
     )
-    trainer = Trainer(
-        phase, engine, loader, callbacks, counter, phase_dir(out_root, phase) / "checkpoints", log
-    )
+    ckpts = phase_dir(out_root, phase) / "checkpoints"
+    trainer = Trainer(phase, engine, loader, callbacks, counter, ckpts, log, t.resume_weights_only)
     trainer.resume()
     return PhaseRun(trainer, counter, losses, vcfg, parent)
 

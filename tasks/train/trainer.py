@@ -10,16 +10,14 @@ resume, so a resumed phase continues the identical trajectory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks import Log
 from tasks.train.checkpoint import latest_checkpoint
 from tasks.train.engine import StepResult, TrainEngine
 from tasks.train.stages import PhaseConfig
-
-Log = Callable[[str], Any]
 
 
 @dataclass
@@ -65,9 +63,11 @@ class Trainer:
         budget: Any,
         checkpoints: Path,
         log: Log = print,
+        weights_only_resume: bool = False,
     ) -> None:
         self.phase, self.engine, self.loader = phase, engine, loader
         self.callbacks, self.budget, self.checkpoints, self.log = callbacks, budget, checkpoints, log
+        self.weights_only_resume = weights_only_resume
         self.resumed_from: Path | None = None
 
     def resume(self) -> None:
@@ -75,7 +75,7 @@ class Trainer:
         last = latest_checkpoint(self.checkpoints)
         if last is None:
             return
-        state = self.engine.load_checkpoint(last)
+        state = self.engine.load_checkpoint(last, weights_only_resume=self.weights_only_resume)
         self.loader.load_state_dict(state["loader"])
         self.resumed_from = last
         for cb in self.callbacks:
