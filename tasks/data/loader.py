@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kimivl_model.image_processing import image_to_patches
+from kimivl_model.lm import positions_from_cu_seqlens
 from tasks.data.images import decode_image, to_tensor
 from tasks.data.io import read_table
 from tasks.data.mixture import ShareSchedule, check_mixture
@@ -189,7 +190,6 @@ class PackedLoader:
         self.packer = Packer(cfg.seq_len, cfg.pack_buffer_docs)
         self.seqs_per_batch = cfg.micro_batch_tokens // cfg.seq_len
         self.tokens_drawn = 0
-        self.tokens_emitted = {"text": 0, "image": 0, "video": 0}
         self.batches = 0
 
     @property
@@ -227,10 +227,6 @@ class PackedLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         seqs = [self.next_sequence() for _ in range(self.seqs_per_batch)]
         batch = self.collate(seqs)
-        for s in seqs:
-            self.tokens_emitted["text"] += s.num_text_tokens
-            self.tokens_emitted["image"] += s.num_image_tokens
-            self.tokens_emitted["video"] += s.num_video_tokens
         self.batches += 1
         return batch
 
@@ -264,13 +260,14 @@ class PackedLoader:
         """Concatenate sequences into one flat batch (document boundaries kept in ``cu_seqlens``)."""
         offsets = np.cumsum([0] + [s.num_tokens for s in seqs[:-1]])
         cu = np.concatenate([[0]] + [s.cu_seqlens[1:] + o for s, o in zip(seqs, offsets, strict=True)])
+        cu_t = torch.from_numpy(cu.astype(np.int64))
         src_index = {name: i for i, name in enumerate(self._by_name)}
         pixel_values, grid_hws = self._pixels(seqs)
         return {
             "input_ids": torch.from_numpy(np.concatenate([s.input_ids for s in seqs])),  # (T,)
             "labels": torch.from_numpy(np.concatenate([s.labels for s in seqs])),  # (T,)
-            "position_ids": torch.from_numpy(np.concatenate([s.position_ids for s in seqs])),  # (T,)
-            "cu_seqlens": torch.from_numpy(cu.astype(np.int64)),  # (S+1,)
+            "position_ids": positions_from_cu_seqlens(cu_t),  # (T,) the model's rule
+            "cu_seqlens": cu_t,  # (S+1,)
             "pixel_values": pixel_values,  # (P, 3, 14, 14)
             "grid_hws": grid_hws,  # (N, 2)
             "image_is_video": torch.tensor(
@@ -279,6 +276,15 @@ class PackedLoader:
             "source_ids": torch.tensor(
                 [src_index[n] for s in seqs for n in s.sources], dtype=torch.int64
             ),  # (S,)
+            # (3,) text, image, video tokens as the packer counted them (``tokens_by_modality`` recounts: a check)
+            "token_counts": torch.tensor(
+                [
+                    sum(s.num_text_tokens for s in seqs),
+                    sum(s.num_image_tokens for s in seqs),
+                    sum(s.num_video_tokens for s in seqs),
+                ],
+                dtype=torch.int64,
+            ),
         }
 
     # -------------------------------------------------------------------------------------- state
@@ -298,7 +304,6 @@ class PackedLoader:
                 for s in self.sources
             ],
             "tokens_drawn": self.tokens_drawn,
-            "tokens_emitted": dict(self.tokens_emitted),
             "batches": self.batches,
             "buffer": [
                 {"source": p.doc.source, "row": p.doc.row, "start": p.start, "end": p.end}
@@ -328,7 +333,6 @@ class PackedLoader:
             src._perm = None
         self.rng.bit_generator.state = state["rng"]
         self.tokens_drawn = int(state["tokens_drawn"])
-        self.tokens_emitted = {k: int(v) for k, v in state["tokens_emitted"].items()}
         self.batches = int(state["batches"])
         docs: dict[tuple[str, int], Document] = {}
         pieces = []

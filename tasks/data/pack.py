@@ -36,8 +36,9 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+import torch
 
-from kimivl_model.lm import IGNORE_INDEX  # the model's label contract
+from kimivl_model.lm import IGNORE_INDEX, positions_from_cu_seqlens  # the model's contracts
 from tasks.data.special_tokens import SpecialIds
 
 
@@ -162,7 +163,6 @@ class PackedSequence:
     input_ids: np.ndarray  # (T,)
     labels: np.ndarray  # (T,) shifted within each document, -100 = ignore
     cu_seqlens: np.ndarray  # (S+1,)
-    position_ids: np.ndarray  # (T,) reset per document
     images: list[dict[str, Any]]  # in placeholder order
     grid_hws: list[tuple[int, int]]  # (N,) patch grids
     image_is_video: list[bool]  # (N,) True for video frames
@@ -174,6 +174,11 @@ class PackedSequence:
     num_image_tokens: int = 0
     num_video_tokens: int = 0
     num_padding_tokens: int = 0  # always 0: sequences are never padded
+
+    @property
+    def position_ids(self) -> np.ndarray:
+        """(T,) positions restarting at 0 in every document: the model's own rule (``positions_from_cu_seqlens``)."""
+        return positions_from_cu_seqlens(torch.from_numpy(self.cu_seqlens)).numpy()
 
     @property
     def num_tokens(self) -> int:
@@ -196,7 +201,7 @@ def build_sequence(pieces: list[Piece], seq_len: int) -> PackedSequence:
     total = sum(len(p) for p in pieces)
     if not pieces or total > seq_len:
         raise ValueError(f"pieces must be non-empty and hold <= seq_len={seq_len} tokens, got {total}")
-    ids, labels, pos, lens = [], [], [], []
+    ids, labels, lens = [], [], []
     images, grids, is_video, image_sources = [], [], [], []
     n_image = n_video = 0
     for p in pieces:
@@ -204,7 +209,6 @@ def build_sequence(pieces: list[Piece], seq_len: int) -> PackedSequence:
         x = d.input_ids[p.start : p.end]
         ids.append(x)
         labels.append(shifted_labels(x, d.loss_mask[p.start : p.end]))
-        pos.append(np.arange(len(p), dtype=np.int64))
         lens.append(len(p))
         i0, i1 = p.image_range()
         images.extend(d.images[i0:i1])
@@ -220,7 +224,6 @@ def build_sequence(pieces: list[Piece], seq_len: int) -> PackedSequence:
         input_ids=input_ids,
         labels=np.concatenate(labels),
         cu_seqlens=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-        position_ids=np.concatenate(pos),
         images=images,
         grid_hws=grids,
         image_is_video=is_video,

@@ -12,7 +12,6 @@ from tasks.data.loader import (
     MixtureConfig,
     PackedLoader,
     SourceSpec,
-    tokens_by_modality,
     tokens_by_source,
 )
 from tasks.data.text_tokenizer import check_model_ids
@@ -71,12 +70,15 @@ def check_tokenizer(phase: PhaseConfig, data_root: Path, cfg: VLMConfig) -> None
             check_model_ids(tok, cfg, f"phase {phase.name!r}, source {s.name!r} ({path})")
 
 
-def batch_tokens(phase: PhaseConfig, batch: dict[str, Any], media_pad_id: int) -> dict[str, int]:
-    """Text / image / video tokens of one batch (``media_pad_id``: the packed loader's ``special.media_pad``)."""
-    if phase.objective == "coca":
-        return dict(batch["tokens"])
-    t = tokens_by_modality(batch, media_pad_id)
-    return {k: int(t[k]) for k in ("text", "image", "video")}
+MODALITIES = ("text", "image", "video")
+
+
+def batch_tokens(batch: dict[str, Any]) -> dict[str, int]:
+    """Tokens of each modality in a batch, as its loader counted them (packed: ``token_counts``; caption
+    batches: ``tokens``)."""
+    if "token_counts" in batch:
+        return dict(zip(MODALITIES, (int(x) for x in batch["token_counts"].tolist()), strict=True))
+    return {k: int(batch["tokens"][k]) for k in MODALITIES}
 
 
 def batch_tokens_by_source(phase: PhaseConfig, batch: dict[str, Any], names: list[str]) -> dict[str, int]:

@@ -117,8 +117,8 @@ def lm_loss(model: KimiVL, b: dict[str, Any]) -> LossResult:
         position_ids=b["position_ids"],
         cu_seqlens=b["cu_seqlens"],
         labels=b["labels"],
-        pixel_values=b["pixel_values"] if b["grid_hws"].numel() else None,
-        grid_hws=b["grid_hws"] if b["grid_hws"].numel() else None,
+        pixel_values=b["pixel_values"],  # empty (0 images) for a text-only batch: the model's "no images"
+        grid_hws=b["grid_hws"],
         return_logits=False,
     )
     return LossResult(
@@ -209,7 +209,7 @@ def build_phase(
     model, vcfg, parent = build_model(recipe, phase, out_root)
     loader = build_loader(recipe, phase, data_root, vcfg)
     engine = build_engine(recipe, phase, model, out_root, measure_tokens_per_step(phase, loader))
-    counter, losses = TokenCounter(phase, loader.source_names, loader.special.media_pad), LossHistory()
+    counter, losses = TokenCounter(phase, loader.source_names), LossHistory()
     t = recipe.train
     callbacks = standard_callbacks(
         counter,

@@ -15,8 +15,8 @@ from tasks.train.trainer import Callback, Step, Trainer
 class TokenCounter(Callback):
     """The phase's clock: ``done`` once the tokens drawn reach the phase's token budget."""
 
-    def __init__(self, phase: PhaseConfig, source_names: list[str], media_pad_id: int) -> None:
-        self.phase, self.media_pad_id = phase, media_pad_id
+    def __init__(self, phase: PhaseConfig, source_names: list[str]) -> None:
+        self.phase = phase
         self.tokens = {"text": 0, "image": 0, "video": 0}
         # per mixture source; None: a checkpoint written before this accounting existed was resumed
         self.by_source: dict[str, int] | None = dict.fromkeys(source_names, 0)
@@ -36,7 +36,7 @@ class TokenCounter(Callback):
     def on_step(self, trainer: Trainer, step: Step) -> None:
         groups = dict.fromkeys(by_group(self.phase, {}), 0)
         for b in step.batches:
-            for k, v in batch_tokens(self.phase, b, self.media_pad_id).items():
+            for k, v in batch_tokens(b).items():  # counted once, by the packer (or the caption loader)
                 self.tokens[k] += v
                 step.tokens += v
             src = batch_tokens_by_source(self.phase, b, trainer.loader.source_names)

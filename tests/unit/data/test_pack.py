@@ -237,6 +237,17 @@ def test_loader_batch_runs_through_tiny_kimivl(datasets):
     assert torch.isfinite(out.loss)
 
 
+def test_batch_token_counts_are_the_packers_and_agree_with_a_recount(datasets):
+    """The trainer counts a batch's tokens from ``token_counts`` (the packer's per-sequence counts); an
+    independent recount from the ids and grids gives the same numbers."""
+    loader = PackedLoader(mixture(datasets))
+    for _ in range(6):
+        b = next(loader)
+        recount = tokens_by_modality(b, OWN_BPE_IDS.media_pad)
+        assert b["token_counts"].tolist() == [recount["text"], recount["image"], recount["video"]]
+        assert int(b["token_counts"].sum()) == b["input_ids"].numel()
+
+
 def test_state_restore_is_exact_mid_epoch(datasets):
     cfg = mixture(datasets)
     loader = PackedLoader(cfg)
