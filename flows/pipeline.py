@@ -46,6 +46,7 @@ from tasks.eval.points import INIT_POINT, EvalPoint, RecipeEval, pipeline_report
 from tasks.io.export import export_run, export_sources
 from tasks.io.publish import join, publish_data, publish_dir
 from tasks.recipe import RecipeError
+from tasks.tracking.base import RunTracking
 
 
 class PipelineParams(BaseModel):
@@ -126,71 +127,15 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
         params.launch.check(recipe, list(recipe.phases))
     except (OSError, ValueError) as e:
         raise RecipeError(f"{params.recipe_path}: {e}") from None
-    out = Path(params.out_dir)
-    data = Path(params.data_dir) if params.data_dir else out / "data"
-    tracking = tracking or make_tracking(params)
-    stage_of = {p.name: p.stage for p in recipe.phases} | {INIT_POINT: "text_pretrain"}
-    points: dict[str, dict[str, Any]] = {}
-
-    uri = params.artifact_uri or os.environ.get("KIMIVL_ARTIFACT_URI") or None  # compose workers set it
-    if uri is not None and params.artifact_uri is None:
-        uri = join(uri, out.resolve().name)  # one prefix per run directory
-
-    def copy(local: Path, *parts: str) -> str | None:
-        if uri is None:
-            return None
-        return publish.with_options(task_run_name=f"publish {'/'.join(parts)}", retries=params.io_retries)(
-            local, join(uri, *parts)
-        )
-
-    def run_points(after: str, checkpoint: Path) -> None:
-        for point in recipe.eval.points_after(after) if params.evaluate else []:
-            res = evaluate_point.with_options(task_run_name=f"eval after {after}")(
-                recipe.eval, point, checkpoint, data, out
-            )
-            res["published"] = copy(Path(res["dir"]), "eval", after)
-            points[after] = res
-            tracking.eval_done(after, res)
-
-    with tracking.pipeline(recipe, params.model_dump(mode="json")):
-        data_summary = data_flow(
-            DataParams(recipe_path=params.recipe_path, data_dir=str(data), io_retries=params.io_retries)
-        )
-        if uri is not None:
-            data_summary["published"] = publish_datasets.with_options(retries=params.io_retries)(data, uri)
-        tracking.data_done(data_summary)
+    run = _PipelineRun(params, recipe, tracking or make_tracking(params))
+    with run.tracking.pipeline(recipe, params.model_dump(mode="json")):
+        data_summary = run.data()
         if recipe.model.init_checkpoint is not None:
-            run_points(INIT_POINT, Path(recipe.model.init_checkpoint))
-        results = []
-        for phase in recipe.phases:
-            results += run_phases(recipe, [phase], data, out, tracking, params.launch)
-            results[-1]["published"] = copy(Path(results[-1]["checkpoint"]), "phases", phase.name, "final")
-            run_points(phase.name, Path(results[-1]["checkpoint"]))
-        report = None
-        if points:
-            report = pipeline_report(recipe.name, points, stage_of, out)
-            tracking.report_done(Path(report["report"]))
-        last = Path(results[-1]["checkpoint"]) if results else None
-        exported = None
-        if params.export and last is not None:
-            exported = export_model.with_options(retries=params.io_retries)(
-                last, out / "export", int(params.export_max_shard_gb * 2**30), *export_sources(recipe, data)
-            )
-            exported["published"] = copy(Path(exported["hf"]), "export", "hf")
-    create_markdown_artifact(
-        key=pc.artifact_key("kimivl", "pipeline", "tokens"),
-        markdown=(
-            f"# Recipe `{recipe.name}` ({params.recipe_path}) -> `{out}`\n\n{pc.tokens_table(results)}\n"
-            f"Data tokens: {data_summary['tokens']}\n"
-        ),
-        description="tokens per phase, steps, final loss, checkpoints, MLflow runs",
-    )
-    if report is not None:
-        create_markdown_artifact(
-            key=pc.artifact_key("kimivl", "pipeline", "eval"),
-            markdown=report["markdown"],
-            description="evaluation: before/after comparisons and every metric per evaluation point",
-        )
+            run.evaluate(INIT_POINT, Path(recipe.model.init_checkpoint))
+        results = [run.train(phase) for phase in recipe.phases]
+        report = run.report()
+        exported = run.export(Path(results[-1]["checkpoint"])) if params.export and results else None
+    run.artifacts(results, data_summary, report)
     return {
         "recipe": params.recipe_path,
         "phase_order": [r["phase"] for r in results],
@@ -198,13 +143,98 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
         "data": data_summary,
         "eval": {
             n: {"dir": p["dir"], "summary": p["summary"], "published": p["published"]}
-            for n, p in points.items()
+            for n, p in run.points.items()
         },
         "eval_report": None if report is None else report["report"],
         "export": exported,
-        "tracking": tracking.report,
+        "tracking": run.tracking.report,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+class _PipelineRun:
+    """The steps of one pipeline flow run, each a Prefect task (or the data flow), with the run's
+    directories, tracking backend, evaluation results and (when set) its artifact URI."""
+
+    def __init__(self, params: PipelineParams, recipe: Any, tracking: RunTracking) -> None:
+        self.params, self.recipe, self.tracking = params, recipe, tracking
+        self.out = Path(params.out_dir)
+        self.data_root = Path(params.data_dir) if params.data_dir else self.out / "data"
+        self.points: dict[str, dict[str, Any]] = {}
+        uri = params.artifact_uri or os.environ.get("KIMIVL_ARTIFACT_URI") or None  # compose workers set it
+        if uri is not None and params.artifact_uri is None:
+            uri = join(uri, self.out.resolve().name)  # one prefix per run directory
+        self.uri = uri
+
+    def copy(self, local: Path, *parts: str) -> str | None:
+        """A verified copy of ``local`` under the artifact URI (None without one)."""
+        if self.uri is None:
+            return None
+        task = publish.with_options(
+            task_run_name=f"publish {'/'.join(parts)}", retries=self.params.io_retries
+        )
+        return task(local, join(self.uri, *parts))
+
+    def data(self) -> dict[str, Any]:
+        p = self.params
+        summary = data_flow(
+            DataParams(recipe_path=p.recipe_path, data_dir=str(self.data_root), io_retries=p.io_retries)
+        )
+        if self.uri is not None:
+            summary["published"] = publish_datasets.with_options(retries=p.io_retries)(
+                self.data_root, self.uri
+            )
+        self.tracking.data_done(summary)
+        return summary
+
+    def evaluate(self, after: str, checkpoint: Path) -> None:
+        for point in self.recipe.eval.points_after(after) if self.params.evaluate else []:
+            res = evaluate_point.with_options(task_run_name=f"eval after {after}")(
+                self.recipe.eval, point, checkpoint, self.data_root, self.out
+            )
+            res["published"] = self.copy(Path(res["dir"]), "eval", after)
+            self.points[after] = res
+            self.tracking.eval_done(after, res)
+
+    def train(self, phase: Any) -> dict[str, Any]:
+        (result,) = run_phases(
+            self.recipe, [phase], self.data_root, self.out, self.tracking, self.params.launch
+        )
+        result["published"] = self.copy(Path(result["checkpoint"]), "phases", phase.name, "final")
+        self.evaluate(phase.name, Path(result["checkpoint"]))
+        return result
+
+    def report(self) -> dict[str, Any] | None:
+        if not self.points:
+            return None
+        stage_of = {p.name: p.stage for p in self.recipe.phases} | {INIT_POINT: "text_pretrain"}
+        report = pipeline_report(self.recipe.name, self.points, stage_of, self.out)
+        self.tracking.report_done(Path(report["report"]))
+        return report
+
+    def export(self, last: Path) -> dict[str, Any]:
+        shard = int(self.params.export_max_shard_gb * 2**30)
+        task = export_model.with_options(retries=self.params.io_retries)
+        exported = task(last, self.out / "export", shard, *export_sources(self.recipe, self.data_root))
+        exported["published"] = self.copy(Path(exported["hf"]), "export", "hf")
+        return exported
+
+    def artifacts(self, results: list[dict], data_summary: dict, report: dict | None) -> None:
+        """The run's Markdown artifacts in Prefect: tokens per phase, and the evaluation report."""
+        create_markdown_artifact(
+            key=pc.artifact_key("kimivl", "pipeline", "tokens"),
+            markdown=(
+                f"# Recipe `{self.recipe.name}` ({self.params.recipe_path}) -> `{self.out}`\n\n"
+                f"{pc.tokens_table(results)}\nData tokens: {data_summary['tokens']}\n"
+            ),
+            description="tokens per phase, steps, final loss, checkpoints, MLflow runs",
+        )
+        if report is not None:
+            create_markdown_artifact(
+                key=pc.artifact_key("kimivl", "pipeline", "eval"),
+                markdown=report["markdown"],
+                description="evaluation: before/after comparisons and every metric per evaluation point",
+            )
 
 
 def run_pipeline(params: PipelineParams, tracking: Any = None) -> dict[str, Any]:

@@ -232,7 +232,7 @@ def synthetic_ranks(n_base: int) -> dict[bytes, int]:
 
 def write_tokenizer(out: Path, ranks: dict[bytes, int]) -> Path:
     """``tiktoken.model`` + ``tokenizer_config.json`` (special tokens right after the ranks) in ``out``."""
-    from tasks.io.weights import write_json_atomic
+    from tasks.io.files import write_json_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,8 @@ def build_checkpoint(out: Path, seed: int = 0, n_base: int = 1792) -> Path:
     """Write the miniature public checkpoint directory; returns ``out``."""
     from kimivl_model.hf_interop import from_hf_config
     from kimivl_model.vlm import KimiVL
-    from tasks.io.weights import save_hf, write_json_atomic
+    from tasks.io.files import write_json_atomic
+    from tasks.io.weights import save_hf
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 
 from tasks.eval.points import INIT_POINT
+from tasks.io.files import atomic_path
 from tasks.io.manifest import canonical_json
-from tasks.io.weights import atomic_path
 
 RUN_DIR = "runs/dvc"
 SPLIT_DIR = f"{RUN_DIR}/recipe"

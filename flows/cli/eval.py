@@ -112,48 +112,63 @@ def eval_cmd(
 ) -> None:
     """Evaluate a checkpoint: held-out VQA/counting/OCR/grounding/chart/doc/video/math, caption and text
     loss, text and video needle-in-a-haystack; writes OUT/eval.json, OUT/report.md and NIAH plots."""
-    from tasks.eval.suite import compare_reports, resolve_checkpoint, run_eval
-    from tasks.io.weights import atomic_path, write_json_atomic
+    from tasks.eval.suite import run_eval
 
     cfg = _config(
         config, tasks, niah_lengths, niah_video_lengths, niah_depths, max_items, prompt_style, seed, device
     )
-    if checkpoint.startswith("s3://"):
-        from tasks.io.publish import fetch_dir
-        from tasks.io.storage import StorageError
-
-        try:
-            checkpoint = fetch_dir(checkpoint, out / ".fetched")
-        except StorageError as e:
-            fail(f"--checkpoint: {e}")
-    checkpoint = Path(checkpoint)
-    try:
-        resolve_checkpoint(checkpoint)
-    except FileNotFoundError as e:
-        fail(str(e))
-    from tasks.data.text_tokenizer import check_model_ids, load_tokenizer
-    from tasks.io.weights import read_native_config
-
-    try:  # a tokenizer the model cannot read stops here, naming both values
-        tok = load_tokenizer(tokenizer)
-        check_model_ids(tok.describe(), read_native_config(resolve_checkpoint(checkpoint)), "--tokenizer")
-    except (OSError, ValueError) as e:
-        fail(f"--tokenizer: {e}")
-    if train_data is not None and not train_data.is_dir():
-        fail(f"--train-data: {train_data} is not a directory")
+    ckpt = checked_inputs(checkpoint, tokenizer, train_data, out)
     earlier = None
     if compare is not None:
         try:
             earlier = json.loads(compare.read_text())
         except (OSError, ValueError) as e:
             fail(f"--compare: {compare}: {e}")
-    result = run_eval(checkpoint, tokenizer, out, cfg, train_data_root=train_data, log=console.print)
+    result = run_eval(ckpt, tokenizer, out, cfg, train_data_root=train_data, log=console.print)
+    write_outputs(result, ckpt, out, metrics, earlier, compare)
+
+
+def checked_inputs(checkpoint: str, tokenizer: Path, train_data: Path | None, out: Path) -> Path:
+    """The local checkpoint (a published s3:// one fetched and verified), checked with its tokenizer."""
+    from tasks.data.text_tokenizer import check_model_ids, load_tokenizer
+    from tasks.eval.suite import resolve_checkpoint
+    from tasks.io.weights import read_native_config
+
+    if checkpoint.startswith("s3://"):
+        from tasks.io.publish import fetch_dir
+        from tasks.io.storage import StorageError
+
+        try:
+            checkpoint = str(fetch_dir(checkpoint, out / ".fetched"))
+        except StorageError as e:
+            fail(f"--checkpoint: {e}")
+    ckpt = Path(checkpoint)
+    try:
+        resolve_checkpoint(ckpt)
+    except FileNotFoundError as e:
+        fail(str(e))
+    try:  # a tokenizer the model cannot read stops here, naming both values
+        tok = load_tokenizer(tokenizer)
+        check_model_ids(tok.describe(), read_native_config(resolve_checkpoint(ckpt)), "--tokenizer")
+    except (OSError, ValueError) as e:
+        fail(f"--tokenizer: {e}")
+    if train_data is not None and not train_data.is_dir():
+        fail(f"--train-data: {train_data} is not a directory")
+    return ckpt
+
+
+def write_outputs(
+    result: dict, ckpt: Path, out: Path, metrics: Path | None, earlier: dict | None, compare: Path | None
+) -> None:
+    from tasks.eval.suite import compare_reports
+    from tasks.io.files import atomic_path, write_json_atomic
+
     if metrics is not None:
         write_json_atomic(result["summary"], metrics)
-    if earlier is not None:
+    if earlier is not None and compare is not None:
         with atomic_path(out / "compare.md") as tmp:
             tmp.write_text(compare_reports(earlier, result, names=(str(compare.parent.name), str(out.name))))
-    table = Table(title=f"eval {checkpoint}")
+    table = Table(title=f"eval {ckpt}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result["summary"].items():

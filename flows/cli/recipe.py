@@ -39,7 +39,7 @@ def recipe_dvc(
 ) -> None:
     """Render dvc.yaml (data steps, recipe split, every phase, every evaluation point) from the recipe."""
     from tasks.dvc_pipeline import render_dvc_yaml
-    from tasks.io.weights import atomic_path
+    from tasks.io.files import atomic_path
 
     text = render_dvc_yaml(load_recipe_or_exit(recipe), str(recipe))
     if check:

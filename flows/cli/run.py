@@ -98,33 +98,42 @@ def run_cmd(
         start_early()  # Prefect's local server starts while the rest is imported and the recipe checked
     # A recipe that exists but fails validation still started the server: loading the recipe imports the
     # data pipeline (~5 s), exactly the time the server needs; it is stopped when this process exits.
-
-    from pydantic import ValidationError
-
-    from flows.pipeline import PipelineParams, run_pipeline
-    from flows.prefect_common import console_logs_to_current_stderr
-    from flows.stage_flow import make_tracking
-    from tasks.data.io import DatasetError
-    from tasks.io.files import write_json_atomic
-    from tasks.io.manifest import ManifestError
-    from tasks.train.phases import exit_code
-
     r = checked_recipe(recipe, None)
     launch = launch_settings(nproc, launcher, hostfile)
+    opts = {"tracking": tracking, "tracking_uri": tracking_uri, "evaluate": evaluate, "export": export}
+    params = pipeline_params(recipe, out, launch, artifact_uri=artifact_uri, **opts)
+    check_launch(launch, r, list(r.phases), recipe)  # every phase's batch split, before any work
+    res = run_checked(params, r)
+    report(recipe, out, res, time.perf_counter() - t0)
+
+
+def pipeline_params(recipe: Path, out: Path, launch: Any, **opts: Any) -> Any:
+    """The pipeline flow's parameters from the command line (exit 2 naming a bad option)."""
+    from pydantic import ValidationError
+
+    from flows.pipeline import PipelineParams
+
     try:
-        params = PipelineParams(
-            recipe_path=str(recipe), out_dir=str(out), tracking=tracking, tracking_uri=tracking_uri,
-            evaluate=evaluate, export=export, artifact_uri=artifact_uri, launch=launch,
-        )  # fmt: skip
+        return PipelineParams(recipe_path=str(recipe), out_dir=str(out), launch=launch, **opts)
     except ValidationError as e:
         err = e.errors()[0]
         fail(f"--{err['loc'][0]}: {err['msg']}")
-    check_launch(launch, r, list(r.phases), recipe)  # every phase's batch split, before any work
+
+
+def run_checked(params: Any, r: Any) -> dict[str, Any]:
+    """The pipeline flow with one console line per finished step; failures exit 2 / 1 with their message."""
+    from flows.pipeline import run_pipeline
+    from flows.prefect_common import console_logs_to_current_stderr
+    from flows.stage_flow import make_tracking
+    from tasks.data.io import DatasetError
+    from tasks.io.manifest import ManifestError
+    from tasks.train.phases import exit_code
+
     n_points = sum(len(r.eval.points_after(n)) for n in ["init", *(p.name for p in r.phases)])
-    progress = ConsoleProgress(make_tracking(params), 1 + len(r.phases) + (n_points if evaluate else 0))
+    steps = 1 + len(r.phases) + (n_points if params.evaluate else 0)
     try:
         with console_logs_to_current_stderr():
-            res = run_pipeline(params, tracking=progress)
+            return run_pipeline(params, tracking=ConsoleProgress(make_tracking(params), steps))
     except (DatasetError, ManifestError) as e:
         fail(str(e))
     except Exception as e:
@@ -132,6 +141,23 @@ def run_cmd(
         if code is None:
             raise
         fail_for(e, code)
+
+
+MLFLOW_REPORT = (
+    "parent_run_id",
+    "tracking_uri",
+    "experiment",
+    "undelivered",
+    "rejected",
+    "spool_dir",
+    "plots",
+)
+
+
+def report(recipe: Path, out: Path, res: dict[str, Any], seconds: float) -> None:
+    """OUT/summary.json, the phase table and where to look next; the summary as JSON on stdout."""
+    from tasks.io.files import write_json_atomic
+
     results = res["results"]
     for x in results:
         if x.get("up_to_date"):
@@ -142,23 +168,10 @@ def run_cmd(
         "eval": res["eval"],
         "eval_report": res["eval_report"],
         "export": res["export"],
-        "mlflow": {
-            k: rep.get(k)
-            for k in (
-                "parent_run_id",
-                "tracking_uri",
-                "experiment",
-                "undelivered",
-                "rejected",
-                "spool_dir",
-                "plots",
-            )
-        }
-        if rep
-        else None,
+        "mlflow": {k: rep.get(k) for k in MLFLOW_REPORT} if rep else None,
     }
     summary = run_summary(recipe, results, extra)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["seconds"] = round(seconds, 1)
     write_json_atomic(summary, out / "summary.json")
     print_table(results)
     if res["eval_report"]:

@@ -177,136 +177,164 @@ def _lin(a: int, b: int) -> str:
     return f"{head} {'+' if b > 0 else '-'} {abs(b)}"
 
 
+def _groups(rng: random.Random, pick: Callable[[list], Any]) -> MathProblem:
+    name, item, box = rng.choice(_NAMES), rng.choice(_ITEMS), rng.choice(_BOXES)
+    g, k = rng.randint(2, 9), rng.randint(3, 15)
+    m = rng.randint(1, g * k - 1)
+    total = g * k
+    ans = total - m
+    q = f"{name} has {g} {box} with {k} {item} in each. {name} gives away {m} {item}. How many {item} are left?"
+    steps = [
+        f"First the total: {g} {box} x {k} {item} = {total} {item}.",
+        f"Then remove {m}: {total} - {m} = {ans}.",
+    ]
+    check = f"Check by adding back: {ans} + {m} = {ans + m}, and {ans + m} / {g} = {(ans + m) // g} per {box[:-1]}, which matches {k}."
+    return MathProblem("groups", q, steps, check, ans, {"g": g, "k": k, "m": m})
+
+
+def _shopping(rng: random.Random, pick: Callable[[list], Any]) -> MathProblem:
+    name = rng.choice(_NAMES)
+    i1, i2 = rng.sample(_GOODS, 2)
+    a, p, b, c = rng.randint(2, 9), rng.randint(2, 25), rng.randint(2, 9), rng.randint(2, 25)
+    ans = a * p + b * c
+    q = f"{name} buys {a} {i1}s at {p} dollars each and {b} {i2}s at {c} dollars each. How many dollars does {name} spend?"
+    steps = [
+        f"The {i1}s cost {a} x {p} = {a * p} dollars.",
+        f"The {i2}s cost {b} x {c} = {b * c} dollars.",
+        f"Together: {a * p} + {b * c} = {ans} dollars.",
+    ]
+    check = f"Check: {ans} - {a * p} = {ans - a * p}, and {ans - a * p} / {b} = {(ans - a * p) // b}, the price of one {i2}."
+    return MathProblem("shopping", q, steps, check, ans, {"a": a, "p": p, "b": b, "c": c})
+
+
+def _distance(rng: random.Random, pick: Callable[[list], Any]) -> MathProblem:
+    v, t, w, s = rng.randint(20, 90), rng.randint(1, 5), rng.randint(20, 90), rng.randint(1, 5)
+    ans = v * t + w * s
+    q = (
+        f"A train travels at {v} km per hour for {t} hours, then at {w} km per hour for {s} hours. "
+        "How many kilometres does it travel in total?"
+    )
+    steps = [
+        f"First leg: {v} x {t} = {v * t} km.",
+        f"Second leg: {w} x {s} = {w * s} km.",
+        f"Total: {v * t} + {w * s} = {ans} km.",
+    ]
+    check = f"Check the units: km per hour times hours gives km, and {ans} - {w * s} = {v * t} = {v} x {t}."
+    return MathProblem("distance", q, steps, check, ans, {"v": v, "t": t, "w": w, "s": s})
+
+
+def _linear(rng: random.Random, pick: Callable[[list], Any]) -> MathProblem:
+    x = rng.randint(-12, 12)
+    a = rng.choice([k for k in range(-9, 10) if k not in (0,)])
+    b = rng.randint(-20, 20)
+    c = a * x + b
+    q = f"Solve for x: {_lin(a, b)} = {c}."
+    steps = [
+        f"Move the constant: {a}x = {c} - ({b}) = {c - b}.",
+        f"Divide by {a}: x = {c - b} / {a} = {x}.",
+    ]
+    check = f"Substitute back: {a} x ({x}) + ({b}) = {a * x} + ({b}) = {a * x + b}, which equals {c}."
+    return MathProblem("linear", q, steps, check, x, {"a": a, "b": b, "c": c})
+
+
+def _linear_both(rng: random.Random, pick: Callable[[list], Any]) -> MathProblem:
+    x = rng.randint(-10, 10)
+    a, c = rng.sample([k for k in range(-8, 9) if k != 0], 2)
+    b = rng.randint(-15, 15)
+    d = (a - c) * x + b
+    q = f"Solve for x: {_lin(a, b)} = {_lin(c, d)}."
+    steps = [
+        f"Collect x on the left: ({a} - ({c}))x = {d} - ({b}).",
+        f"So {a - c}x = {d - b}.",
+        f"Divide by {a - c}: x = {x}.",
+    ]
+    check = f"Substitute back: left side {a * x + b}, right side {c * x + d}; they agree."
+    return MathProblem("linear_both", q, steps, check, x, {"a": a, "b": b, "c": c, "d": d})
+
+
+def _choose(rng: random.Random, pick: Callable[[list], Any]) -> MathProblem:
+    n, k = pick([(n, k) for n in range(4, 15) for k in range(2, min(4, n - 1) + 1)])
+    noun = rng.choice(_CHOOSE)
+    ans = math.comb(n, k)
+    q = f"In how many ways can you choose {k} {noun} from {n} different {noun}, if the order does not matter?"
+    num = " x ".join(str(n - j) for j in range(k))
+    steps = [
+        f"Ordered picks: {num} = {math.perm(n, k)}.",
+        f"Each choice is counted {k}! = {math.factorial(k)} times.",
+        f"So {math.perm(n, k)} / {math.factorial(k)} = {ans}.",
+    ]
+    check = f"Check with the symmetry C({n},{k}) = C({n},{n - k}) = {math.comb(n, n - k)}."
+    return MathProblem("choose", q, steps, check, ans, {"n": n, "k": k, "items": noun})
+
+
+def _arrange(rng: random.Random, pick: Callable[[list], Any]) -> MathProblem:
+    """Three rules, so the small space still has 18 distinct problems."""
+    n, rule = pick([(n, r) for n in range(3, 9) for r in ("any", "first", "adjacent")])
+    noun = rng.choice(_ARRANGE)
+    f1 = math.factorial(n - 1)
+    if rule == "any":
+        ans = math.factorial(n)
+        q = f"In how many different orders can {n} different {noun} be lined up?"
+        steps = [
+            f"The first place has {n} options, the next {n - 1}, and so on down to 1.",
+            f"So the count is {n}! = {' x '.join(str(j) for j in range(n, 0, -1))} = {ans}.",
+        ]
+        check = f"Check recursively: {n} x {f1} (orders of the other {n - 1}) = {ans}."
+    elif rule == "first":
+        ans = f1
+        q = f"{n} different {noun} are lined up, and one particular item must come first. How many orders are possible?"
+        steps = [
+            f"The first place is fixed, so only the other {n - 1} items move.",
+            f"That is {n - 1}! = {ans}.",
+        ]
+        check = f"Check: of all {n}! = {math.factorial(n)} orders, each of the {n} items is first equally often: {math.factorial(n)} / {n} = {ans}."
+    else:
+        ans = 2 * f1
+        q = f"{n} different {noun} are lined up, and two particular items must stand next to each other. How many orders are possible?"
+        steps = [
+            f"Glue the two items into one block: {n - 1} units give {n - 1}! = {f1} orders.",
+            f"The block has 2 inner orders, so {f1} x 2 = {ans}.",
+        ]
+        check = f"Check: the pair occupies one of {n - 1} adjacent slot pairs, in 2 orders, and the other {n - 2} items fill the rest in {math.factorial(n - 2)} ways: {n - 1} x 2 x {math.factorial(n - 2)} = {ans}."
+    return MathProblem("arrange", q, steps, check, ans, {"n": n, "rule": rule, "items": noun})
+
+
+def _roles(rng: random.Random, pick: Callable[[list], Any]) -> MathProblem:
+    n, k = pick([(n, k) for n in range(4, 16) for k in (2, 3)])
+    org = rng.choice(_ORGS)
+    roles = ["a president", "a secretary", "a treasurer"][:k]
+    ans = math.perm(n, k)
+    named = " and ".join(roles) if k == 2 else f"{roles[0]}, {roles[1]} and {roles[2]}"
+    q = f"A {org} of {n} members elects {k} officers, {named}, all different people. How many outcomes are possible?"
+    steps = [
+        f"Fill the roles one at a time: {' x '.join(str(n - j) for j in range(k))}.",
+        f"That gives {ans}.",
+    ]
+    check = (
+        f"Check: choose the {k} people in C({n},{k}) = {math.comb(n, k)} ways, then order them in "
+        f"{k}! = {math.factorial(k)} ways: {math.comb(n, k) * math.factorial(k)}."
+    )
+    return MathProblem("roles", q, steps, check, ans, {"n": n, "k": k, "org": org})
+
+
+_MAKERS: dict[str, Callable[[random.Random, Callable[[list], Any]], MathProblem]] = {
+    "groups": _groups,
+    "shopping": _shopping,
+    "distance": _distance,
+    "linear": _linear,
+    "linear_both": _linear_both,
+    "choose": _choose,
+    "arrange": _arrange,
+    "roles": _roles,
+}
+
+
 def make_problem(rng: random.Random, ptype: str, pick: Callable[[list], Any] | None = None) -> MathProblem:
     """A problem of type ``ptype``. The small-space types (choose, arrange, roles) draw their parameters with
     ``pick(space)`` (default ``rng.choice``); the caller can enumerate the space instead to avoid repeats."""
-    pick = pick or rng.choice
-    if ptype == "groups":
-        name, item, box = rng.choice(_NAMES), rng.choice(_ITEMS), rng.choice(_BOXES)
-        g, k = rng.randint(2, 9), rng.randint(3, 15)
-        m = rng.randint(1, g * k - 1)
-        total = g * k
-        ans = total - m
-        q = f"{name} has {g} {box} with {k} {item} in each. {name} gives away {m} {item}. How many {item} are left?"
-        steps = [
-            f"First the total: {g} {box} x {k} {item} = {total} {item}.",
-            f"Then remove {m}: {total} - {m} = {ans}.",
-        ]
-        check = f"Check by adding back: {ans} + {m} = {ans + m}, and {ans + m} / {g} = {(ans + m) // g} per {box[:-1]}, which matches {k}."
-        return MathProblem(ptype, q, steps, check, ans, {"g": g, "k": k, "m": m})
-    if ptype == "shopping":
-        name = rng.choice(_NAMES)
-        i1, i2 = rng.sample(_GOODS, 2)
-        a, p, b, c = rng.randint(2, 9), rng.randint(2, 25), rng.randint(2, 9), rng.randint(2, 25)
-        ans = a * p + b * c
-        q = f"{name} buys {a} {i1}s at {p} dollars each and {b} {i2}s at {c} dollars each. How many dollars does {name} spend?"
-        steps = [
-            f"The {i1}s cost {a} x {p} = {a * p} dollars.",
-            f"The {i2}s cost {b} x {c} = {b * c} dollars.",
-            f"Together: {a * p} + {b * c} = {ans} dollars.",
-        ]
-        check = f"Check: {ans} - {a * p} = {ans - a * p}, and {ans - a * p} / {b} = {(ans - a * p) // b}, the price of one {i2}."
-        return MathProblem(ptype, q, steps, check, ans, {"a": a, "p": p, "b": b, "c": c})
-    if ptype == "distance":
-        v, t, w, s = rng.randint(20, 90), rng.randint(1, 5), rng.randint(20, 90), rng.randint(1, 5)
-        ans = v * t + w * s
-        q = (
-            f"A train travels at {v} km per hour for {t} hours, then at {w} km per hour for {s} hours. "
-            "How many kilometres does it travel in total?"
-        )
-        steps = [
-            f"First leg: {v} x {t} = {v * t} km.",
-            f"Second leg: {w} x {s} = {w * s} km.",
-            f"Total: {v * t} + {w * s} = {ans} km.",
-        ]
-        check = (
-            f"Check the units: km per hour times hours gives km, and {ans} - {w * s} = {v * t} = {v} x {t}."
-        )
-        return MathProblem(ptype, q, steps, check, ans, {"v": v, "t": t, "w": w, "s": s})
-    if ptype == "linear":
-        x = rng.randint(-12, 12)
-        a = rng.choice([k for k in range(-9, 10) if k not in (0,)])
-        b = rng.randint(-20, 20)
-        c = a * x + b
-        q = f"Solve for x: {_lin(a, b)} = {c}."
-        steps = [
-            f"Move the constant: {a}x = {c} - ({b}) = {c - b}.",
-            f"Divide by {a}: x = {c - b} / {a} = {x}.",
-        ]
-        check = f"Substitute back: {a} x ({x}) + ({b}) = {a * x} + ({b}) = {a * x + b}, which equals {c}."
-        return MathProblem(ptype, q, steps, check, x, {"a": a, "b": b, "c": c})
-    if ptype == "linear_both":
-        x = rng.randint(-10, 10)
-        a, c = rng.sample([k for k in range(-8, 9) if k != 0], 2)
-        b = rng.randint(-15, 15)
-        d = (a - c) * x + b
-        q = f"Solve for x: {_lin(a, b)} = {_lin(c, d)}."
-        steps = [
-            f"Collect x on the left: ({a} - ({c}))x = {d} - ({b}).",
-            f"So {a - c}x = {d - b}.",
-            f"Divide by {a - c}: x = {x}.",
-        ]
-        check = f"Substitute back: left side {a * x + b}, right side {c * x + d}; they agree."
-        return MathProblem(ptype, q, steps, check, x, {"a": a, "b": b, "c": c, "d": d})
-    if ptype == "choose":
-        n, k = pick([(n, k) for n in range(4, 15) for k in range(2, min(4, n - 1) + 1)])
-        noun = rng.choice(_CHOOSE)
-        ans = math.comb(n, k)
-        q = f"In how many ways can you choose {k} {noun} from {n} different {noun}, if the order does not matter?"
-        num = " x ".join(str(n - j) for j in range(k))
-        steps = [
-            f"Ordered picks: {num} = {math.perm(n, k)}.",
-            f"Each choice is counted {k}! = {math.factorial(k)} times.",
-            f"So {math.perm(n, k)} / {math.factorial(k)} = {ans}.",
-        ]
-        check = f"Check with the symmetry C({n},{k}) = C({n},{n - k}) = {math.comb(n, n - k)}."
-        return MathProblem(ptype, q, steps, check, ans, {"n": n, "k": k, "items": noun})
-    if ptype == "arrange":  # three rules, so the small space still has 18 distinct problems
-        n, rule = pick([(n, r) for n in range(3, 9) for r in ("any", "first", "adjacent")])
-        noun = rng.choice(_ARRANGE)
-        f1 = math.factorial(n - 1)
-        if rule == "any":
-            ans = math.factorial(n)
-            q = f"In how many different orders can {n} different {noun} be lined up?"
-            steps = [
-                f"The first place has {n} options, the next {n - 1}, and so on down to 1.",
-                f"So the count is {n}! = {' x '.join(str(j) for j in range(n, 0, -1))} = {ans}.",
-            ]
-            check = f"Check recursively: {n} x {f1} (orders of the other {n - 1}) = {ans}."
-        elif rule == "first":
-            ans = f1
-            q = f"{n} different {noun} are lined up, and one particular item must come first. How many orders are possible?"
-            steps = [
-                f"The first place is fixed, so only the other {n - 1} items move.",
-                f"That is {n - 1}! = {ans}.",
-            ]
-            check = f"Check: of all {n}! = {math.factorial(n)} orders, each of the {n} items is first equally often: {math.factorial(n)} / {n} = {ans}."
-        else:
-            ans = 2 * f1
-            q = f"{n} different {noun} are lined up, and two particular items must stand next to each other. How many orders are possible?"
-            steps = [
-                f"Glue the two items into one block: {n - 1} units give {n - 1}! = {f1} orders.",
-                f"The block has 2 inner orders, so {f1} x 2 = {ans}.",
-            ]
-            check = f"Check: the pair occupies one of {n - 1} adjacent slot pairs, in 2 orders, and the other {n - 2} items fill the rest in {math.factorial(n - 2)} ways: {n - 1} x 2 x {math.factorial(n - 2)} = {ans}."
-        return MathProblem(ptype, q, steps, check, ans, {"n": n, "rule": rule, "items": noun})
-    if ptype == "roles":
-        n, k = pick([(n, k) for n in range(4, 16) for k in (2, 3)])
-        org = rng.choice(_ORGS)
-        roles = ["a president", "a secretary", "a treasurer"][:k]
-        ans = math.perm(n, k)
-        named = " and ".join(roles) if k == 2 else f"{roles[0]}, {roles[1]} and {roles[2]}"
-        q = f"A {org} of {n} members elects {k} officers, {named}, all different people. How many outcomes are possible?"
-        steps = [
-            f"Fill the roles one at a time: {' x '.join(str(n - j) for j in range(k))}.",
-            f"That gives {ans}.",
-        ]
-        check = (
-            f"Check: choose the {k} people in C({n},{k}) = {math.comb(n, k)} ways, then order them in "
-            f"{k}! = {math.factorial(k)} ways: {math.comb(n, k) * math.factorial(k)}."
-        )
-        return MathProblem(ptype, q, steps, check, ans, {"n": n, "k": k, "org": org})
-    raise ValueError(f"ptype must be one of {COT_TYPES}, got {ptype!r}")
+    if ptype not in _MAKERS:
+        raise ValueError(f"ptype must be one of {COT_TYPES}, got {ptype!r}")
+    return _MAKERS[ptype](rng, pick or rng.choice)
 
 
 def verify_problem(p: MathProblem) -> bool:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tasks import Log
 from tasks.eval.suite import TASKS, EvalConfig, GenerateFn, run_eval
 from tasks.io.faults import crash_point
+from tasks.io.files import atomic_path, write_json_atomic
 from tasks.io.manifest import (
     ManifestError,
     dir_parent,
@@ -38,7 +39,6 @@ from tasks.io.manifest import (
     read_manifest,
     write_manifest,
 )
-from tasks.io.weights import atomic_path, write_json_atomic
 
 EVAL_DIR = "eval"
 INIT_POINT = "init"  # ``after: init`` evaluates model.init_checkpoint (a3b: the imported text LM)

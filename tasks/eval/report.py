@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.io.weights import atomic_path
+from tasks.io.files import atomic_path
 
 NIAH_KINDS = ("niah_text", "niah_video")
 _COUNT_KEYS = ("n", "tokens", "batches")

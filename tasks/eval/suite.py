@@ -34,7 +34,8 @@ from tasks.eval.heldout import HELDOUT_TASKS, EvalItem, HeldoutSet, TrainingInde
 from tasks.eval.niah import NIAHConfig, run_niah, summarize
 from tasks.eval.prompts import PromptBuilder
 from tasks.eval.report import compare_reports, render_report, summary_metrics, write_plots
-from tasks.io.weights import NATIVE_CONFIG, atomic_path, load_native, write_json_atomic
+from tasks.io.files import atomic_path, write_json_atomic
+from tasks.io.weights import NATIVE_CONFIG, load_native
 
 GEN_TASKS = ("vqa", "counting", "ocr", "grounding", "chart_qa", "doc_qa", "video_qa", "math")
 LOSS_TASKS = ("caption_loss", "text_loss")

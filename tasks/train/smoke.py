@@ -143,7 +143,8 @@ def run_smoke(
         "optimizer": opt_summary,
     }
     if out_dir is not None:
-        from tasks.io.weights import save_native, write_json_atomic
+        from tasks.io.files import write_json_atomic
+        from tasks.io.weights import save_native
 
         out_dir = Path(out_dir)
         save_native(model.state_dict(), cfg, out_dir / "checkpoint")

@@ -29,9 +29,10 @@ from tasks.data import io as data_io
 from tasks.data.filter import FilterConfig, run_filter
 from tasks.io import storage
 from tasks.io import weights as model_io
+from tasks.io.files import write_json_atomic
 from tasks.io.manifest import read_manifest, verify_files, write_manifest
 from tasks.io.storage import StorageError
-from tasks.io.weights import CheckpointIntegrityError, load_native, save_native, write_json_atomic
+from tasks.io.weights import CheckpointIntegrityError, load_native, save_native
 from tasks.tracking.local import JsonlTracker
 from tests.unit.data.records import make_record, write_dataset
 
