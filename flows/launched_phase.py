@@ -109,10 +109,27 @@ def run_phase_launched(
         "--out",
         str(out_root),
     ]
-    args += ["--tracking-dir", str(rank0)]
-    cmd = launch.command(args)
+    cmd = launch.command([*args, "--tracking-dir", str(rank0)])
     log(f"[{phase.name}] launching {launch.world_size()} processes: {' '.join(cmd)}")
     relay = PhaseFileRelay(rank0 / phase.name, tracker)
+    code, tail = _run_relayed(cmd, relay, log, poll_s)
+    if code != 0:
+        raise RuntimeError(
+            f"phase {phase.name!r}: {launch.launcher} exited with code {code}; last output:\n"
+            + "\n".join(tail)
+        )
+    result = read_result(out_root, phase)
+    if result is None:
+        raise RuntimeError(
+            f"phase {phase.name!r}: the launched run ended without a complete final checkpoint"
+        )
+    log(f"[{phase.name}] {relay.steps} metric rows relayed from rank 0")
+    return result
+
+
+def _run_relayed(cmd: list[str], relay: PhaseFileRelay, log: Any, poll_s: float) -> tuple[int, list[str]]:
+    """Run the launch command in its own session, its output streamed to ``log`` and rank 0's records
+    relayed while it runs; (exit code, last lines of output). Cancelled or failed: its ranks are stopped."""
     proc = subprocess.Popen(
         cmd,
         env=launcher_env(),
@@ -141,18 +158,7 @@ def run_phase_launched(
     finally:
         reader.join(timeout=10)
     relay.pump()
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"phase {phase.name!r}: {launch.launcher} exited with code {proc.returncode}; last output:\n"
-            + "\n".join(tail)
-        )
-    result = read_result(out_root, phase)
-    if result is None:
-        raise RuntimeError(
-            f"phase {phase.name!r}: the launched run ended without a complete final checkpoint"
-        )
-    log(f"[{phase.name}] {relay.steps} metric rows relayed from rank 0")
-    return result
+    return int(proc.returncode), list(tail)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:

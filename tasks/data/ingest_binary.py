@@ -30,71 +30,67 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 def webdataset_reader(src: Path, cfg: IngestConfig) -> tuple[list[Parent], Iterator[Item]]:
     files = input_files(src, (".tar",))
 
-    def build(members: dict[str, bytes], tar: Path, key: str, where: str) -> dict:
-        imgs = [e for e in members if e.lower() in IMAGE_EXTS]
-        if not imgs:
-            raise Reject(
-                "missing_field", where, "image", f"no .jpg/.jpeg/.png/.webp member (have {sorted(members)})"
-            )
-        if len(imgs) > 1:
-            raise Reject("bad_field", where, "image", f"several image members {sorted(imgs)}; expected one")
-        if "txt" in members:
-            cap = check_text(decode_text(members["txt"], where, "txt"), where, "txt")
-        elif "json" in members:
-            try:
-                obj = json.loads(decode_text(members["json"], where, "json"))
-            except json.JSONDecodeError as e:
-                raise Reject(
-                    "bad_json", where, "json", f"malformed JSON ({e.msg} at column {e.colno})"
-                ) from None
-            field = next((k for k in ("caption", "text") if isinstance(obj, dict) and k in obj), None)
-            if field is None:
-                raise Reject("missing_field", where, "json", "no 'caption' or 'text' key")
-            cap = check_text(obj[field], where, f"json.{field}")
-        else:
-            raise Reject("missing_field", where, "txt", "no .txt or .json caption member")
-        img = image_from_bytes(members[imgs[0]], where, imgs[0], cfg.max_image_pixels)
-        meta = {"ingest": {"format": "webdataset", "file": tar.name, "key": key, "members": sorted(members)}}
-        return make_record(cfg, "caption", key, [img], meta, text=IMAGE_TOKEN + cap.strip())
-
-    def samples(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """(key, {extension: bytes}) of consecutive members sharing a key (the WebDataset convention)."""
-        key, members = None, {}
-        try:
-            with tarfile.open(tar, mode="r:*") as tf:
-                for m in tf:
-                    base = posixpath.basename(m.name)
-                    if not m.isfile() or base.startswith(".") or "." not in base:
-                        continue  # directories, links and hidden files are not sample members
-                    stem, ext = base.split(".", 1)
-                    k = posixpath.join(posixpath.dirname(m.name), stem)
-                    if k != key and key is not None:
-                        yield key, members
-                        members = {}
-                    key = k
-                    members[ext.lower()] = tf.extractfile(m).read()  # type: ignore[union-attr]
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DatasetError(f"{tar}: not a readable tar archive ({type(e).__name__}: {e})") from None
-        if key is not None:
-            yield key, members
-
     def items() -> Iterator[Item]:
         for tar in files:
-            for key, members in samples(tar):
+            for key, members in _wds_samples(tar):
                 shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                 where = f"{tar.name}[key {shown}]"
                 err = None
                 if shown != key:  # tarfile maps undecodable name bytes to surrogates: no usable id
                     err = Reject("bad_utf8", where, "key", "member name is not valid UTF-8")
-                yield Item(
-                    where,
-                    None if err else key,
-                    lambda m=members, t=tar, k=key, w=where: build(m, t, k, w),
-                    sorted(members),
-                    err,
-                )
+                build = lambda m=members, t=tar, k=key, w=where: _wds_record(m, t, k, w, cfg)  # noqa: E731
+                yield Item(where, None if err else key, build, sorted(members), err)
 
     return [content_parent(files, src)], items()
+
+
+def _wds_record(members: dict[str, bytes], tar: Path, key: str, where: str, cfg: IngestConfig) -> dict:
+    """One WebDataset sample (an image member + a .txt or .json caption) as a caption record."""
+    imgs = [e for e in members if e.lower() in IMAGE_EXTS]
+    if not imgs:
+        raise Reject(
+            "missing_field", where, "image", f"no .jpg/.jpeg/.png/.webp member (have {sorted(members)})"
+        )
+    if len(imgs) > 1:
+        raise Reject("bad_field", where, "image", f"several image members {sorted(imgs)}; expected one")
+    if "txt" in members:
+        cap = check_text(decode_text(members["txt"], where, "txt"), where, "txt")
+    elif "json" in members:
+        try:
+            obj = json.loads(decode_text(members["json"], where, "json"))
+        except json.JSONDecodeError as e:
+            raise Reject("bad_json", where, "json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+        field = next((k for k in ("caption", "text") if isinstance(obj, dict) and k in obj), None)
+        if field is None:
+            raise Reject("missing_field", where, "json", "no 'caption' or 'text' key")
+        cap = check_text(obj[field], where, f"json.{field}")
+    else:
+        raise Reject("missing_field", where, "txt", "no .txt or .json caption member")
+    img = image_from_bytes(members[imgs[0]], where, imgs[0], cfg.max_image_pixels)
+    meta = {"ingest": {"format": "webdataset", "file": tar.name, "key": key, "members": sorted(members)}}
+    return make_record(cfg, "caption", key, [img], meta, text=IMAGE_TOKEN + cap.strip())
+
+
+def _wds_samples(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of consecutive members sharing a key (the WebDataset convention)."""
+    key, members = None, {}
+    try:
+        with tarfile.open(tar, mode="r:*") as tf:
+            for m in tf:
+                base = posixpath.basename(m.name)
+                if not m.isfile() or base.startswith(".") or "." not in base:
+                    continue  # directories, links and hidden files are not sample members
+                stem, ext = base.split(".", 1)
+                k = posixpath.join(posixpath.dirname(m.name), stem)
+                if k != key and key is not None:
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext.lower()] = tf.extractfile(m).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DatasetError(f"{tar}: not a readable tar archive ({type(e).__name__}: {e})") from None
+    if key is not None:
+        yield key, members
 
 
 def _loose(t: pa.DataType) -> pa.DataType:

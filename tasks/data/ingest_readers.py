@@ -121,72 +121,80 @@ def _coco(src: Path, cfg: IngestConfig) -> tuple[list[Parent], Iterator[Item]]:
         or not isinstance(data.get("annotations"), list)
     ):
         raise DatasetError(f"{src}: expected {what}")
-    root = (cfg.image_root or src.parent).resolve()
-    by_id: dict[Any, tuple[int, dict]] = {}
-    for pos, im in enumerate(data["images"]):
-        if isinstance(im, dict) and "id" in im:
-            if im["id"] in by_id:
-                raise DatasetError(f"{src}: image id {im['id']!r} appears twice in 'images'")
-            by_id[im["id"]] = (pos, im)
-    anns = data["annotations"]
-    n_img = len(data["images"])
+    reader = _CocoReader(src, cfg, data)
+    rels = [im.get("file_name") for _, im in reader.by_id.values() if isinstance(im.get("file_name"), str)]
+    return [content_parent([src], src), images_parent(reader.root, rels)], reader.items()
 
-    def image_pos(a: Any) -> int:  # group annotations by image (each image is read once); orphans last
-        return by_id[a["image_id"]][0] if isinstance(a, dict) and a.get("image_id") in by_id else n_img
 
-    order = sorted(range(len(anns)), key=lambda k: (image_pos(anns[k]), k))
-    rels = [im.get("file_name") for _, im in by_id.values() if isinstance(im.get("file_name"), str)]
-    cache: dict[str, Any] = {}
+class _CocoReader:
+    """The annotations of one COCO captions file as items, grouped by image (each image read once)."""
 
-    def load(image_id: Any, where: str) -> tuple[dict, str]:
+    def __init__(self, src: Path, cfg: IngestConfig, data: dict[str, Any]) -> None:
+        self.src, self.cfg, self.anns = src, cfg, data["annotations"]
+        self.root = (cfg.image_root or src.parent).resolve()
+        self.by_id: dict[Any, tuple[int, dict]] = {}
+        for pos, im in enumerate(data["images"]):
+            if isinstance(im, dict) and "id" in im:
+                if im["id"] in self.by_id:
+                    raise DatasetError(f"{src}: image id {im['id']!r} appears twice in 'images'")
+                self.by_id[im["id"]] = (pos, im)
+        self.n_img = len(data["images"])
+        self.cache: dict[str, Any] = {}
+
+    def image_pos(self, a: Any) -> int:  # orphans last
+        return (
+            self.by_id[a["image_id"]][0]
+            if isinstance(a, dict) and a.get("image_id") in self.by_id
+            else self.n_img
+        )
+
+    def load(self, image_id: Any, where: str) -> tuple[dict, str]:
+        cache = self.cache
         if cache.get("id") != image_id or "id" not in cache:
             cache.clear()
             cache["id"] = image_id
             try:
-                cache["ok"] = image_from_file(
-                    root, by_id[image_id][1].get("file_name"), where, "file_name", cfg.max_image_pixels
-                )
+                rel = self.by_id[image_id][1].get("file_name")
+                cache["ok"] = image_from_file(self.root, rel, where, "file_name", self.cfg.max_image_pixels)
             except Reject as r:
                 cache["err"] = r
         if "err" in cache:  # the same image failed for an earlier caption: same reason, this row's place
             raise Reject(cache["err"].rule, where, "file_name", cache["err"].detail)
         return cache["ok"]
 
-    def build(a: dict, k: int, where: str, rid: str) -> dict:
-        if "image_id" not in a:
-            raise Reject("missing_field", where, "image_id", "required field is missing")
-        if "caption" not in a:
-            raise Reject("missing_field", where, "caption", "required field is missing")
+    def build(self, a: dict, k: int, where: str, rid: str) -> dict:
+        for name in ("image_id", "caption"):
+            if name not in a:
+                raise Reject("missing_field", where, name, "required field is missing")
         cap = check_text(a["caption"], where, "caption")
-        if a["image_id"] not in by_id:
+        if a["image_id"] not in self.by_id:
             raise Reject(
                 "missing_image", where, "image_id", f"no entry with id {a['image_id']!r} in 'images'"
             )
-        img, rel = load(a["image_id"], where)
+        img, rel = self.load(a["image_id"], where)
         meta = {
             "ingest": {
                 "format": "coco",
-                "file": src.name,
+                "file": self.src.name,
                 "annotation": k,
                 "image_id": a["image_id"],
                 "file_name": rel,
             }
         }
-        return make_record(cfg, "caption", rid, [img], meta, text=IMAGE_TOKEN + cap.strip())
+        return make_record(self.cfg, "caption", rid, [img], meta, text=IMAGE_TOKEN + cap.strip())
 
-    def items() -> Iterator[Item]:
+    def items(self) -> Iterator[Item]:
+        order = sorted(range(len(self.anns)), key=lambda k: (self.image_pos(self.anns[k]), k))
         for k in order:
-            a, where = anns[k], f"{src.name}[annotation {k}]"
+            a, where = self.anns[k], f"{self.src.name}[annotation {k}]"
             if not isinstance(a, dict):
                 yield Item(
                     where, None, dict, a, Reject("bad_field", where, "<row>", "expected a JSON object")
                 )
                 continue
             rid, err = id_of(a, where, required=False)
-            rid = rid if rid is not None or err else f"{src.stem}-{k}"
-            yield Item(where, rid, lambda a=a, k=k, w=where, r=rid: build(a, k, w, r), a, err)
-
-    return [content_parent([src], src), images_parent(root, rels)], items()
+            rid = rid if rid is not None or err else f"{self.src.stem}-{k}"
+            yield Item(where, rid, lambda a=a, k=k, w=where, r=rid: self.build(a, k, w, r), a, err)
 
 
 def _jsonl(src: Path, cfg: IngestConfig) -> tuple[list[Parent], Iterator[Item]]:

@@ -283,7 +283,6 @@ def run_eval(
     cfg = cfg or EvalConfig()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    gen = generate_fn or default_generate_fn()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, vcfg = load_model(checkpoint_dir, device, dtype)
@@ -291,30 +290,11 @@ def run_eval(
     check_model_ids(tok.describe(), vcfg, f"evaluating {checkpoint_dir}")
     add_bos = data_add_bos(train_data_root) if train_data_root is not None else True
     builder = PromptBuilder(tok, vcfg, cfg.prompt_style, add_bos=add_bos)
-    runner = _Runner(model, builder, gen, cfg, device)
+    runner = _Runner(model, builder, generate_fn or default_generate_fn(), cfg, device)
     index = TrainingIndex.from_data_root(train_data_root) if train_data_root is not None else None
     heldout: dict[str, Any] = {}
-    tasks: dict[str, Any] = {}
     with torch.no_grad():
-        for task in cfg.tasks:
-            ts, tok0 = time.perf_counter(), runner.new_tokens
-            if task in HELDOUT_TASKS:
-                hs = build_heldout(
-                    task, getattr(cfg.sizes, task), seed=cfg.seed, index=index, synth=cfg.synth_overrides()
-                )
-                heldout[task] = hs.summary()
-                if hs.overlap:
-                    raise RuntimeError(
-                        f"held-out set {task!r} overlaps the training data ({hs.overlap} items)"
-                    )
-                res = _loss_task(runner, hs) if task in LOSS_TASKS else _gen_task(runner, task, hs)
-            else:
-                res = _niah_task(runner, task.removeprefix("niah_"))
-            res["seconds"] = round(time.perf_counter() - ts, 3)
-            res["generated_tokens"] = runner.new_tokens - tok0
-            tasks[task] = res
-            shown = {k: round(v, 4) for k, v in res["metrics"].items() if isinstance(v, float)}
-            log(f"[eval] {task}: {shown} ({res['seconds']:.1f}s)")
+        tasks = {task: _run_task(runner, task, index, heldout, log) for task in cfg.tasks}
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir),
         "tokenizer": str(tokenizer_dir),
@@ -337,3 +317,31 @@ def run_eval(
         tracker.log_metrics(result["summary"], step=0)
         tracker.log_artifact(out_dir, name="eval")
     return result
+
+
+def _run_task(
+    runner: _Runner,
+    task: str,
+    index: TrainingIndex | None,
+    heldout: dict[str, Any],
+    log: Callable[[str], Any],
+) -> dict[str, Any]:
+    """One task: a held-out set (never overlapping the training data) scored by generation or teacher-forced
+    loss, or a NIAH sweep; ``heldout`` collects each held-out set's summary."""
+    cfg = runner.cfg
+    ts, tok0 = time.perf_counter(), runner.new_tokens
+    if task in HELDOUT_TASKS:
+        hs = build_heldout(
+            task, getattr(cfg.sizes, task), seed=cfg.seed, index=index, synth=cfg.synth_overrides()
+        )
+        heldout[task] = hs.summary()
+        if hs.overlap:
+            raise RuntimeError(f"held-out set {task!r} overlaps the training data ({hs.overlap} items)")
+        res = _loss_task(runner, hs) if task in LOSS_TASKS else _gen_task(runner, task, hs)
+    else:
+        res = _niah_task(runner, task.removeprefix("niah_"))
+    res["seconds"] = round(time.perf_counter() - ts, 3)
+    res["generated_tokens"] = runner.new_tokens - tok0
+    shown = {k: round(v, 4) for k, v in res["metrics"].items() if isinstance(v, float)}
+    log(f"[eval] {task}: {shown} ({res['seconds']:.1f}s)")
+    return res

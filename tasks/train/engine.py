@@ -56,6 +56,7 @@ from tasks.train.engine_parts import (
     LossModule,
     LossResult,
     StepResult,
+    StepSums,
     count_target_tokens,
     install_step_guard,
     seed_everything,
@@ -123,23 +124,7 @@ class TrainEngine:
             raise ValueError("model: no parameter has requires_grad=True; nothing to train")
         self._wrapper = LossModule(model, loss_fn)
         self.ds_config = build_ds_config(cfg, self.world_size, self.device_type)
-        optimizer = None
-        if cfg.optimizer == "muon":
-            groups = build_param_groups(
-                model,
-                lr=cfg.schedule.peak_lr,
-                weight_decay=cfg.weight_decay,
-                momentum=cfg.muon_momentum,
-                ns_steps=cfg.muon_ns_steps,
-                ns_dtype=cfg.muon_ns_dtype,
-                adamw_betas=tuple(cfg.adamw_betas),
-                adamw_eps=cfg.adamw_eps,
-            )
-            self._optimizer_params = {f"optimizer.{k}": v for k, v in param_group_summary(groups).items()}
-            optimizer = DistributedMuon(groups, grads_are_averaged=True)
-            self._muon = optimizer
-        else:
-            self._optimizer_params = {"optimizer.adamw_params": sum(p.numel() for p in self.trainable)}
+        optimizer = self._client_optimizer()
         self.low_precision_params = 0
         if cfg.working_weights == "bf16":
             self._hold_working_weights_in_bf16()
@@ -155,6 +140,26 @@ class TrainEngine:
         self.ds.train()
         if self.rank == 0 and tracker is not None:
             tracker.log_params(self.describe())
+
+    def _client_optimizer(self) -> DistributedMuon | None:
+        """Muon: ``DistributedMuon`` over the model's Muon/AdamW groups; AdamW: None (DeepSpeed's own)."""
+        cfg = self.cfg
+        if cfg.optimizer != "muon":
+            self._optimizer_params = {"optimizer.adamw_params": sum(p.numel() for p in self.trainable)}
+            return None
+        groups = build_param_groups(
+            self.model,
+            lr=cfg.schedule.peak_lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.muon_momentum,
+            ns_steps=cfg.muon_ns_steps,
+            ns_dtype=cfg.muon_ns_dtype,
+            adamw_betas=tuple(cfg.adamw_betas),
+            adamw_eps=cfg.adamw_eps,
+        )
+        self._optimizer_params = {f"optimizer.{k}": v for k, v in param_group_summary(groups).items()}
+        self._muon = DistributedMuon(groups, grads_are_averaged=True)
+        return self._muon
 
     def describe(self) -> dict[str, Any]:
         """What this engine is, as tracking params: its config, world size, resolved precision, trainable
@@ -215,62 +220,54 @@ class TrainEngine:
         (n_global,) = self._all_reduce([float(sum(counts))])
         tokens = int(n_global)
         self._wrapper.token_scale = self.cfg.micro_batches_per_step / max(tokens, 1)
-
-        loss_sum = extra = 0.0
-        nonfinite = 0.0
-        metric_sums: dict[str, float] = {}
-        load: torch.Tensor | None = None
+        sums = StepSums()
         for i, mb in enumerate(mbs):
             last = i == len(mbs) - 1
             self.ds.set_gradient_accumulation_boundary(last)
             loss = self.ds(to_device(mb, self.device))
-            res, self._wrapper.last = self._wrapper.last, None
-            assert res is not None
-            if int(res.num_tokens) != counts[i]:
-                raise ValueError(
-                    f"loss_fn: LossResult.num_tokens={int(res.num_tokens)} but count_tokens gave {counts[i]} "
-                    f"for micro-batch {i}; they must agree (the loss is normalised by the counted tokens)"
-                )
-            ls = float(res.loss_sum.detach())
-            ex = (
-                float(res.extra_loss.detach())
-                if isinstance(res.extra_loss, torch.Tensor)
-                else float(res.extra_loss)
-            )
-            loss_sum += ls
-            extra += ex
-            if not (math.isfinite(ls) and math.isfinite(ex)):
-                nonfinite = 1.0
-            for k, v in res.metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-            if res.expert_load is not None:
-                el = res.expert_load.detach().float()
-                load = el if load is None else load + el
+            sums.add(self._take_result(i, counts[i]))
             if last:
-                # one collective: step statistics + "some rank saw a non-finite loss"
-                keys = sorted(metric_sums)
-                red = self._all_reduce([loss_sum, extra, nonfinite, *(metric_sums[k] for k in keys)])
-                loss_sum, extra, nonfinite = red[0], red[1], red[2]
-                metric_sums = dict(zip(keys, red[3:], strict=True))
-                if nonfinite:
+                self._reduce(sums)  # one collective: step statistics + "some rank saw a non-finite loss"
+                if sums.nonfinite:
                     # poison the gradients so every ZeRO stage's non-finite-norm check skips the step
                     loss = loss * float("nan")
             self.ds.backward(loss)
             if not last:
                 self.ds.step()  # not a boundary: advances DeepSpeed's micro-step counter only
-        grad_norm, skipped = self._optimizer_step(bool(nonfinite))
+        grad_norm, skipped = self._optimizer_step(bool(sums.nonfinite))
+        return self._step_result(sums, lr, tokens, grad_norm, skipped)
 
+    def _take_result(self, i: int, counted: int) -> LossResult:
+        res, self._wrapper.last = self._wrapper.last, None
+        assert res is not None
+        if int(res.num_tokens) != counted:
+            raise ValueError(
+                f"loss_fn: LossResult.num_tokens={int(res.num_tokens)} but count_tokens gave {counted} "
+                f"for micro-batch {i}; they must agree (the loss is normalised by the counted tokens)"
+            )
+        return res
+
+    def _reduce(self, sums: StepSums) -> None:
+        keys = sorted(sums.metrics)
+        red = self._all_reduce([sums.loss, sums.extra, sums.nonfinite, *(sums.metrics[k] for k in keys)])
+        sums.loss, sums.extra, sums.nonfinite = red[0], red[1], red[2]
+        sums.metrics = dict(zip(keys, red[3:], strict=True))
+
+    def _step_result(
+        self, sums: StepSums, lr: float, tokens: int, grad_norm: float, skipped: bool
+    ) -> StepResult:
+        load = sums.load
         if load is not None and self.world_size > 1:
             load = load.to(self.device)
             dist.all_reduce(load)
         self.step += 1
         m = self.cfg.micro_batches_per_step
-        metrics = {k: v / m for k, v in metric_sums.items()}
-        metrics["extra_loss"] = extra / m
+        metrics = {k: v / m for k, v in sums.metrics.items()}
+        metrics["extra_loss"] = sums.extra / m
         result = StepResult(
             step=self.step,
             lr=lr,
-            loss=loss_sum / max(tokens, 1),
+            loss=sums.loss / max(tokens, 1),
             grad_norm=grad_norm,
             skipped=skipped,
             tokens=tokens,

@@ -3,6 +3,7 @@ wraps, the ZeRO-0 step guard, device transfer and seeding (``tasks/train/engine.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,35 @@ class StepResult:
     tokens: int  # global target tokens of the step
     metrics: dict[str, float]  # means over the step's micro-batches (all ranks), incl. "extra_loss"
     expert_load: torch.Tensor | None  # (num_moe_layers, E) summed over all micro-batches of all ranks
+
+
+@dataclass
+class StepSums:
+    """This rank's sums over a step's micro-batches (all-reduced at the last one): loss and extra-loss sums,
+    "a loss was non-finite", the loss_fn's metrics, the expert load."""
+
+    loss: float = 0.0
+    extra: float = 0.0
+    nonfinite: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    load: torch.Tensor | None = None
+
+    def add(self, res: LossResult) -> None:
+        ls = float(res.loss_sum.detach())
+        ex = (
+            float(res.extra_loss.detach())
+            if isinstance(res.extra_loss, torch.Tensor)
+            else float(res.extra_loss)
+        )
+        self.loss += ls
+        self.extra += ex
+        if not (math.isfinite(ls) and math.isfinite(ex)):
+            self.nonfinite = 1.0
+        for k, v in res.metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + float(v)
+        if res.expert_load is not None:
+            el = res.expert_load.detach().float()
+            self.load = el if self.load is None else self.load + el
 
 
 LossFn = Callable[[nn.Module, Any], LossResult]

@@ -158,38 +158,44 @@ def build_launch_command(
     py = python or sys.executable
     port = int(master_port) if master_port is not None else free_port()
     if launcher == "deepspeed":
-        cmd = [py, "-m", "deepspeed.launcher.runner", "--master_port", str(port), "--num_gpus", str(nproc)]
-        if hostfile is not None:
-            if not Path(hostfile).is_file():
-                raise FileNotFoundError(f"hostfile: {hostfile} does not exist (lines: 'host slots=N')")
-            cmd += ["--hostfile", str(hostfile)]
-        if master_addr is not None:
-            cmd += ["--master_addr", master_addr]
-        return [*cmd, *script_args]
+        return [*_deepspeed_launch(py, nproc, port, hostfile, master_addr), *script_args]
     if launcher == "torchrun":
-        if hostfile is not None:
-            raise ValueError(
-                "hostfile: only the deepspeed launcher reads a hostfile; torchrun takes nnodes/node_rank"
-            )
-        if nnodes > 1 and master_addr is None:
-            raise ValueError("master_addr: required with torchrun and nnodes > 1 (node 0's address)")
-        return [
-            py,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--nnodes",
-            str(nnodes),
-            "--node_rank",
-            str(node_rank),
-            "--master_addr",
-            master_addr or "127.0.0.1",
-            "--master_port",
-            str(port),
-            *script_args,
-        ]
+        return [*_torchrun_launch(py, nproc, port, hostfile, nnodes, node_rank, master_addr), *script_args]
     raise ValueError(f"launcher: expected 'deepspeed' or 'torchrun', got {launcher!r}")
+
+
+def _deepspeed_launch(
+    py: str, nproc: int, port: int, hostfile: Path | None, master_addr: str | None
+) -> list[str]:
+    cmd = [py, "-m", "deepspeed.launcher.runner", "--master_port", str(port), "--num_gpus", str(nproc)]
+    if hostfile is not None:
+        if not Path(hostfile).is_file():
+            raise FileNotFoundError(f"hostfile: {hostfile} does not exist (lines: 'host slots=N')")
+        cmd += ["--hostfile", str(hostfile)]
+    if master_addr is not None:
+        cmd += ["--master_addr", master_addr]
+    return cmd
+
+
+def _torchrun_launch(
+    py: str,
+    nproc: int,
+    port: int,
+    hostfile: Path | None,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str | None,
+) -> list[str]:
+    if hostfile is not None:
+        raise ValueError(
+            "hostfile: only the deepspeed launcher reads a hostfile; torchrun takes nnodes/node_rank"
+        )
+    if nnodes > 1 and master_addr is None:
+        raise ValueError("master_addr: required with torchrun and nnodes > 1 (node 0's address)")
+    return [
+        py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", str(nnodes),
+        "--node_rank", str(node_rank), "--master_addr", master_addr or "127.0.0.1", "--master_port", str(port),
+    ]  # fmt: skip
 
 
 def launch_world_size(nproc: int, hostfile: Path | None = None) -> int:
