@@ -93,7 +93,7 @@ def export_model(
 
 
 @task(name="publish", **pc.io_task_options())
-def publish(local_dir: Path, uri: str) -> str:
+def publish_copy(local_dir: Path, uri: str) -> str:
     """A verified copy of ``local_dir`` at ``uri`` (skipped when identical; retried on I/O errors)."""
     return publish_dir(local_dir, uri, log=pc.run_log())["uri"]
 
@@ -170,7 +170,7 @@ class _PipelineRun:
         """A verified copy of ``local`` under the artifact URI (None without one)."""
         if self.uri is None:
             return None
-        task = publish.with_options(
+        task = publish_copy.with_options(
             task_run_name=f"publish {'/'.join(parts)}", retries=self.params.io_retries
         )
         return task(local, join(self.uri, *parts))

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.launched_phase import LaunchSettings, run_phase_launched
 from tasks.recipe import Recipe, RecipeError
-from tasks.tracking.base import LocalTracking, RunTracking, tracking_links
+from tasks.tracking.base import RunTracking, tracking_links
+from tasks.tracking.local import LocalTracking
 from tasks.train.runner import phase_dir, read_result, run_phase
 from tasks.train.stages import PhaseConfig
 

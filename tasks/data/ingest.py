@@ -30,52 +30,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from tasks.data.images import MAX_PIXELS
 from tasks.data.ingest_checks import Reject, excerpt, validate_record
+from tasks.data.ingest_common import IngestConfig
 from tasks.data.ingest_readers import READERS, Item, check_path_name
-from tasks.data.io import DEFAULT_ROWS_PER_SHARD, DatasetError, ShardWriter
+from tasks.data.io import DatasetError, ShardWriter
 from tasks.data.schema import KINDS, QUARANTINE_SCHEMA, RECORD_SCHEMA
 from tasks.io.files import staged_dir
 from tasks.io.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 FORMATS = ("llava", "coco", "jsonl", "webdataset", "parquet")
 DEFAULT_KIND = {"llava": "sft", "coco": "caption", "jsonl": "text", "webdataset": "caption", "parquet": None}
-
-
-class IngestConfig(BaseModel):
-    """How to read one user dataset."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: Literal["llava", "coco", "jsonl", "webdataset", "parquet"] = Field(description="input format")
-    source: str = Field(
-        "user",
-        min_length=1,
-        max_length=100,
-        pattern=r"^[A-Za-z0-9_.\-]+$",
-        description="dataset name written to each record's `source`",
-    )
-    kind: str | None = Field(
-        None, description="record kind; None = the format's default (parquet: keep each row's)"
-    )
-    image_root: Path | None = Field(
-        None, description="folder image paths are relative to (llava/coco); None = the JSON's folder"
-    )
-    max_image_pixels: int = Field(
-        4096 * 4096, ge=1, le=MAX_PIXELS, description="images with more pixels are quarantined"
-    )
-    rows_per_shard: int = Field(DEFAULT_ROWS_PER_SHARD, ge=1, description="rows per Parquet shard")
-
-    @field_validator("kind")
-    @classmethod
-    def _kind_known(cls, v: str | None) -> str | None:
-        if v is not None and v not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {v!r}")
-        return v
 
 
 def _raw_kind(raw: Any) -> str:

@@ -10,19 +10,15 @@ import posixpath
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.data.ingest_checks import Reject, check_text, decode_text, image_from_bytes
-from tasks.data.ingest_common import Item, content_parent, id_of, input_files, make_record
+from tasks.data.ingest_common import IngestConfig, Item, content_parent, id_of, input_files, make_record
 from tasks.data.io import DatasetError
 from tasks.data.schema import IMAGE_TOKEN, RECORD_SCHEMA
 from tasks.io.manifest import Parent
-
-if TYPE_CHECKING:
-    from tasks.data.ingest import IngestConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

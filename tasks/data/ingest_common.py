@@ -1,4 +1,4 @@
-"""Shared pieces of the ingest readers (``tasks/data/ingest_readers.py``, ``ingest_binary.py``): the
+"""Shared pieces of the ingest step: ``IngestConfig``, and for the readers (``tasks/data/ingest_readers.py``, ``ingest_binary.py``): the
 ``Item`` each reader yields per input row, file listing and name checks, the parents' content hashes
 (for the skip rule), strict JSON loading, and the record/id helpers every format uses.
 """
@@ -11,14 +11,47 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.data.images import MAX_PIXELS
 from tasks.data.ingest_checks import Reject, check_utf8
-from tasks.data.io import DatasetError
+from tasks.data.io import DEFAULT_ROWS_PER_SHARD, DatasetError
+from tasks.data.schema import KINDS
 from tasks.io.manifest import Parent, sha256_file
 
-if TYPE_CHECKING:
-    from tasks.data.ingest import IngestConfig
+
+class IngestConfig(BaseModel):
+    """How to read one user dataset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["llava", "coco", "jsonl", "webdataset", "parquet"] = Field(description="input format")
+    source: str = Field(
+        "user",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="dataset name written to each record's `source`",
+    )
+    kind: str | None = Field(
+        None, description="record kind; None = the format's default (parquet: keep each row's)"
+    )
+    image_root: Path | None = Field(
+        None, description="folder image paths are relative to (llava/coco); None = the JSON's folder"
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, le=MAX_PIXELS, description="images with more pixels are quarantined"
+    )
+    rows_per_shard: int = Field(DEFAULT_ROWS_PER_SHARD, ge=1, description="rows per Parquet shard")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind_known(cls, v: str | None) -> str | None:
+        if v is not None and v not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {v!r}")
+        return v
 
 
 @dataclass

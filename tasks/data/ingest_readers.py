@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tasks.data.ingest_binary import parquet_reader, webdataset_reader
 from tasks.data.ingest_checks import Reject, check_messages, check_text, decode_text, image_from_file
 from tasks.data.ingest_common import (
+    IngestConfig,
     Item,
     check_path_name,
     content_parent,
@@ -27,9 +28,6 @@ from tasks.data.ingest_common import (
 from tasks.data.io import DatasetError
 from tasks.data.schema import IMAGE_TOKEN
 from tasks.io.manifest import Parent
-
-if TYPE_CHECKING:
-    from tasks.data.ingest import IngestConfig
 
 __all__ = ["READERS", "Item", "check_path_name"]
 

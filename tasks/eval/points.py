@@ -33,10 +33,8 @@ from tasks.eval.suite import TASKS, EvalConfig, GenerateFn, run_eval
 from tasks.io.faults import crash_point
 from tasks.io.files import atomic_path, write_json_atomic
 from tasks.io.manifest import (
-    ManifestError,
     dir_parent,
     is_up_to_date,
-    read_manifest,
     write_manifest,
 )
 
@@ -202,13 +200,3 @@ def pipeline_report(
     }
     write_json_atomic(combined, root / "eval.json")
     return {"markdown": md, "json": combined, "report": str(root / "report.md")}
-
-
-def completed_point(out_root: Path, point: EvalPoint) -> dict[str, Any] | None:
-    """A point's result when its directory is complete (manifest verifies), else ``None``."""
-    d = point_dir(out_root, point)
-    try:
-        read_manifest(d)
-    except ManifestError:
-        return None
-    return {**json.loads((d / "eval.json").read_text()), "dir": str(d), "up_to_date": True}

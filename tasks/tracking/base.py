@@ -16,7 +16,8 @@ flow calls them directly and a backend overrides what it records:
 - ``eval_done(point, result)`` / ``report_done(path)``: an evaluation point's result / the run's report;
 - ``report``: what the backend delivered, for the run's summary (None for local tracking).
 
-``LocalTracking`` (the ``tracking: local`` choice) gives each phase its directory's ``JsonlTracker``.
+``tasks.tracking.local.LocalTracking`` (the ``tracking: local`` choice) gives each phase its directory's
+``JsonlTracker``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,22 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path, name: str | None = None) -> None: ...
 
 
+class NullTracker:
+    """The ``Tracker`` that records nothing."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, name: str | None = None) -> None:
+        pass
+
+
 class RunTracking:
     """The flows' tracking backend (see the module docstring); this base records nothing."""
 
@@ -49,8 +66,6 @@ class RunTracking:
 
     @contextlib.contextmanager
     def phase(self, phase: Any, phase_dir: Path) -> Iterator[Tracker]:
-        from tasks.tracking.local import NullTracker
-
         yield NullTracker()
 
     def phase_done(self, phase: Any, result: dict[str, Any]) -> dict[str, Any]:
@@ -61,16 +76,6 @@ class RunTracking:
 
     def report_done(self, path: Path) -> None:
         return None
-
-
-class LocalTracking(RunTracking):
-    """``tracking: local``: each phase directory's ``metrics.jsonl`` / ``params.json`` / ``tags.json``."""
-
-    @contextlib.contextmanager
-    def phase(self, phase: Any, phase_dir: Path) -> Iterator[Tracker]:
-        from tasks.tracking.local import JsonlTracker
-
-        yield JsonlTracker(phase_dir)
 
 
 def tracking_links(tracker: Any) -> dict[str, str]:

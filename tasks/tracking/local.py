@@ -1,33 +1,21 @@
-"""Trackers that need no server: ``NullTracker`` (drops everything), ``MemoryTracker`` (keeps everything in
+"""Trackers that need no server (``NullTracker``, from ``base``, drops everything): ``MemoryTracker`` (keeps everything in
 lists: tests assert on it), ``JsonlTracker`` (``DIR/metrics.jsonl`` + ``params.json`` / ``tags.json``: the
-durable local record, also written while an MLflow server is down) and ``TeeTracker`` (one call to several).
+durable local record, also written while an MLflow server is down) and ``TeeTracker`` (one call to several); ``LocalTracking``, the flows' backend for ``tracking: local``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tasks.io.files import write_json_atomic
-from tasks.tracking.base import Tracker
+from tasks.tracking.base import NullTracker, RunTracking, Tracker
 from tasks.tracking.secrets import clean
-
-
-class NullTracker:
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-    def log_artifact(self, path: Path, name: str | None = None) -> None:
-        pass
 
 
 class MemoryTracker:
@@ -109,3 +97,14 @@ class TeeTracker:
     def log_artifact(self, path: Path, name: str | None = None) -> None:
         for t in self.trackers:
             t.log_artifact(path, name)
+
+
+class LocalTracking(RunTracking):
+    """``tracking: local``: each phase directory's ``metrics.jsonl`` / ``params.json`` / ``tags.json``."""
+
+    @contextlib.contextmanager
+    def phase(self, phase: Any, phase_dir: Path) -> Iterator[Tracker]:
+        yield JsonlTracker(phase_dir)
+
+
+__all__ = ["JsonlTracker", "LocalTracking", "MemoryTracker", "NullTracker", "TeeTracker"]
