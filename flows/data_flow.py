@@ -33,7 +33,9 @@ class DataParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recipe_path: str = Field(default="params.yaml", description="recipe YAML; its `data:` section is used")
     data_dir: str = Field(default="runs/tiny/data", description="data root: raw/ ... tokenized/ go here")
-    io_retries: int = Field(default=3, ge=0, le=10, description="retries per step on transient I/O errors")
+    io_retries: int = Field(
+        default=3, ge=0, le=10, description="retries per step on transient I/O errors; 0 to 10"
+    )
 
 
 def _stamps(root: Path) -> dict[str, tuple[int, int]]:

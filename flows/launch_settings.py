@@ -40,7 +40,7 @@ class LaunchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     nproc: int = Field(
-        default=1, ge=1, description="data-parallel training processes per node (1: in-process)"
+        default=1, ge=1, description="data-parallel training processes per node, at least 1 (1: in-process)"
     )
     launcher: Literal["torchrun", "deepspeed"] = Field(default="torchrun", description="with nproc > 1")
     hostfile: str | None = Field(

@@ -163,23 +163,11 @@ def _run_relayed(cmd: list[str], relay: PhaseFileRelay, log: Any, poll_s: float)
 
 def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
     """Stop the launcher and every rank it started. torchrun starts each rank in its own session, so a
-    signal to the launcher's process group does not reach them: the whole process tree is collected first,
-    sent SIGTERM, and whatever is still alive after ``grace_s`` is killed (checkpoints are atomic, so a
-    rank killed mid-step loses at most the steps since the last one)."""
-    import psutil
+    signal to the launcher's process group does not reach them: ``flows.services.stop_tree`` stops the
+    whole process tree (SIGTERM, SIGKILL after ``grace_s``; checkpoints are atomic, so a rank killed
+    mid-step loses at most the steps since the last one)."""
+    from flows.services import stop_tree
 
-    try:
-        root = psutil.Process(proc.pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=10)
+    stop_tree(proc.pid, grace_s)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)  # reap the launcher

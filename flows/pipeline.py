@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.data_flow import DataParams, data_flow, load_recipe_checked
 from flows.launched_phase import LaunchSettings
-from flows.stage_flow import make_tracking, run_phases
+from flows.stage_flow import make_tracking, run_phases, tracking_backend
 from tasks.eval.points import INIT_POINT, EvalPoint, RecipeEval, pipeline_report, run_point
 from tasks.io.export import export_run, export_sources
 from tasks.io.publish import join, publish_data, publish_dir
@@ -56,24 +56,26 @@ class PipelineParams(BaseModel):
     recipe_path: str = Field(default="params.yaml", description="recipe YAML (params.yaml = the tiny recipe)")
     out_dir: str = Field(default="runs/tiny", description="run directory: data/, phases/, eval/, export/")
     data_dir: str | None = Field(default=None, description="data root (default: OUT/data)")
-    io_retries: int = Field(default=3, ge=0, le=10, description="retries of I/O steps (data, export)")
+    io_retries: int = Field(
+        default=3, ge=0, le=10, description="retries of I/O steps (data, export); 0 to 10"
+    )
     tracking: Literal["mlflow", "local"] = Field(
         default="mlflow", description="mlflow: parent + nested runs; local: metrics.jsonl per phase only"
     )
     tracking_uri: str | None = Field(
         default=None, description="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db)"
     )
-    experiment: str = Field(default="kimivl", min_length=1, description="MLflow experiment")
+    experiment: str = Field(default="kimivl", min_length=1, description="MLflow experiment (not empty)")
     evaluate: bool = Field(default=True, description="run the recipe's evaluation points")
     artifact_uri: str | None = Field(
         default=None,
         description=(
             "s3://bucket/prefix (or a directory): verified copies of datasets, checkpoints, evals, export "
-            "(default: $KIMIVL_ARTIFACT_URI/<run directory name> when set)"
+            "(default: $KIMIVL_ARTIFACT_URI/RUN_DIR_NAME when that variable is set)"
         ),
     )
     export: bool = Field(default=True, description="export the final model (native + public HF layout)")
-    export_max_shard_gb: float = Field(default=5.0, gt=0, description="HF export shard size")
+    export_max_shard_gb: float = Field(default=5.0, gt=0, description="HF export shard size in GB; above 0")
     launch: LaunchSettings = Field(
         default_factory=LaunchSettings,
         description="training processes per phase: nproc > 1 launches torchrun/deepspeed ranks",
@@ -112,11 +114,12 @@ def evaluate_point(
 
 
 @flow(name="kimivl-pipeline", log_prints=True)
-def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = None) -> dict[str, Any]:
+def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
     """The whole recipe: data -> every phase in recipe order, each followed by the recipe's evaluation
     points for it -> the run's evaluation report -> export.
 
-    ``tracking``: see ``flows.stage_flow`` (default: from ``params.tracking``, MLflow unless "local").
+    Tracking: ``params.tracking`` (MLflow unless "local"), unless called inside
+    ``flows.stage_flow.tracking_backend(...)``.
     Returns ``phase_order``, ``results`` (one result dict per phase), ``data`` (the data flow's summary),
     ``eval`` (per evaluation point its summary metrics and directory), ``export``, ``tracking`` (the
     tracking backend's report, e.g. MLflow run ids and undelivered records) and ``seconds``.
@@ -127,7 +130,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams(), tracking: Any = Non
         params.launch.check(recipe, list(recipe.phases))
     except (OSError, ValueError) as e:
         raise RecipeError(f"{params.recipe_path}: {e}") from None
-    run = _PipelineRun(params, recipe, tracking or make_tracking(params))
+    run = _PipelineRun(params, recipe, make_tracking(params))
     with run.tracking.pipeline(recipe, params.model_dump(mode="json")):
         data_summary = run.data()
         if recipe.model.init_checkpoint is not None:
@@ -232,12 +235,12 @@ class _PipelineRun:
         if report is not None:
             create_markdown_artifact(
                 key=pc.artifact_key("kimivl", "pipeline", "eval"),
-                markdown=report["markdown"],
+                markdown=report["artifact_markdown"],
                 description="evaluation: before/after comparisons and every metric per evaluation point",
             )
 
 
-def run_pipeline(params: PipelineParams, tracking: Any = None) -> dict[str, Any]:
+def run_pipeline(params: PipelineParams, tracking: RunTracking | None = None) -> dict[str, Any]:
     """``pipeline_flow`` as ``kimivl run`` calls it: the two fixed start-up costs of a local run overlap
     instead of adding up. The MLflow client (``import mlflow`` + creating and migrating the embedded SQLite
     store) is built in a background thread while Prefect's local server starts (a subprocess we wait
@@ -249,4 +252,7 @@ def run_pipeline(params: PipelineParams, tracking: Any = None) -> dict[str, Any]
 
         warm_client(resolve_tracking_uri(Path(params.out_dir), params.tracking_uri))
     pc.start_local_server()
-    return pipeline_flow(params, tracking=tracking)
+    if tracking is None:
+        return pipeline_flow(params)
+    with tracking_backend(tracking):
+        return pipeline_flow(params)

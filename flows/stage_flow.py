@@ -12,6 +12,9 @@ its hooks (``pipeline``, ``phase``, ``phase_done``...) directly; every backend h
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +31,7 @@ from flows.launched_phase import LaunchSettings, run_phase_launched
 from tasks.recipe import Recipe, RecipeError
 from tasks.tracking.base import RunTracking, tracking_links
 from tasks.tracking.local import LocalTracking
+from tasks.train.phase_lock import set_aside
 from tasks.train.runner import phase_dir, read_result, run_phase
 from tasks.train.stages import PhaseConfig
 
@@ -40,7 +44,7 @@ class StageParams(BaseModel):
     stage: str = Field(
         default="text_pretrain", description="a stage (runs all its phases) or one phase name, e.g. sft.2"
     )
-    out_dir: str = Field(default="runs/tiny", description="run directory: phases/<phase>/ go here")
+    out_dir: str = Field(default="runs/tiny", description="run directory: phases/PHASE/ go here")
     data_dir: str | None = Field(default=None, description="data root with tokenized/ (default: OUT/data)")
     tracking: Literal["mlflow", "local"] = Field(
         default="mlflow",
@@ -49,15 +53,41 @@ class StageParams(BaseModel):
     tracking_uri: str | None = Field(
         default=None, description="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db)"
     )
-    experiment: str = Field(default="kimivl", min_length=1, description="MLflow experiment")
+    experiment: str = Field(default="kimivl", min_length=1, description="MLflow experiment (not empty)")
+    rerun: bool = Field(
+        default=False,
+        description=(
+            "train the selected phases again from their start even when complete: each phases/PHASE/ is "
+            "moved aside to phases/.PHASE.replaced-TIME (nothing deleted); later phases are left as they are"
+        ),
+    )
     launch: LaunchSettings = Field(
         default_factory=LaunchSettings,
         description="training processes per phase: nproc > 1 launches torchrun/deepspeed ranks",
     )
 
 
+_TRACKING: ContextVar[RunTracking | None] = ContextVar("kimivl_tracking", default=None)
+
+
+@contextlib.contextmanager
+def tracking_backend(tracking: RunTracking) -> Iterator[RunTracking]:
+    """Flows called inside this block track into ``tracking`` instead of the backend their parameters
+    name (``kimivl run``'s console progress wrapper, tests' fakes). Not a flow parameter: the Prefect form
+    would show it as an untyped JSON field."""
+    token = _TRACKING.set(tracking)
+    try:
+        yield tracking
+    finally:
+        _TRACKING.reset(token)
+
+
 def make_tracking(params: Any) -> RunTracking:
-    """The tracking backend a flow's parameters ask for (``tracking``, ``tracking_uri``, ``experiment``)."""
+    """The tracking backend a flow's parameters ask for (``tracking``, ``tracking_uri``, ``experiment``),
+    unless a ``tracking_backend`` block set one."""
+    override = _TRACKING.get()
+    if override is not None:
+        return override
     if params.tracking == "local":
         return LocalTracking()
     from tasks.tracking.mlflow_flow import MlflowRunTracking
@@ -118,10 +148,10 @@ def run_phases(
 
 
 @flow(name="kimivl-stage", log_prints=True)
-def stage_flow(params: StageParams = StageParams(), tracking: Any = None) -> list[dict[str, Any]]:
+def stage_flow(params: StageParams = StageParams()) -> list[dict[str, Any]]:
     """Every phase of ``params.stage`` in recipe order; each starts from the previous phase's final
-    checkpoint (which must exist: run the earlier stages first). ``tracking``: a ``RunTracking`` (tests
-    and the pipeline pass one; default: from ``params.tracking``)."""
+    checkpoint (which must exist: run the earlier stages first). Tracking: ``params.tracking``, unless
+    called inside ``tracking_backend(...)``."""
     from flows.data_flow import load_recipe_checked
 
     recipe = load_recipe_checked(params.recipe_path)
@@ -135,10 +165,25 @@ def stage_flow(params: StageParams = StageParams(), tracking: Any = None) -> lis
         raise RecipeError(f"{params.recipe_path}: {e}") from None
     out = Path(params.out_dir)
     data = Path(params.data_dir) if params.data_dir else out / "data"
-    tracking = tracking or make_tracking(params)
-    # MLflow: the pipeline's parent run of this recipe + run directory is found again, not duplicated
-    with tracking.pipeline(recipe, params.model_dump(mode="json")):
-        results = run_phases(recipe, phases, data, out, tracking, params.launch)
+    log = pc.run_log()
+    replaced = {}
+    for p in phases if params.rerun else []:
+        aside = set_aside(phase_dir(out, p))
+        if aside is not None:
+            replaced[p.name] = (p, aside)
+            log(f"[{p.name}] rerun: the previous run directory is now {aside}")
+    done = [read_result(out, p) for p in phases]
+    if all(d is not None for d in done):  # nothing to train: no tracking run is opened
+        for p, d in zip(phases, done, strict=True):
+            log(f"[{p.name}] up to date: already complete ({d['checkpoint']}); rerun=true trains it again")
+        results = [{**d, "up_to_date": True} for d in done]
+    else:
+        tracking = make_tracking(params)
+        # MLflow: the pipeline's parent run of this recipe + run directory is found again, not duplicated
+        with tracking.pipeline(recipe, params.model_dump(mode="json")):
+            for p, aside in replaced.values():
+                tracking.phase_replaced(p, aside)
+            results = run_phases(recipe, phases, data, out, tracking, params.launch)
     create_markdown_artifact(
         key=pc.artifact_key("kimivl", "stage", params.stage, "tokens"),
         markdown=f"# Stage `{params.stage}`: tokens per phase\n\n{pc.tokens_table(results)}",

@@ -10,14 +10,21 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-console = Console(stderr=True)
+# soft_wrap: a long line (an `export ...` hint, a URL) stays one line to copy, whatever the terminal width
+console = Console(stderr=True, soft_wrap=True)
 RECIPE = typer.Option(Path("params.yaml"), "--recipe", "-r", help="recipe YAML")
 
 
 def fail(msg: str, code: int = 2, label: str = "error") -> NoReturn:
-    console.print(f"[bold red]{label}:[/] {msg}")
+    console.print(f"[bold red]{label}:[/] {escape(msg)}")
     raise typer.Exit(code)
+
+
+def log(msg: str) -> None:
+    """A progress line exactly as given (no rich markup: a ``[phase]`` prefix is text, not a style)."""
+    console.print(msg, markup=False, highlight=False)
 
 
 def load_recipe_or_exit(path: Path) -> Any:

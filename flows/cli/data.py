@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from flows.cli.common import RECIPE, console, emit, load_recipe_or_exit
+from flows.cli.common import RECIPE, console, emit, escape, load_recipe_or_exit, log
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Data pipeline steps.")
 
@@ -20,12 +20,12 @@ def _guard(fn, *args):
     from tasks.io.manifest import ManifestError
 
     try:
-        return fn(*args, log=console.print)
+        return fn(*args, log=log)
     except (FileNotFoundError, DatasetError, ManifestError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     except OSError as e:  # disk full, read-only or unwritable output: the step left no partial output
-        console.print(f"[bold red]error:[/] cannot write the output: {e}")
+        console.print(f"[bold red]error:[/] cannot write the output: {escape(str(e))}")
         raise typer.Exit(1) from None
 
 
@@ -143,6 +143,6 @@ def data_ingest(
     try:
         m = run_ingest(src, out, cfg)
     except (FileNotFoundError, DatasetError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     emit(m.counts)

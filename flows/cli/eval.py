@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from flows.cli.common import console, fail
+from flows.cli.common import console, fail, log
 
 
 def _numbers(text: str, cast, name: str) -> tuple:
@@ -124,7 +124,7 @@ def eval_cmd(
             earlier = json.loads(compare.read_text())
         except (OSError, ValueError) as e:
             fail(f"--compare: {compare}: {e}")
-    result = run_eval(ckpt, tokenizer, out, cfg, train_data_root=train_data, log=console.print)
+    result = run_eval(ckpt, tokenizer, out, cfg, train_data_root=train_data, log=log)
     write_outputs(result, ckpt, out, metrics, earlier, compare)
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli.common import console, fail
+from flows.cli.common import console, fail, log
 
 model_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Model library: presets, checkpoints."
@@ -140,7 +140,5 @@ def smoke_cmd(
     cfg = _preset(preset_name)
     if cfg.name == "a3b":
         fail("--preset a3b: the smoke run is for tiny/small on a CPU")
-    summary = run_smoke(
-        SmokeConfig(preset=preset_name, steps=steps, seed=seed), out_dir=out, log=console.print
-    )
+    summary = run_smoke(SmokeConfig(preset=preset_name, steps=steps, seed=seed), out_dir=out, log=log)
     sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from flows.cli.common import RECIPE, console, load_recipe_or_exit
+from flows.cli.common import RECIPE, console, escape, load_recipe_or_exit
 
 recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Recipe tools (DVC pipeline).")
 
@@ -132,6 +132,6 @@ def dvc_remote_cmd(
     try:
         configure_dvc_remote(repo, url, endpoint_url)
     except StorageError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"DVC remote 'storage' -> {url} (in {repo / '.dvc' / 'config.local'})")

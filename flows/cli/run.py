@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from flows.cli.common import console, fail
+from flows.cli.common import console, fail, log
 from flows.cli.train import check_launch, checked_recipe, fail_for, launch_settings, print_table, run_summary
 from tasks.tracking.base import RunTracking
 
@@ -44,6 +44,9 @@ class ConsoleProgress(RunTracking):
 
     def report_done(self, path: Path) -> None:
         self.inner.report_done(path)
+
+    def phase_replaced(self, phase: Any, old_dir: Path) -> None:
+        self.inner.phase_replaced(phase, old_dir)
 
     def data_done(self, summary: dict) -> None:
         self.inner.data_done(summary)
@@ -161,7 +164,7 @@ def report(recipe: Path, out: Path, res: dict[str, Any], seconds: float) -> None
     results = res["results"]
     for x in results:
         if x.get("up_to_date"):
-            console.print(f"[{x['phase']}] already complete: {x['checkpoint']}")
+            log(f"[{x['phase']}] already complete: {x['checkpoint']}")
     rep = res.get("tracking") or {}
     extra = {
         "data_tokens": res["data"]["tokens"],

@@ -3,10 +3,14 @@
 - ``up`` starts a Prefect server (UI + API) and an MLflow tracking server as background processes on
   loopback ports, waits for their health endpoints, prints URLs and PIDs and writes ``STATE/services.json``.
   Prefect's database lives under ``STATE/prefect`` and MLflow's (sqlite + artifacts) under ``STATE/mlflow``.
-- ``down`` stops exactly the processes that ``up`` recorded (each started in its own session, so its
-  whole process group is signalled: SIGTERM, then SIGKILL after a grace period).
+- ``down`` stops every ``kimivl serve`` recorded in STATE first (with the flow runs it started), then
+  exactly the processes that ``up`` recorded (each started in its own session, so its whole process group
+  is signalled: SIGTERM, then SIGKILL after a grace period).
 - ``serve`` registers deployments of the pipeline, stage and data flows with a Prefect server and runs
-  them when triggered from the UI or API (``prefect.serve``; blocks until Ctrl-C / SIGTERM).
+  them when triggered from the UI or API (``prefect.serve``; blocks until Ctrl-C / SIGTERM / ``down``).
+  At most ``--limit`` flow runs at a time (Prefect's runner limit; more wait in the queue as Late/Pending),
+  each with CPUs // limit threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, unless already set): runs
+  that share a host never oversubscribe its cores.
 
 The team stack (Postgres, S3, MLflow, Prefect, a worker) is ``docker-compose.yml``; this is its
 single-machine counterpart without Docker.
@@ -28,7 +32,10 @@ from flows.services import (
     alive,
     build_deployments,
     healthy,
+    host_cpus,
     read_state,
+    run_thread_env,
+    serve_record,
     start_services,
     stop_services,
 )
@@ -74,7 +81,7 @@ def down_cmd(state_dir: Path = STATE_DIR) -> None:
     """Stop the services that `kimivl up` started (recorded in STATE/services.json)."""
     stopped = stop_services(state_dir)
     if not stopped:
-        console.print(f"nothing to stop (no {Path(state_dir) / STATE_FILE})")
+        console.print(f"nothing to stop (no {Path(state_dir) / STATE_FILE}, no serve-*.json)")
     for name, was_running in stopped.items():
         console.print(f"{name}: {'stopped' if was_running else 'was not running'}")
     sys.stdout.write(json.dumps({"stopped": stopped}, sort_keys=True) + "\n")
@@ -89,7 +96,9 @@ def serve_cmd(
     api_url: str | None = typer.Option(
         None, "--api-url", help="Prefect API (default: $PREFECT_API_URL, else the server of `kimivl up`)"
     ),
-    limit: int = typer.Option(1, "--limit", min=1, help="flow runs at a time"),
+    limit: int = typer.Option(
+        1, "--limit", min=1, help="flow runs at a time; each gets CPUs // limit threads (OMP_NUM_THREADS)"
+    ),
     state_dir: Path = STATE_DIR,
 ) -> None:
     """Serve the pipeline, stage and data flows so runs start from the Prefect UI (blocks; Ctrl-C stops)."""
@@ -109,6 +118,8 @@ def serve_cmd(
     if not healthy(health):
         fail(f"--api-url {url}: {health} does not answer (is the Prefect server up?)")
     os.environ["PREFECT_API_URL"] = url  # flow-run subprocesses inherit it
+    threads = run_thread_env(limit)
+    os.environ.update(threads)
     if not os.environ.get("MLFLOW_TRACKING_URI") and state and "mlflow" in state["services"]:
         # flow runs track into the MLflow server that `kimivl up` started (else each run's own SQLite)
         os.environ["MLFLOW_TRACKING_URI"] = state["services"]["mlflow"]["tracking_uri"]
@@ -125,7 +136,16 @@ def serve_cmd(
         for n in names:
             console.print(f"deployment {n}")
         ui = url.rstrip("/").removesuffix("/api")
-        console.print(f"serving {len(names)} deployments on {url} (UI: {ui}/deployments); Ctrl-C stops")
-        sys.stdout.write(json.dumps({"deployments": names, "api_url": url}) + "\n")
-        sys.stdout.flush()
-        serve(*deployments, limit=limit, pause_on_shutdown=False, print_starting_message=False)
+        console.print(f"serving {len(names)} deployments on {url} (UI: {ui}/deployments)")
+        console.print(
+            f"at most {limit} flow run(s) at a time, each with "
+            + " ".join(f"{k}={v}" for k, v in threads.items())
+            + f" ({host_cpus()} CPUs); Ctrl-C or `kimivl down --state-dir {state_dir}` stops"
+        )
+        with serve_record(state_dir, url) as record:
+            sys.stdout.write(
+                json.dumps({"deployments": names, "api_url": url, "threads": threads, "record": str(record)})
+                + "\n"
+            )
+            sys.stdout.flush()
+            serve(*deployments, limit=limit, pause_on_shutdown=False, print_starting_message=False)

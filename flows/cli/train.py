@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from flows.cli.common import console, emit, fail, load_recipe_or_exit
+from flows.cli.common import console, emit, fail, load_recipe_or_exit, log
 
 RECIPE_OPT = typer.Option(Path("params.yaml"), "--recipe", "-r")
 
@@ -63,7 +63,7 @@ def run_here(r: Any, phases: list, data: Path, out: Path) -> list[dict[str, Any]
     from tasks.train.phases import exit_code, run_phases
 
     try:
-        return run_phases(r, phases, data, out, log=console.print)
+        return run_phases(r, phases, data, out, log=log)
     except Exception as e:
         code = exit_code(e)
         if code is None:
@@ -126,15 +126,27 @@ def stage_cmd(
     nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes per node"),
     launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | deepspeed"),
     hostfile: Path | None = typer.Option(None, "--hostfile", help="multi-node (deepspeed launcher)"),
+    rerun: bool = typer.Option(
+        False, "--rerun", help="train complete phases again: phases/PHASE/ is moved aside (kept), not deleted"
+    ),
 ) -> None:
     """Run one stage (all its phases) or one phase; it starts from the previous phase's final checkpoint."""
     from tasks.recipe import RecipeError
+    from tasks.train.phase_lock import PhaseBusyError, set_aside
+    from tasks.train.runner import phase_dir
 
     r = checked_recipe(recipe, data)
     try:
         phases = r.select(name)
     except RecipeError as e:
         fail(str(e))
+    for p in phases if rerun else []:
+        try:
+            aside = set_aside(phase_dir(out, p))
+        except PhaseBusyError as e:
+            fail(str(e), code=1)
+        if aside is not None:
+            log(f"[{p.name}] rerun: the previous run directory is now {aside}")
     launch = launch_settings(nproc, launcher, hostfile)
     if launch.launched:
         argv = ["stage", name, "--recipe", str(recipe), "--data", str(data), "--out", str(out)]

@@ -149,9 +149,11 @@ def _point_for_stage(points: dict[str, dict[str, Any]], stage_of: dict[str, str]
 
 
 def render_pipeline_report(
-    recipe_name: str, points: dict[str, dict[str, Any]], stage_of: dict[str, str]
+    recipe_name: str, points: dict[str, dict[str, Any]], stage_of: dict[str, str], at: Path | None = None
 ) -> str:
-    """Markdown: the before/after comparisons, then every summary metric per evaluation point."""
+    """Markdown: the before/after comparisons, then every summary metric per evaluation point. The
+    per-point reports are relative links (the file next to them), or with ``at`` their absolute paths
+    as text (where the Markdown is shown elsewhere: a relative link in a Prefect artifact opens a 404)."""
     lines = [f"# Evaluation of recipe `{recipe_name}`", ""]
     if not points:
         return "\n".join([*lines, "No evaluation points ran.", ""])
@@ -176,16 +178,16 @@ def render_pipeline_report(
     lines += ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for m in metrics:
         lines.append(f"| `{m}` | " + " | ".join(_fmt(points[n]["summary"].get(m)) for n in names) + " |")
-    lines += ["", "Per-point reports (tables per task, NIAH heatmaps, failures): " + ", ".join(
-        f"[{n}]({n}/report.md)" for n in names
-    ), ""]  # fmt: skip
+    per_point = [f"[{n}]({n}/report.md)" if at is None else f"`{Path(at) / n / 'report.md'}`" for n in names]
+    lines += ["", "Per-point reports (tables per task, NIAH heatmaps, failures): " + ", ".join(per_point), ""]
     return "\n".join(lines)
 
 
 def pipeline_report(
     recipe_name: str, points: dict[str, dict[str, Any]], stage_of: dict[str, str], out_root: Path
 ) -> dict[str, Any]:
-    """Write ``OUT/eval/report.md`` and ``OUT/eval/eval.json`` (summaries per point); returns both."""
+    """Write ``OUT/eval/report.md`` and ``OUT/eval/eval.json`` (summaries per point); returns both, and
+    ``artifact_markdown``: the report naming the per-point reports by absolute path (for Prefect)."""
     root = Path(out_root) / EVAL_DIR
     root.mkdir(parents=True, exist_ok=True)
     md = render_pipeline_report(recipe_name, points, stage_of)
@@ -199,4 +201,5 @@ def pipeline_report(
         },
     }
     write_json_atomic(combined, root / "eval.json")
-    return {"markdown": md, "json": combined, "report": str(root / "report.md")}
+    shown = render_pipeline_report(recipe_name, points, stage_of, at=root.resolve())
+    return {"markdown": md, "artifact_markdown": shown, "json": combined, "report": str(root / "report.md")}

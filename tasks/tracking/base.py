@@ -71,6 +71,11 @@ class RunTracking:
     def phase_done(self, phase: Any, result: dict[str, Any]) -> dict[str, Any]:
         return {}
 
+    def phase_replaced(self, phase: Any, old_dir: Path) -> None:
+        """A forced rerun moved the phase's directory to ``old_dir``: what was tracked for it is kept, and
+        the phase's next run is tracked afresh instead of continuing it."""
+        return None
+
     def eval_done(self, point: str, result: dict[str, Any]) -> None:
         return None
 

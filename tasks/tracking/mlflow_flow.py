@@ -6,9 +6,12 @@ phase, evaluation metrics and reports (``tasks.tracking.mlflow_pipeline.Pipeline
 - ``data_done(summary)``: data step counts as parent metrics, dataset versions as tags;
 - ``phase(phase, phase_dir)``: yields a tracker that writes both to the phase's nested run and to the phase
   directory's ``metrics.jsonl`` (the local record stays complete when the server is down); a phase run
-  found again after a crash gets the steps the local record has and MLflow lacks re-sent;
+  found again after a crash gets the steps the local record has and MLflow lacks re-sent; MLflow's system
+  metrics (CPU, memory, GPU: ``system/...``) are logged on the phase run while it trains;
 - ``phase_done(phase, result)``: summary metrics, checkpoint lineage, model registry version; returns the
   run id and (for a tracking server) the run's URL for the tokens table;
+- ``phase_replaced(phase, old_dir)``: a forced rerun; the phase's run is kept (tagged with where its
+  directory went) and no longer found again, so the new training gets a run of its own;
 - ``eval_done(point, result)``: the point's summary metrics on the parent run as ``eval.<phase>.<metric>``
   and its directory (``eval.json``, report, NIAH plots) as artifacts; ``report_done(path)``: the run report.
 
@@ -30,6 +33,7 @@ from tasks.tracking.base import RunTracking, Tracker
 from tasks.tracking.local import JsonlTracker, TeeTracker
 from tasks.tracking.mlflow_names import is_remote, resolve_tracking_uri
 from tasks.tracking.mlflow_pipeline import PipelineTracking
+from tasks.tracking.mlflow_system import system_metrics
 
 
 class MlflowRunTracking(RunTracking):
@@ -96,7 +100,8 @@ class MlflowRunTracking(RunTracking):
         tr = self.pt.phase_tracker(phase.name)
         if tr.resumed:
             self._backfill(tr, Path(phase_dir) / "metrics.jsonl")
-        yield TeeTracker(tr, JsonlTracker(phase_dir), run_url=self.run_url(tr.run_id))
+        with system_metrics(tr.run_id, self.uri, resume=tr.resumed, log=self.pt.log):
+            yield TeeTracker(tr, JsonlTracker(phase_dir), run_url=self.run_url(tr.run_id))
 
     def _backfill(self, tr: Any, jsonl: Path) -> int:
         """A phase run found again after a crash: re-send the steps of the durable local record that never
@@ -133,6 +138,9 @@ class MlflowRunTracking(RunTracking):
         if url := self.run_url(run_id):
             links["mlflow_url"] = url
         return links
+
+    def phase_replaced(self, phase: Any, old_dir: Path) -> None:
+        self.pt.retire_phase(phase.name, Path(old_dir))
 
     def eval_done(self, point: str, result: dict[str, Any]) -> None:
         parent = self.pt.require_parent()

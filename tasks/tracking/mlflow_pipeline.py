@@ -34,6 +34,44 @@ from tasks.tracking.mlflow_plots import plot_loss_and_tokens
 from tasks.tracking.mlflow_run import MlflowTracker, RunSpec
 from tasks.tracking.secrets import flatten, redact, scrub
 
+NOTE_TAG = "mlflow.note.content"  # the run's Description in the MLflow UI (Markdown)
+
+
+def phase_note(phase: Any, recipe_name: str) -> str:
+    """What a phase run's metrics mean, shown as its description in the MLflow UI."""
+    return (
+        f"Phase `{phase.name}` of stage `{phase.stage}` (objective `{phase.objective}`), recipe "
+        f"`{recipe_name}`: {phase.token_budget:,} tokens at sequence length {phase.seq_len}.\n\n"
+        "Metrics per optimizer step (x axis: step):\n"
+        "- `loss`: that step's training loss, the mean per-token loss over its whole global batch (all "
+        "ranks and micro-batches); the UI's single value is the **last** step's.\n"
+        "- `lr`, `grad_norm` (-1: not finite), `skipped_steps` (non-finite steps so far), the objective's "
+        "loss terms, `expert_load_max_over_mean` (MoE balance), `model_tflops_per_s` and `mfu_est` "
+        "(estimated), `tokens_per_s`.\n"
+        "- `tokens_total`, `tokens_text|image|video`, `tokens_source.NAME`: tokens consumed so far "
+        "(padding excluded); the phase stops at its token budget.\n\n"
+        "Logged once, at the last step:\n"
+        "- `final_loss` / `first_loss`: the mean of the **last / first k** step losses, "
+        "k = max(1, min(5, steps // 4)): steadier than one step's `loss`, so the two can differ.\n"
+        "- `steps`, `tokens_final_*`, `share_final.GROUP` (the mixture's token shares).\n\n"
+        "Lineage: tags `kimivl.parent_checkpoint.*` (where this phase started), `kimivl.checkpoint.*` "
+        "(its final checkpoint, also a registered model version), `kimivl.dataset.*` (dataset versions). "
+        "System metrics (`system/...`): CPU, memory, GPU of the training host while the phase ran."
+    )
+
+
+def pipeline_note(recipe: Any, out_root: Path | None) -> str:
+    """The parent run's description in the MLflow UI."""
+    where = f" into `{out_root}`" if out_root is not None else ""
+    return (
+        f"Pipeline run of recipe `{recipe.name}`{where}. Each phase is a nested run (expand this run in "
+        "the runs table); its description says what its metrics mean. Here: `PHASE.final_loss`, "
+        "`PHASE.steps`, `PHASE.tokens_final_*` per phase, `data.*` (data step counts), "
+        "`eval.POINT.TASK/METRIC` (evaluation points); the resolved recipe as params and `recipe.json`; "
+        "loss and token plots as artifacts."
+    )
+
+
 # --------------------------------------------------------------------------------------------- pipeline
 
 
@@ -134,6 +172,7 @@ class PipelineTracking:
                 "kimivl.recipe_hash": config_hash(recipe),
                 "kimivl.code_version": code_version(),
                 "kimivl.phases": ",".join(phases),
+                NOTE_TAG: pipeline_note(recipe, self.out_root),
             }
         )
         return self.parent.run_id
@@ -173,6 +212,7 @@ class PipelineTracking:
             "kimivl.datasets": json.dumps({n: h for n, (h, _, _) in versions.items()}, sort_keys=True),
             **{f"kimivl.dataset.{n}": h for n, (h, _, _) in versions.items()},
             **self._parent_checkpoint(phase_name),
+            NOTE_TAG: phase_note(phase, self.recipe.name),
         }
         tr.set_tags(tags)
         tr.log_datasets(
@@ -313,6 +353,27 @@ class PipelineTracking:
         if rejected:
             self.log(f"[tracking] {rejected} records were rejected by MLflow: see {spool}/*/rejected.jsonl")
         return report
+
+    def retire_phase(self, name: str, old_dir: Path) -> str | None:
+        """A forced rerun: this pipeline's run of phase ``name`` stops being the one found again (its run
+        key gets a ``:replaced:`` suffix, ``kimivl.replaced_dir`` says where its directory went); it keeps
+        everything it recorded. Returns its run id (None when there was none or the store is down)."""
+        run_id = self.phase_run_id(name)
+        if run_id is None:
+            return None
+        try:
+            c = self.conn.client
+            c.set_tag(run_id, RUN_KEY_TAG, f"{self.run_key}:replaced:{old_dir.name}")
+            c.set_tag(run_id, "kimivl.replaced_dir", str(old_dir))
+            if c.get_run(run_id).info.status == "RUNNING":  # a crashed attempt never finished
+                c.set_terminated(run_id, "KILLED")
+        except Exception as e:  # tracking trouble never stops training; the new run then continues it
+            self.log(f"[tracking] {name}: could not retire the replaced run {run_id}: {e}")
+            return None
+        self.phases.pop(name, None)
+        self._finished.discard(name)
+        self.log(f"[tracking] {name}: the replaced training stays in MLflow run {run_id}")
+        return run_id
 
     # ---- series (for the plots)
     def phase_run_id(self, name: str) -> str | None:

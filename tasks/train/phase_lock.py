@@ -59,3 +59,22 @@ def phase_lock(pdir: Path, what: str = "phase") -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def set_aside(pdir: Path, what: str = "phase") -> Path | None:
+    """Move a phase directory out of the way so the phase trains again from its start (a forced rerun):
+    ``<parent>/.<name>.replaced-<UTC time>``, nothing deleted. Taken under the phase's lock, so a phase
+    being trained right now is refused (``PhaseBusyError``) instead of moved under its trainer.
+    Returns the new location, or None when there was nothing to move."""
+    pdir = Path(pdir)
+    if not pdir.is_dir():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = pdir.parent / f".{pdir.name}.replaced-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = pdir.parent / f".{pdir.name}.replaced-{stamp}-{n}"
+    with phase_lock(pdir, what):
+        pdir.rename(aside)  # the held lock file moves with it; the next trainer locks a fresh directory
+    return aside

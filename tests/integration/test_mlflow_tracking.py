@@ -123,6 +123,22 @@ def test_per_step_metric_series(tracked):
         assert r.data.metrics["tokens_final_total"] == res["tokens"]["total"]
 
 
+def test_phase_runs_have_system_metrics_and_say_what_their_metrics_mean(tracked):
+    """MLflow's own system metrics on each phase run (a phase shorter than the sampling interval still
+    gets its one averaged point), and a description (the UI's Description box) telling ``loss`` from
+    ``final_loss``; the parent run has one too."""
+    _, parents, phases = _runs(tracked)
+    for name, r in phases.items():
+        cpu = tracked.client.get_metric_history(r.info.run_id, "system/cpu_utilization_percentage")
+        mem = tracked.client.get_metric_history(r.info.run_id, "system/system_memory_usage_megabytes")
+        assert len(cpu) >= 1 and all(0 < m.value <= 100 for m in cpu), (name, cpu)  # it trained: busy
+        assert len(mem) >= 1 and all(m.value > 0 for m in mem), (name, mem)
+        note = r.data.tags["mlflow.note.content"]
+        assert f"Phase `{name}`" in note and "k = max(1, min(5, steps // 4))" in note
+        assert "`final_loss` / `first_loss`" in note and "`loss`: that step's training loss" in note
+    assert "Each phase is a nested run" in parents[0].data.tags["mlflow.note.content"]
+
+
 def test_dataset_inputs_and_lineage_tags(tracked):
     _, _, phases = _runs(tracked)
     for phase in tracked.recipe.phases:
@@ -436,3 +452,46 @@ def test_real_mlflow_server_down_then_up(tracked, tmp_path, monkeypatch):
         assert client.get_run(report["parent_run_id"]).info.status == "FINISHED"
     finally:
         stop_process_group(proc, timeout=15)
+
+
+def test_forced_rerun_tracks_a_new_phase_run_and_keeps_the_old(tracked, monkeypatch):
+    """The stage flow with ``rerun``: the phase trains again into a fresh nested run of the same parent;
+    the replaced run keeps its history, tagged with where the old directory went. (Last in this module:
+    it changes the run tree the tests above read.)"""
+    from flows.stage_flow import StageParams, stage_flow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    parent_id = tracked.summary["mlflow"]["parent_run_id"]
+    runs, parents, _ = _runs(tracked)
+
+    def align_runs(runs):
+        return [r for r in runs if r.data.tags.get("kimivl.phase") == "align" and _parent(r) == parent_id]
+
+    (old,) = align_runs(runs)
+    recipe = tracked.out.parent / "recipe.yaml"
+    (res,) = stage_flow(
+        StageParams(recipe_path=str(recipe), stage="align", out_dir=str(tracked.out), rerun=True)
+    )
+    assert res["up_to_date"] is False and res["mlflow_run_id"] != old.info.run_id
+    runs, parents_after, _ = _runs(tracked)
+    assert sorted(r.info.run_id for r in align_runs(runs)) == sorted([old.info.run_id, res["mlflow_run_id"]])
+    assert sorted(p.info.run_id for p in parents_after) == sorted(p.info.run_id for p in parents)
+    new = tracked.client.get_run(res["mlflow_run_id"])
+    assert _parent(new) == parent_id and new.info.status == "FINISHED"  # a new run under the same parent
+    assert [m.step for m in tracked.client.get_metric_history(new.info.run_id, "loss")] == list(
+        range(1, res["steps"] + 1)
+    )  # its own history, not appended to the replaced one
+    kept = tracked.client.get_run(old.info.run_id)
+    (aside,) = (tracked.out / "phases").glob(".align.replaced-*")
+    assert kept.data.tags["kimivl.replaced_dir"] == str(aside)
+    assert kept.data.tags["kimivl.run_key"].endswith(f":replaced:{aside.name}")
+    assert (
+        len(tracked.client.get_metric_history(kept.info.run_id, "loss"))
+        == len(tracked.client.get_metric_history(old.info.run_id, "loss"))
+        == tracked.summary["phases"]["align"]["steps"]
+    )
+    assert tracked.client.get_run(parent_id).data.tags["kimivl.phase_run.align"] == new.info.run_id
+
+
+def _parent(run) -> str | None:
+    return run.data.tags.get("mlflow.parentRunId")

@@ -144,11 +144,13 @@ def test_ui_triggered_pipeline_tracks_to_mlflow_with_s3_artifacts(
             f"{prefix}/run/eval/align"
         )
     finally:
-        if serve is not None:  # serve first: it may ignore SIGTERM once the server is gone
+        down = runner.invoke(_ops_app(), ["down", "--state-dir", str(state_dir)])  # serve first, then servers
+        if serve is not None and serve.poll() is None:  # down failed to: clean up, the assertion says so
             stop_process_group(serve, timeout=30)
-        down = runner.invoke(_ops_app(), ["down", "--state-dir", str(state_dir)])
     assert down.exit_code == 0, down.output
-    assert json.loads(down.stdout.strip().splitlines()[-1])["stopped"] == {"prefect": True, "mlflow": True}
+    stopped = json.loads(down.stdout.strip().splitlines()[-1])["stopped"]
+    assert stopped == {f"serve-{serve.pid}": True, "prefect": True, "mlflow": True}, stopped
+    assert serve.wait(timeout=10) is not None and list(state_dir.glob("serve-*.json")) == []
     for s in services.values():
         assert not Path(f"/proc/{s['pid']}").exists() or not Path(f"/proc/{s['pid']}/cmdline").read_bytes()
     assert not healthy(services["prefect"]["health"], timeout=1)

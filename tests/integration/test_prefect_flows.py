@@ -162,7 +162,7 @@ def test_run_cmd_rejects_a_bad_recipe_before_any_work(tmp_path):
 
 @pytest.fixture(scope="module")
 def stage_run(prefect_harness, tiny_data, tmp_path_factory):
-    from flows.stage_flow import StageParams, stage_flow
+    from flows.stage_flow import StageParams, stage_flow, tracking_backend
 
     tmp = tmp_path_factory.mktemp("stage-flow")
     recipe = _one_phase_recipe(tmp / "recipe.yaml")
@@ -170,7 +170,8 @@ def stage_run(prefect_harness, tiny_data, tmp_path_factory):
     params = StageParams(
         recipe_path=str(recipe), stage=PHASE, out_dir=str(tmp / "run"), data_dir=str(tiny_data[0])
     )
-    state = stage_flow(params, tracking=tracking, return_state=True)
+    with tracking_backend(tracking):
+        state = stage_flow(params, return_state=True)
     return params, tracking, state
 
 
@@ -204,6 +205,7 @@ def test_stage_flow_trains_phase_with_tracking_links(stage_run):
 
 def test_pipeline_flow_skips_done_work_evaluates_and_exports(stage_run):
     from flows.pipeline import PipelineParams, pipeline_flow
+    from flows.stage_flow import tracking_backend
     from tasks.io.weights import load_hf, load_native
 
     stage_params, _, _ = stage_run
@@ -211,7 +213,8 @@ def test_pipeline_flow_skips_done_work_evaluates_and_exports(stage_run):
         recipe_path=stage_params.recipe_path, out_dir=stage_params.out_dir, data_dir=stage_params.data_dir
     )
     tracking = FakeMlflowTracking()
-    state = pipeline_flow(params, tracking=tracking, return_state=True)
+    with tracking_backend(tracking):
+        state = pipeline_flow(params, return_state=True)
     assert state.is_completed(), state
     res = state.result()
     # the phase was complete: no phase run is opened again; parent context, data hook, the recipe's
@@ -246,10 +249,32 @@ def test_pipeline_flow_skips_done_work_evaluates_and_exports(stage_run):
     assert f"| {PHASE} | {PHASE} |" in table and "| **all** |" in table
     # a second run: the evaluation point and the export are up to date
     again_tracking = FakeMlflowTracking()
-    again = pipeline_flow(params, tracking=again_tracking, return_state=True).result()
+    with tracking_backend(again_tracking):
+        again = pipeline_flow(params, return_state=True).result()
     assert sorted(again["export"]["up_to_date"]) == ["hf", "native"]
     assert f"eval:{PHASE}:up_to_date" in again_tracking.events
     assert again["eval"][PHASE]["summary"] == ev["summary"]
+
+
+def test_stage_flow_up_to_date_opens_no_run_and_rerun_trains_again(stage_run):
+    """A complete phase: no tracking run is opened (no empty MLflow run); ``rerun`` sets the phase
+    directory aside (kept) and trains it again from its start."""
+    from flows.stage_flow import stage_flow, tracking_backend
+
+    params, _, _ = stage_run
+    pdir = Path(params.out_dir) / "phases" / PHASE
+    before = json.loads((pdir / "final" / "result.json").read_text())
+    tracking = FakeMlflowTracking()
+    with tracking_backend(tracking):
+        (res,) = stage_flow(params)
+    assert res["up_to_date"] is True and tracking.events == []
+    tracking = FakeMlflowTracking()
+    with tracking_backend(tracking):
+        (res,) = stage_flow(params.model_copy(update={"rerun": True}))
+    assert res["up_to_date"] is False and res["steps"] == before["steps"]
+    assert tracking.events == ["pipeline:tiny:recipe.yaml", f"done:{PHASE}:run-{PHASE}", "pipeline:end"]
+    (aside,) = pdir.parent.glob(f".{PHASE}.replaced-*")
+    assert json.loads((aside / "final" / "result.json").read_text()) == before
 
 
 def test_stage_flow_on_two_launched_processes_relays_rank0_tracking(prefect_harness, tiny_data, tmp_path):
@@ -257,7 +282,7 @@ def test_stage_flow_on_two_launched_processes_relays_rank0_tracking(prefect_harn
     tracker (every step's metrics in order, params, tags, the final checkpoint); a global batch the ranks
     cannot split fails the flow before any work."""
     from flows.launched_phase import LaunchSettings
-    from flows.stage_flow import StageParams, stage_flow
+    from flows.stage_flow import StageParams, stage_flow, tracking_backend
     from tasks.tracking.local import JsonlTracker, TeeTracker
 
     raw = yaml.safe_load(_one_phase_recipe(tmp_path / "one.yaml").read_text())
@@ -274,7 +299,8 @@ def test_stage_flow_on_two_launched_processes_relays_rank0_tracking(prefect_harn
             tracking="local", launch=LaunchSettings(nproc=nproc),
         )  # fmt: skip
 
-    bad = stage_flow(params(3), tracking=FakeMlflowTracking(), return_state=True)
+    with tracking_backend(FakeMlflowTracking()):
+        bad = stage_flow(params(3), return_state=True)
     assert bad.is_failed() and "phases.0.micro_batches_per_step" in str(bad.result(raise_on_failure=False))
     assert not out.exists()
 
@@ -285,7 +311,8 @@ def test_stage_flow_on_two_launched_processes_relays_rank0_tracking(prefect_harn
                 yield TeeTracker(t, JsonlTracker(phase_dir))
 
     tracking = TeeToPhaseDir()
-    state = stage_flow(params(2), tracking=tracking, return_state=True)
+    with tracking_backend(tracking):
+        state = stage_flow(params(2), return_state=True)
     assert state.is_completed(), state
     (res,) = state.result()
     pdir = out / "phases" / PHASE

@@ -274,6 +274,20 @@ def test_two_process_stage_matches_one_process(tiny_data, tiny_run, tmp_path):
         assert abs(a - b) <= 1e-4 * abs(a), (l1, l2)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    # the complete phase again: up to date; with --rerun it trains again, its old directory kept aside
+    out = tmp_path / "out1"
+    base = [sys.executable, "-m", "flows.cli", "stage", "text_pretrain", "--recipe", str(rpath),
+            "--data", str(data_root), "--out", str(out)]  # fmt: skip
+    again = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "[text_pretrain] already complete" in again.stderr, again.stderr[-3000:]
+    rerun = subprocess.run([*base, "--rerun"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (aside,) = (out / "phases").glob(".text_pretrain.replaced-*")
+    assert f"[text_pretrain] rerun: the previous run directory is now {aside}" in rerun.stderr
+    assert load_safetensors(aside / "final" / "model.safetensors").keys() == w1.keys()
+    w1_again = load_safetensors(out / "phases" / "text_pretrain" / "final" / "model.safetensors")
+    for k in w1:  # the same training from the same start
+        torch.testing.assert_close(w1_again[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
 def test_recipe_phases_run_with_bf16_working_weights(tiny_data, tmp_path):

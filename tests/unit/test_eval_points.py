@@ -74,4 +74,8 @@ def test_report_compares_before_and_after(tmp_path):
     out = pipeline_report("tiny", points, stage_of, tmp_path)
     assert (tmp_path / "eval" / "report.md").read_text() == md
     assert out["json"]["points"]["cooldown"]["summary"]["niah_text/recall"] == 0.25
+    # the file links its neighbours; the Prefect artifact (shown at another URL) names absolute paths
+    assert "[cooldown](cooldown/report.md)" in md
+    shown = out["artifact_markdown"]
+    assert "](" not in shown and f"`{(tmp_path / 'eval' / 'cooldown' / 'report.md').resolve()}`" in shown
     assert "No evaluation points ran." in render_pipeline_report("tiny", {}, stage_of)
