@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from kimivl_model.muon import Muon, build_param_groups
 from tasks.train.distributed_muon import DistributedMuon, assign_owners
+from tests.gloo_ranks import run_ranks
 
 WORLD = 2
 STEPS = 5
@@ -52,54 +50,40 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(model(x), y)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for averaged in (False, True):
-            model = Net()
-            opt = DistributedMuon(build_param_groups(model, lr=LR, **GROUP_KW), grads_are_averaged=averaged)
-            for step in range(STEPS):
-                x, y = _batch(step)
-                half = slice(rank * 8, (rank + 1) * 8)
-                opt.zero_grad(set_to_none=True)
-                _loss(model, x[half], y[half]).backward()
-                if averaged:  # what DDP / DeepSpeed ZeRO 0 would have done
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad)
-                            p.grad.div_(WORLD)
-                opt.step()
-            names = {id(p): n for n, p in model.named_parameters()}
-            has_state = sorted(names[id(p)] for p, s in opt.state.items() if len(s) > 0)
-            owner = {
-                n: opt.owner_of(g, i)
-                for g, grp in enumerate(opt.param_groups)
-                for i, n in enumerate(grp["names"])
-            }
-            reloaded = DistributedMuon(
-                build_param_groups(Net(), lr=LR, **GROUP_KW), grads_are_averaged=averaged
-            )
-            reloaded.load_state_dict(copy.deepcopy(opt.state_dict()))
-            torch.save(
-                {
-                    "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-                    "has_state": has_state,
-                    "owner": owner,
-                    "comm_bytes": opt.comm_bytes,
-                    "reloaded_state_keys": len(reloaded.state),
-                },
-                Path(out_dir) / f"rank{rank}_avg{int(averaged)}.pt",
-            )
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, out_dir: Path) -> None:
+    for averaged in (False, True):
+        model = Net()
+        opt = DistributedMuon(build_param_groups(model, lr=LR, **GROUP_KW), grads_are_averaged=averaged)
+        for step in range(STEPS):
+            x, y = _batch(step)
+            half = slice(rank * 8, (rank + 1) * 8)
+            opt.zero_grad(set_to_none=True)
+            _loss(model, x[half], y[half]).backward()
+            if averaged:  # what DDP / DeepSpeed ZeRO 0 would have done
+                for p in model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(WORLD)
+            opt.step()
+        names = {id(p): n for n, p in model.named_parameters()}
+        has_state = sorted(names[id(p)] for p, s in opt.state.items() if len(s) > 0)
+        owner = {
+            n: opt.owner_of(g, i)
+            for g, grp in enumerate(opt.param_groups)
+            for i, n in enumerate(grp["names"])
+        }
+        reloaded = DistributedMuon(build_param_groups(Net(), lr=LR, **GROUP_KW), grads_are_averaged=averaged)
+        reloaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "has_state": has_state,
+                "owner": owner,
+                "comm_bytes": opt.comm_bytes,
+                "reloaded_state_keys": len(reloaded.state),
+            },
+            out_dir / f"rank{rank}_avg{int(averaged)}.pt",
+        )
 
 
 def _reference() -> dict[str, torch.Tensor]:
@@ -112,9 +96,9 @@ def _reference() -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(360)
 def test_two_ranks_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    run_ranks(_worker, tmp_path, world=WORLD)
     ref = _reference()
     init = {n: p.detach() for n, p in Net().named_parameters()}
     active = [n for n in ref if not n.startswith("unused")]

@@ -5,16 +5,14 @@ ranks' tokens), incl. a routing where one rank's experts get no token at all."""
 from __future__ import annotations
 
 import dataclasses
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from kimivl_model.config import preset
 from kimivl_model.moe import RoutedExperts
+from tests.gloo_ranks import run_ranks
 
 WORLD = 2
 T, K = 24, 2
@@ -41,22 +39,8 @@ def _inputs(rank: int, all_to_first_half: bool):
     return x, idx, w, gout
 
 
-def _entry(rank: int, body, init_file: str, out_dir: str) -> None:
-    """One gloo rank: run ``body(rank, out_dir)``; a failure is written to ``rank<N>.err`` for the test."""
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        body(rank, Path(out_dir))
-        dist.destroy_process_group()
-    except Exception:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
 def _spawn(body, tmp_path: Path) -> None:
-    mp.spawn(_entry, args=(body, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    errors = [p.read_text() for p in tmp_path.glob("*.err")]
-    assert not errors, errors
+    run_ranks(body, tmp_path, world=WORLD)
 
 
 def _layer_body(rank: int, out_dir: Path) -> None:
@@ -97,7 +81,7 @@ def _layer_body(rank: int, out_dir: Path) -> None:
     torch.save(report, out_dir / f"rank{rank}.pt")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(360)
 def test_expert_parallel_layer_matches_all_experts_in_one_process(tmp_path):
     _spawn(_layer_body, tmp_path)
     for rank in range(WORLD):
@@ -165,7 +149,7 @@ def _lm_body(rank: int, out_dir: Path) -> None:
     )
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(360)
 def test_sharded_kimilm_matches_the_unsharded_model(tmp_path):
     """``shard_experts(KimiLM)`` on 2 ranks: each rank's loss, the gradients of everything replicated, and
     its experts' gradients (over both ranks' tokens) equal the unsharded model's; half the experts each."""
