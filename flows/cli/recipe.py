@@ -68,9 +68,10 @@ def recipe_memory(
         None, "--device-memory", min=0.0, help="GiB per rank (e.g. 79.1 for an H100 80GB): adds 'fits'"
     ),
 ) -> None:
-    """Model-state memory per rank of every phase (weights, gradients, optimizer state, bf16 autocast
-    copies; activations not included), computed on the meta device; JSON on stdout. Exit 1 if a phase
-    does not fit --device-memory."""
+    """Memory per rank of every phase: model states (weights, gradients, optimizer state, bf16 autocast
+    copies; computed on the meta device) and the activations of its worst-case micro-batch (counted from
+    the model code; the CoCa text decoder's not included); JSON on stdout. Exit 1 if a phase does not fit
+    --device-memory."""
     from rich.table import Table
 
     from tasks.train.memory import GIB, plan_recipe
@@ -79,8 +80,8 @@ def recipe_memory(
         console.print(f"[bold red]error:[/] --device: expected cuda or cpu, got {device!r}")
         raise typer.Exit(2)
     plans = plan_recipe(load_recipe_or_exit(recipe), world, device)
-    cols = ("phase", "params", "trainable", "bf16", "weights", "grads", "optim", "autocast", "total")
-    t = Table(title=f"model states per rank (GiB; no activations): {recipe}, {world} rank(s), {device}")
+    cols = ("phase", "params", "trainable", "bf16", "weights", "grads", "optim", "autocast", "acts", "total")
+    t = Table(title=f"memory per rank (GiB; acts: one micro-batch): {recipe}, {world} rank(s), {device}")
 
     def n(x: int) -> str:
         return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.1f}M"
@@ -93,7 +94,8 @@ def recipe_memory(
         if fits is False:
             misfits.append(p.phase)
         gib = [
-            f"{b / GIB:.2f}" for b in (p.weights, p.gradients, p.optimizer_state, p.autocast_copies, p.total)
+            f"{b / GIB:.2f}"
+            for b in (p.weights, p.gradients, p.optimizer_state, p.autocast_copies, p.activations, p.total)
         ]
         t.add_row(
             p.phase,
@@ -111,7 +113,8 @@ def recipe_memory(
     if misfits:
         console.print(
             f"[bold red]does not fit {device_memory} GiB:[/] {', '.join(misfits)} (more ranks shrink only the "
-            "optimizer state, and the gradients with ZeRO 2)"
+            "optimizer state, and the gradients with ZeRO 2; gradient checkpointing or a shorter seq_len the "
+            "activations)"
         )
         raise typer.Exit(1)
 

@@ -1,4 +1,4 @@
-"""Per-rank memory of a training phase's model states, computed before anything is allocated.
+"""Per-rank memory of a training phase (model states and activations), computed before anything is allocated.
 
 What the engine (``tasks/train/engine.py``) keeps on each rank for the whole phase, from the phase's model
 built on the meta device (no memory, exact parameter counts) and the same param groups and ownership the
@@ -21,11 +21,14 @@ With ``train.working_weights: bf16`` (``kimivl_model/precision.py``) the trainab
 in bf16 (2 bytes, and 2 for their gradients), their fp32 masters are optimizer state on the owner rank (+1
 fp32 element per owned element), and autocast copies remain only for the trainable weights still in fp32.
 
-Not included (said so wherever the numbers are shown): activations (with gradient checkpointing, about
-seq_len x hidden x 4 bytes per decoder layer plus one layer's recomputation), DeepSpeed's transient
-gradient-reduction buckets, optimizer step counters, the CUDA context and allocator fragmentation.
-Model states are exact, so a phase whose model states alone exceed the device's memory cannot run, and
-``check_fits`` stops it before the model is built.
+- **activations** (``tasks/train/activations.py``): what one worst-case micro-batch of the phase keeps for
+  its backward (per layer, tensor by tensor, with or without gradient checkpointing), plus the backward's
+  temporaries and the loss head's chunk; checked against autograd's saved tensors and MemTracker's CPU peaks.
+
+Not included (said so wherever the numbers are shown): DeepSpeed's transient gradient-reduction buckets,
+optimizer step counters, the CoCa text decoder's activations, the CUDA context and allocator fragmentation.
+Model states are exact and activations are counted from the code, so a phase whose plan exceeds the
+device's memory cannot run, and ``check_fits`` stops it before the model is built.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 
 from kimivl_model.muon import build_param_groups
 from kimivl_model.vlm import KimiVL
+from tasks.train.activations import ActivationPlan, phase_activations
 from tasks.train.distributed_muon import assign_owners
 from tasks.train.engine_config import resolve_precision
 
@@ -45,7 +49,7 @@ FP32, BF16 = 4, 2
 
 
 class MemoryPlanError(ValueError):
-    """A phase's model states do not fit the device (raised before any model is built)."""
+    """A phase's model states and activations do not fit the device (raised before any model is built)."""
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,25 @@ class MemoryPlan:
     optimizer_state: int
     autocast_copies: int
     bf16_working_params: int = 0  # trainable params held in bf16 (fp32 masters in the optimizer)
+    activation_parts: ActivationPlan | None = None  # one worst-case micro-batch (None: not planned)
+
+    @property
+    def states(self) -> int:
+        """Model states: weights, gradients, optimizer state, autocast copies."""
+        return self.weights + self.gradients + self.optimizer_state + self.autocast_copies
+
+    @property
+    def activations(self) -> int:
+        return self.activation_parts.total if self.activation_parts is not None else 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + self.autocast_copies
+        return self.states + self.activations
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total}
+        d = asdict(self)
+        d["activation_parts"] = self.activation_parts.as_dict() if self.activation_parts else None
+        return {**d, "states": self.states, "activations": self.activations, "total": self.total}
 
 
 def _phase_model_groups(recipe: Any, phase: Any) -> tuple[KimiVL, list[dict[str, Any]]]:
@@ -121,6 +137,9 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
         optimizer_state=opt,
         autocast_copies=(trainable - low) * BF16 if precision == "bf16" else 0,
         bf16_working_params=low,
+        activation_parts=phase_activations(
+            recipe.model.architecture(), phase, recipe.model.gradient_checkpointing, precision, device_type
+        ),
     )
 
 
@@ -136,13 +155,14 @@ def check_fits(plan: MemoryPlan, device_bytes: int, where: str, ranks_sharing: i
         return
     per = f" ({ranks_sharing} ranks x {plan.total / GIB:.1f} GiB)" if ranks_sharing > 1 else ""
     raise MemoryPlanError(
-        f"phase {plan.phase!r}: its model states need {need / GIB:.1f} GiB{per} on {where}, which has "
-        f"{device_bytes / GIB:.1f} GiB (per rank: weights {plan.weights / GIB:.1f}, gradients "
+        f"phase {plan.phase!r}: its model states and activations need {need / GIB:.1f} GiB{per} on {where}, "
+        f"which has {device_bytes / GIB:.1f} GiB (per rank: weights {plan.weights / GIB:.1f}, gradients "
         f"{plan.gradients / GIB:.1f}, optimizer state {plan.optimizer_state / GIB:.1f}, bf16 autocast copies "
-        f"{plan.autocast_copies / GIB:.1f} GiB; {plan.params:,} parameters, {plan.trainable:,} trainable, "
-        f"{plan.optimizer} with ZeRO {plan.zero_stage} on {plan.world} ranks), before any activation. "
-        "`kimivl recipe memory` shows every phase; more ranks shrink only the optimizer state (and the "
-        "gradients with ZeRO 2)"
+        f"{plan.autocast_copies / GIB:.1f}, activations of one micro-batch {plan.activations / GIB:.1f} GiB; "
+        f"{plan.params:,} parameters, {plan.trainable:,} trainable, {plan.optimizer} with ZeRO "
+        f"{plan.zero_stage} on {plan.world} ranks). `kimivl recipe memory` shows every phase; more ranks "
+        "shrink only the optimizer state (and the gradients with ZeRO 2); gradient checkpointing "
+        "(model.gradient_checkpointing) or a shorter seq_len shrinks the activations"
     )
 
 
@@ -180,9 +200,10 @@ def preflight(recipe: Any, phase: Any, log: Any = print) -> MemoryPlan:
     plan = plan_phase(recipe, phase, world, device.type)
     total, where, sharing = device_memory(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     log(
-        f"[{phase.name}] model states per rank: {plan.total / GIB:.2f} GiB (weights {plan.weights / GIB:.2f}, "
+        f"[{phase.name}] memory per rank: {plan.total / GIB:.2f} GiB (weights {plan.weights / GIB:.2f}, "
         f"gradients {plan.gradients / GIB:.2f}, optimizer {plan.optimizer_state / GIB:.2f}, autocast copies "
-        f"{plan.autocast_copies / GIB:.2f}; activations not included) of {total / GIB:.1f} GiB on {where}"
+        f"{plan.autocast_copies / GIB:.2f}, activations {plan.activations / GIB:.2f}) of {total / GIB:.1f} GiB "
+        f"on {where}"
     )
     check_fits(plan, total, where, sharing)
     return plan
