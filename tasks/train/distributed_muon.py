@@ -20,6 +20,20 @@ The owner applies the update to the master in fp32 (grad upcast) and writes the 
 the param, which is then broadcast in bf16 as usual. So per rank the weights and gradients of those params
 cost 2 + 2 bytes and the master 4 bytes / world (with the momentum), instead of 4 + 4 bytes. Masters are
 part of ``state_dict`` (kept fp32 on load) and ``master_weights`` gathers them for full-precision exports.
+
+Sharded gradients (``shard_gradients``, the engine's ``train.shard_gradients``; ZeRO-2 style for whole
+matrices): while each micro-batch's backward runs, a parameter's gradient is reduced (SUM) to its owner as
+soon as its bucket is complete (``register_post_accumulate_grad_hook``) and freed on every rank; the owner
+adds it, divided by the world size, into an fp32 main gradient it keeps for the step. So a rank holds the
+fp32 gradients of the matrices it owns (1/world of them) plus the gradients of the buckets still waiting,
+instead of every gradient. Buckets (same owner and dtype, consecutive in backward order, at most
+``bucket_bytes``) are reduced in one fixed order on every rank; a bucket waits for all its params, and
+``finish_backward`` (after each micro-batch's backward) reduces whatever is left, with zeros for the params
+this rank's micro-batch never touched (a text-only micro-batch on one rank, an image one on another: no
+deadlock, and a missing gradient counts as zero, as in DDP). ``grad_norm`` (one all-reduce of the owners'
+squared norms) and ``scale_grads`` give the global-norm clipping over the shards. Communication: one
+reduce per bucket per micro-batch (ZeRO 0's all-reduce moves the same bytes once per step: the price of
+the memory).
 """
 
 from __future__ import annotations
@@ -33,6 +47,8 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from kimivl_model.muon import DEFAULTS, apply_param_update_, validate_param_group
+
+GRAD_BUCKET_BYTES = 25 * 2**20  # sharded gradients: the most bytes reduced in one collective
 
 
 def assign_owners(numels: list[list[int]], world_size: int) -> list[list[int]]:
@@ -86,6 +102,9 @@ class DistributedMuon(torch.optim.Optimizer):
         self.comm_bytes = 0
         self.owners: list[list[int]] = []
         self.low_precision: list[tuple[int, int]] = []  # (group, index) of params with fp32 masters
+        self.sharded = False  # shard_gradients() was called
+        self._main: dict[int, Tensor] = {}  # id(param) -> fp32 main gradient (owner only, sharded mode)
+        self._had_grad: set[int] = set()  # id(param) with a local gradient this step (sharded mode)
         super().__init__(params, {**DEFAULTS, **defaults, "lr": lr})
 
     # ------------------------------------------------------------------ ownership
@@ -159,9 +178,114 @@ class DistributedMuon(torch.optim.Optimizer):
                 self.state[p]["master"] = v.detach().to(device=p.device, dtype=torch.float32, copy=True)
             p.copy_(v)
 
+    # ------------------------------------------------------------------ sharded gradients
+    def shard_gradients(self, backward_order: list[Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
+        """Reduce every trainable param's gradient to its owner during the backward (module docstring).
+
+        ``backward_order``: the optimizer's params in the order their gradients are expected (reverse
+        forward order, e.g. ``reversed(list(model.parameters()))``); any order is correct, a good one frees
+        memory sooner. Call once, before the first backward."""
+        if self.sharded:
+            raise RuntimeError("shard_gradients: already called on this optimizer")
+        where = self._index(list(backward_order))
+        if sorted(where) != sorted(
+            (g, i) for g, grp in enumerate(self.param_groups) for i in range(len(grp["params"]))
+        ):
+            raise ValueError("shard_gradients: backward_order must list every param of the optimizer once")
+        self._buckets_fixed: list[list[tuple[int, int]]] = []
+        size = 0
+        for gi in where:
+            p = self._param(gi)
+            last = self._buckets_fixed[-1] if self._buckets_fixed else None
+            same = (
+                last is not None
+                and self._owner(last[0]) == self._owner(gi)
+                and self._param(last[0]).dtype == p.dtype
+            )
+            nbytes = p.numel() * p.element_size()
+            if same and size + nbytes <= bucket_bytes:
+                last.append(gi)
+                size += nbytes
+            else:
+                self._buckets_fixed.append([gi])
+                size = nbytes
+        self._bucket_of = {gi: b for b, members in enumerate(self._buckets_fixed) for gi in members}
+        self._waiting = [len(m) for m in self._buckets_fixed]
+        self._next = 0  # the next bucket to reduce, in the fixed order
+        for gi in where:
+            self._param(gi).register_post_accumulate_grad_hook(lambda p, gi=gi: self._grad_ready(gi))
+        self.sharded = True
+
+    def _owner(self, gi: tuple[int, int]) -> int:
+        return self.owners[gi[0]][gi[1]]
+
+    def _grad_ready(self, gi: tuple[int, int]) -> None:
+        self._had_grad.add(id(self._param(gi)))
+        b = self._bucket_of[gi]
+        self._waiting[b] -= 1
+        while self._next < len(self._buckets_fixed) and self._waiting[self._next] == 0:
+            self._reduce_bucket(self._next)
+
+    @torch.no_grad()
+    def _reduce_bucket(self, b: int) -> None:
+        members = self._buckets_fixed[b]
+        params = [self._param(gi) for gi in members]
+        local = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        owner = self._owner(members[0])
+        flat = _flatten_dense_tensors(local) if len(local) > 1 else local[0].reshape(-1).clone()
+        if self.world_size > 1:
+            dist.reduce(flat, dst=self._global_rank(owner), op=dist.ReduceOp.SUM, group=self.process_group)
+            self.comm_bytes += flat.numel() * flat.element_size()
+        if owner == self.rank:
+            for p, g in zip(params, _unflatten_dense_tensors(flat, local), strict=True):
+                main = self._main.get(id(p))
+                if main is None:
+                    main = self._main[id(p)] = torch.zeros_like(p, dtype=torch.float32)
+                main.add_(g.to(torch.float32), alpha=1.0 / self.world_size)
+        for p in params:
+            p.grad = None
+        self._next = b + 1
+
+    def finish_backward(self) -> None:
+        """After a micro-batch's backward: reduce the buckets still waiting (zeros for params without a
+        gradient here), in the fixed order; every rank calls it after every backward."""
+        if not self.sharded:
+            return
+        while self._next < len(self._buckets_fixed):
+            self._reduce_bucket(self._next)
+        self._waiting = [len(m) for m in self._buckets_fixed]
+        self._next = 0
+
+    @torch.no_grad()
+    def grad_norm(self) -> float:
+        """Collective (sharded mode): the global L2 norm of the averaged gradients, from the owners' shards."""
+        sq = torch.zeros((), dtype=torch.float64)
+        for main in self._main.values():
+            sq += main.double().pow(2).sum().cpu()
+        if self.world_size > 1:
+            device = self.param_groups[0]["params"][0].device
+            t = sq.to(device)
+            dist.all_reduce(t, group=self.process_group)
+            sq = t.cpu()
+        return float(sq.sqrt())
+
+    @torch.no_grad()
+    def scale_grads(self, factor: float) -> None:
+        """Multiply the owners' main gradients by ``factor`` (clipping in sharded mode)."""
+        for main in self._main.values():
+            main.mul_(factor)
+
+    def clear_sharded_grads(self) -> None:
+        """Drop this step's main gradients and gradient flags (after the step, or a skipped step)."""
+        self._main.clear()
+        self._had_grad.clear()
+
     # ------------------------------------------------------------------ comm helpers
     def _active_flags(self) -> list[list[bool]]:
-        local = [[p.grad is not None for p in g["params"]] for g in self.param_groups]
+        if self.sharded:
+            local = [[id(p) in self._had_grad for p in g["params"]] for g in self.param_groups]
+        else:
+            local = [[p.grad is not None for p in g["params"]] for g in self.param_groups]
         if self.world_size == 1:
             return local
         flat = [f for g in local for f in g]
@@ -224,7 +348,15 @@ class DistributedMuon(torch.optim.Optimizer):
         self.comm_bytes = 0
         active = self._active_flags()
         buckets = self._buckets(active)
-        grads = self._reduce_grads(buckets)
+        if self.sharded:  # already reduced to the owners (and averaged) during the backward
+            grads = {
+                (g, i): self._main[id(p)]
+                for g, group in enumerate(self.param_groups)
+                for i, p in enumerate(group["params"])
+                if active[g][i] and self.owners[g][i] == self.rank
+            }
+        else:
+            grads = self._reduce_grads(buckets)
         for (g, i), grad in grads.items():
             group = self.param_groups[g]
             p = group["params"][i]
@@ -237,6 +369,7 @@ class DistributedMuon(torch.optim.Optimizer):
                 p.copy_(master)
         if self.world_size > 1:
             self._broadcast_params(buckets)
+        self.clear_sharded_grads()
         return loss
 
     # ------------------------------------------------------------------ checkpoint

@@ -27,6 +27,11 @@ What it does (DESIGN.md "distributed training"; STACK.md "DeepSpeed on CPU" for 
   (``kimivl_model/precision.py``) are held in bf16 with bf16 gradients, their fp32 masters are optimizer
   state on the owner rank (``DistributedMuon.hold_in_low_precision``); exports and checkpoints still write
   the fp32 masters (``full_state_dict`` gathers them), so lineage stays full precision.
+- ``shard_gradients`` (muon): DeepSpeed's gradient all-reduce is off; DistributedMuon reduces each gradient
+  to its owner during the backward (post-accumulate-grad hooks, fixed bucket order, zeros for gradients a
+  rank's micro-batch did not produce) and keeps fp32 main gradients for its matrices only; the engine
+  computes the global norm over the shards and clips them (DeepSpeed's rule), DeepSpeed's own clipping is
+  off. 2 ranks equal 1 rank within 1e-5 (``tests/integration/test_sharded_gradients.py``);
 - checkpoints: ``tasks/train/checkpoint.py`` format (safetensors + weights_only ``.pt`` + checksums,
   staged then renamed), never DeepSpeed's pickle-based save.
 
@@ -88,7 +93,8 @@ class TrainEngine:
     phase trainer passes none: its tracking callback records richer per-step metrics); ``count_tokens(micro_batch) -> int`` target tokens
     (default: ``labels != -100``; must agree with ``LossResult.num_tokens``); ``before_step(engine)`` is
     called after the gradients are final (reduced, before clipping) and before the optimizer step (under
-    ZeRO 0 they are in ``p.grad``; ZeRO 1/2 keep them partitioned inside DeepSpeed).
+    ZeRO 0 they are in ``p.grad``; ZeRO 1/2 keep them partitioned inside DeepSpeed; with
+    ``shard_gradients`` they are DistributedMuon's fp32 main gradients on the owner ranks, already clipped).
     """
 
     def __init__(
@@ -135,6 +141,10 @@ class TrainEngine:
             config=self.ds_config,
         )
         self.device = self.ds.device
+        if cfg.shard_gradients:  # DistributedMuon reduces to the owners during the backward
+            assert self._muon is not None
+            self.ds.enable_backward_allreduce = False
+            self._muon.shard_gradients([p for p in reversed(list(model.parameters())) if p.requires_grad])
         if cfg.zero_stage == 0:
             install_step_guard(self.optimizer)
         self.ds.train()
@@ -232,6 +242,8 @@ class TrainEngine:
                     # poison the gradients so every ZeRO stage's non-finite-norm check skips the step
                     loss = loss * float("nan")
             self.ds.backward(loss)
+            if self._muon is not None:
+                self._muon.finish_backward()  # sharded gradients: reduce what this rank left waiting
             if not last:
                 self.ds.step()  # not a boundary: advances DeepSpeed's micro-step counter only
         grad_norm, skipped = self._optimizer_step(bool(sums.nonfinite))
@@ -279,6 +291,19 @@ class TrainEngine:
 
     def _optimizer_step(self, nonfinite_loss: bool) -> tuple[float, bool]:
         """Boundary: check, clip (DeepSpeed), step; returns (pre-clip grad norm, skipped)."""
+        if self.cfg.shard_gradients:
+            assert self._muon is not None
+            norm = self._muon.grad_norm()  # the same on every rank (one all-reduce)
+            bad = nonfinite_loss or not math.isfinite(norm)
+            self.optimizer.skip_next = bad
+            clip = self.cfg.grad_clip
+            if not bad and clip > 0 and norm + 1e-6 > clip:  # DeepSpeed's clip_grad_norm_ rule
+                self._muon.scale_grads(clip / (norm + 1e-6))
+            if self.before_step is not None:
+                self.before_step(self)
+            self.ds.step()  # calls the (guarded) optimizer; DeepSpeed has nothing to clip or reduce
+            self._muon.clear_sharded_grads()
+            return norm, bad
         if self.cfg.zero_stage == 0:
             norm = self._zero0_grad_norm()
             (bad,) = self._all_reduce([float(nonfinite_loss or not math.isfinite(norm))], dist.ReduceOp.MAX)

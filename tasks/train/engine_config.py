@@ -36,6 +36,11 @@ class OptimizerSettings(BaseModel):
         description="bf16: trainable matmul weights held in bf16 with fp32 masters in the optimizer (owner "
         "rank); needs optimizer muon and precision bf16. fp32: fp32 weights under autocast",
     )
+    shard_gradients: bool = Field(
+        False,
+        description="muon: reduce each gradient to its owner rank during the backward and free it elsewhere "
+        "(ZeRO-2 style; a rank keeps fp32 gradients of the matrices it owns only)",
+    )
     weight_decay: float = Field(
         MUON["weight_decay"], ge=0, description="decoupled weight decay (Moonlight: 0.1)"
     )
@@ -68,6 +73,11 @@ class OptimizerSettings(BaseModel):
                 f"working_weights: 'bf16' needs optimizer 'muon' (its owners keep the fp32 masters) and bf16 "
                 f"autocast (precision bf16 or auto on CUDA), got optimizer={self.optimizer!r}, "
                 f"precision={self.precision!r}"
+            )
+        if self.shard_gradients and self.optimizer != "muon":
+            raise ValueError(
+                f"shard_gradients: needs optimizer 'muon' (DistributedMuon's owners keep the shards), got "
+                f"{self.optimizer!r}; with adamw use zero_stage 2"
             )
         b1, b2 = self.adamw_betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
@@ -118,7 +128,8 @@ def build_ds_config(cfg: EngineConfig, world_size: int, device_type: str = "cpu"
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": gas,
         "train_batch_size": cfg.micro_batches_per_step,
-        "gradient_clipping": float(cfg.grad_clip),
+        # sharded gradients: the engine clips over the owners' shards itself (DeepSpeed would see no grads)
+        "gradient_clipping": 0.0 if cfg.shard_gradients else float(cfg.grad_clip),
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": False},
         # fp32 params/grads/optimizer state, bf16 compute; grads reduced in fp32 (no lower-precision comm);

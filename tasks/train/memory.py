@@ -6,6 +6,9 @@ optimizer uses:
 
 - **weights**: every parameter in fp32, frozen ones included (bf16 runs autocast over fp32 parameters);
 - **gradients**: every trainable parameter in fp32 (ZeRO 0 and 1: whole on every rank; ZeRO 2: 1/world);
+  with ``train.shard_gradients`` (muon) the fp32 main gradients of the matrices the busiest rank owns, plus
+  two buckets in flight during the backward (``GRAD_BUCKET_BYTES`` or the largest matrix, whichever is
+  larger: a bucket reduced while the next one fills);
 - **optimizer state**: ``muon`` (``DistributedMuon``): the state of the parameters this rank owns (whole
   matrices, ``assign_owners``): 1 fp32 momentum per Muon element, 2 fp32 moments per AdamW element; the
   busiest rank is reported. ``adamw``: ``torch.optim.AdamW``'s 2 fp32 moments per trainable element;
@@ -41,7 +44,7 @@ import torch
 from kimivl_model.muon import build_param_groups
 from kimivl_model.vlm import KimiVL
 from tasks.train.activations import ActivationPlan, phase_activations
-from tasks.train.distributed_muon import assign_owners
+from tasks.train.distributed_muon import GRAD_BUCKET_BYTES, assign_owners
 from tasks.train.engine_config import resolve_precision
 
 GIB = 1024**3
@@ -113,6 +116,13 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
     if train.optimizer == "muon":  # DistributedMuon: whole-matrix owners, the busiest rank
         numels = [[p.numel() for p in g["params"]] for g in groups]
         owners = assign_owners(numels, world)
+        if train.shard_gradients:  # fp32 main gradients of the owned matrices + the buckets in flight
+            owned = [0] * world
+            for g, group_numels in enumerate(numels):
+                for i, n in enumerate(group_numels):
+                    owned[owners[g][i]] += n
+            largest = max((n for g in numels for n in g), default=0) * FP32
+            grads = max(owned) * FP32 + 2 * max(GRAD_BUCKET_BYTES, largest)
         per_rank = [0] * world
         for g, group in enumerate(groups):
             per_elem = 1 if group["use_muon"] else 2

@@ -139,13 +139,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     rank, _world = init_distributed_if_needed()
     for run in args.runs.split(","):
-        opt, zero, *variant = run.split(":")  # "muon:0:bf16w": bf16 working weights, fp32 masters
+        opt, zero, *variant = run.split(":")  # "muon:0:bf16w:shardg": variants below
         out = args.out / "-".join([f"{opt}-z{zero}", *variant])
         out.mkdir(parents=True, exist_ok=True)
         model = make_model()
         cfg = engine_config(opt, int(zero))
-        if variant == ["bf16w"]:
-            cfg = cfg.model_copy(update={"precision": "bf16", "working_weights": "bf16"})
+        for v in variant:  # "bf16w": bf16 working weights; "shardg": gradients sharded to their owners
+            update = {
+                "bf16w": {"precision": "bf16", "working_weights": "bf16"},
+                "shardg": {"shard_gradients": True},
+            }
+            cfg = cfg.model_copy(update=update[v])
         engine = TrainEngine(model, cfg, loss_fn)
         start = 0
         latest = latest_checkpoint(out / "ckpt") if args.resume else None

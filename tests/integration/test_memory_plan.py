@@ -98,9 +98,10 @@ def test_a_phase_that_cannot_fit_stops_before_the_model_is_built(monkeypatch, tm
 
 
 def test_recipe_memory_cli_on_the_full_scale_recipe(tmp_path):
-    """configs/a3b.yaml on 8 ranks. With its bf16 working weights the whole-model phases need ~80 GiB of
-    model states per rank plus their activations; with fp32 working weights > 150 GiB per rank (fp32
-    weights + gradients on every rank)."""
+    """configs/a3b.yaml on 8 ranks of 80 GB GPUs (79.1 GiB). As shipped (bf16 working weights, gradients
+    sharded to their Muon owners, gradient checkpointing), the 8K phases that train the whole model fit with
+    >= 10% headroom, states + activations; without sharded gradients they need ~80 GiB of model states
+    alone; with fp32 working weights > 150 GiB (fp32 weights + gradients on every rank)."""
     from flows.cli import app
 
     def memory(recipe: Path, gib: str):
@@ -109,28 +110,39 @@ def test_recipe_memory_cli_on_the_full_scale_recipe(tmp_path):
         out = json.loads(res.stdout.strip().splitlines()[-1])
         return res, {p["phase"]: p for p in out["phases"]}
 
-    res, phases = memory(ROOT / "configs/a3b.yaml", "139")
+    def variant(name: str, **train) -> Path:
+        raw = yaml.safe_load((ROOT / "configs/a3b.yaml").read_text())
+        raw["train"].update(train)
+        path = tmp_path / f"a3b-{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    res, phases = memory(ROOT / "configs/a3b.yaml", "79.1")
     jp = phases["joint_pretrain"]
     assert jp["params"] == jp["trainable"] == 16_407_654_384
     low = jp["bf16_working_params"]
     assert 0.95 * jp["params"] < low < jp["params"]  # all matmul weights; embeddings, norms, router fp32
-    assert jp["weights"] == jp["gradients"] == 2 * low + 4 * (jp["params"] - low)
-    assert 75 * 1024**3 < jp["states"] < 85 * 1024**3
+    assert jp["weights"] == 2 * low + 4 * (jp["params"] - low)
+    # sharded: fp32 main gradients of ~1/8 of the parameters (whole matrices) + two buckets in flight
+    assert 4 * jp["params"] / 8 < jp["gradients"] < 4 * jp["params"] / 8 * 1.4
     # activations of one worst-case micro-batch (8K tokens, all-image: 32K patches; checkpointing on)
     acts = jp["activation_parts"]
     assert (acts["tokens"], acts["patches"], acts["checkpointing"]) == (8192, 32768, True)
     assert jp["total"] == jp["states"] + jp["activations"] and 5 * 1024**3 < jp["activations"] < 20 * 1024**3
-    # what does not fit an H200 today: the CoCa micro-batch (1,024 captions x 4,096 patches, 4.2M patches)
-    # and the 128K phases ([C]: context parallelism)
+    for name in ("align", "joint_pretrain", "cooldown"):  # >= 10% headroom on an 80 GB GPU
+        assert phases[name]["total"] <= 0.9 * 79.1 * 1024**3, (name, phases[name]["total"] / 1024**3)
+    # what does not fit: the ViT phase's CoCa micro-batch (1,024 captions x 4,096 patches = 4.2M patches),
+    # the 32K and 128K phases ([C]: context parallelism)
     assert res.exit_code == 1, res.output
-    assert {n for n, p in phases.items() if not p["fits"]} == {"vit", "long_context.2", "sft.2"}
+    assert {n for n, p in phases.items() if p["fits"]} == {"align", "joint_pretrain", "cooldown"}
     assert phases["vit"]["activation_parts"]["patches"] == 1024 * 4096
 
-    raw = yaml.safe_load((ROOT / "configs/a3b.yaml").read_text())
-    raw["train"]["working_weights"] = "fp32"
-    fp32 = tmp_path / "a3b-fp32.yaml"
-    fp32.write_text(yaml.safe_dump(raw))
-    res, phases = memory(fp32, "79.1")
+    res, phases = memory(variant("whole-grads", shard_gradients=False), "79.1")
+    jp = phases["joint_pretrain"]
+    assert jp["weights"] == jp["gradients"] == 2 * low + 4 * (jp["params"] - low)
+    assert 75 * 1024**3 < jp["states"] < 85 * 1024**3 and not jp["fits"]
+
+    res, phases = memory(variant("fp32", working_weights="fp32", shard_gradients=False), "79.1")
     assert res.exit_code == 1, res.output
     assert phases["align"]["fits"]
     jp = phases["joint_pretrain"]
