@@ -144,11 +144,8 @@ def test_two_ranks_shard_the_masters(tmp_path):
     """2 ranks (gloo, torchrun): each rank keeps the masters of the matrices it owns, and no more; the
     export gathers every master in fp32; training matches one rank within bf16 rounding (the bf16 gradients
     are summed in a different order)."""
-    import subprocess
-
     from tasks.train.checkpoint import rank_file, torch_load_plain
-    from tasks.train.launch import build_launch_command
-    from tests.integration.test_engine_checkpoints import REPO, WORKER, _losses, _worker_env
+    from tests.integration.test_engine_checkpoints import _losses, run_two_ranks
 
     model = make_model()
     init = {k: v.float().clone() for k, v in model.state_dict().items()}
@@ -161,13 +158,7 @@ def test_two_ranks_shard_the_masters(tmp_path):
     ref_weights = eng.full_state_dict()
     low = dict(low_precision_weights(model))
 
-    cmd = build_launch_command(
-        [str(WORKER), "--runs", "muon:0:bf16w", "--steps", "6", "--out", str(tmp_path), "--threads", "1"],
-        nproc=2,
-        launcher="torchrun",
-    )
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(), cwd=REPO, timeout=240)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    run_two_ranks("muon:0:bf16w", 6, tmp_path, timeout=240)
     out = tmp_path / "muon-z0-bf16w"
     losses = _losses(out / "steps.jsonl")
     assert [losses[s] for s in range(1, 7)] == pytest.approx(ref, rel=2e-2)

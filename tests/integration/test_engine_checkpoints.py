@@ -139,6 +139,17 @@ def _losses(path: Path, key: str = "loss") -> dict[int, float]:
     return {d["step"]: d[key] for d in map(json.loads, path.read_text().splitlines())}
 
 
+def run_two_ranks(runs: str, steps: int, out: Path, timeout: float = 360) -> None:
+    """The engine worker on 2 torchrun ranks (gloo, one thread each): ``--runs RUNS --steps STEPS``."""
+    cmd = build_launch_command(
+        [str(WORKER), "--runs", runs, "--steps", str(steps), "--out", str(out), "--threads", "1"],
+        nproc=2,
+        launcher="torchrun",
+    )
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(), cwd=REPO, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
 def _worker_env() -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
@@ -198,13 +209,7 @@ def test_two_ranks_match_one_rank(tmp_path, run_root):
         ("muon", 0): uninterrupted("muon", 0, run_root),
         ("adamw", 1): uninterrupted("adamw", 1, run_root),
     }
-    cmd = build_launch_command(
-        [str(WORKER), "--runs", "muon:0,adamw:1", "--steps", "8", "--out", str(tmp_path), "--threads", "1"],
-        nproc=2,
-        launcher="torchrun",
-    )
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(), cwd=REPO, timeout=360)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    run_two_ranks("muon:0,adamw:1", 8, tmp_path)
     for (opt, zero), ref in refs.items():
         out = tmp_path / f"{opt}-z{zero}"
         losses, norms = _losses(out / "steps.jsonl"), _losses(out / "steps.jsonl", "grad_norm")

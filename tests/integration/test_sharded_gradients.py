@@ -4,15 +4,12 @@ The no-gradient-on-one-rank case is in ``tests/unit/test_sharded_gradients.py``.
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from tasks.train.engine import TrainEngine
-from tasks.train.launch import build_launch_command
 from tests.integration._engine_common import _one_thread_and_clean_process_group  # noqa: F401
 from tests.integration._engine_worker import engine_config, loss_fn, make_model, train
-from tests.integration.test_engine_checkpoints import REPO, WORKER, _losses, _worker_env
+from tests.integration.test_engine_checkpoints import _losses, run_two_ranks
 
 pytestmark = pytest.mark.integration
 STEPS = 5
@@ -44,23 +41,7 @@ def test_two_sharded_ranks_train_like_one_rank(tmp_path):
     from tasks.io.weights import load_safetensors
 
     ref, ref_w, _ = _reference()
-    cmd = build_launch_command(
-        [
-            str(WORKER),
-            "--runs",
-            "muon:0:shardg",
-            "--steps",
-            str(STEPS),
-            "--out",
-            str(tmp_path),
-            "--threads",
-            "1",
-        ],
-        nproc=2,
-        launcher="torchrun",
-    )
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(), cwd=REPO, timeout=240)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    run_two_ranks("muon:0:shardg", STEPS, tmp_path, timeout=240)
     out = tmp_path / "muon-z0-shardg"
     losses = _losses(out / "steps.jsonl")
     norms = _losses(out / "steps.jsonl", "grad_norm")
