@@ -71,7 +71,8 @@ class TrainSettings(OptimizerSettings):
     resume_weights_only: bool = Field(
         default=False,
         description="resume a phase from its last checkpoint's weights, counters and data position with a FRESH "
-        "optimizer state and RNG (the way to continue on another world size or optimizer)",
+        "optimizer state and RNG (the way to continue with another optimizer, or on another world size under "
+        "ZeRO 1/2; muon and ZeRO 0 checkpoints reshard their optimizer state to a new world size by themselves)",
     )
 
 

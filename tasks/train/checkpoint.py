@@ -197,6 +197,30 @@ def _optimizer_state(engine: Any) -> dict[str, Any]:
     }
 
 
+def _load_resharded(engine: Any, directory: Path, saved_world: int) -> None:
+    """Resume on another world size (ZeRO 0): muon takes each param's state from the rank that owned it;
+    torch AdamW (the same full state on every rank) takes rank 0's. Every old rank's file is opened with
+    ``mmap``, so a rank pages in only the tensors it keeps. Ranks below the saved world size restore their
+    RNG state; the others keep the engine's seeding (rank r: seed + r)."""
+    paths = [directory / rank_file("optimizer", r) for r in range(saved_world)]
+    states = []
+    for path in paths:
+        try:
+            states.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot be loaded with weights_only=True: {e}") from e
+    muon = getattr(engine, "_muon", None)
+    try:
+        if muon is not None:
+            muon.load_resharded([st["state_dict"] for st in states])
+        else:
+            engine.optimizer.load_state_dict(states[0]["state_dict"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{paths[0].parent}: optimizer state cannot be resharded: {e}") from e
+    if engine.rank < saved_world:
+        set_rng_state(torch_load_plain(directory / rank_file("rng", engine.rank)))
+
+
 def _load_optimizer_state(engine: Any, state: dict[str, Any], path: Path) -> None:
     opt = engine.optimizer
     if state.get("kind") == "torch" and engine.cfg.zero_stage == 0:
@@ -314,23 +338,27 @@ def load_engine_checkpoint(
     from tasks.io.weights import load_safetensors
 
     directory = Path(directory)
-    files = [MODEL_FILE, STATE_FILE]
-    if not weights_only_resume:
-        files += [rank_file("optimizer", engine.rank), rank_file("rng", engine.rank)]
     error: CheckpointError | None = None
     state: dict[str, Any] = {}
     try:
-        verify_checksums(directory, files)
+        verify_checksums(directory, [MODEL_FILE, STATE_FILE])
         state = read_trainer_state(directory)
         if not weights_only_resume:
-            if state["world_size"] != engine.world_size:
+            saved_world = int(state["world_size"])
+            if saved_world != engine.world_size and engine.cfg.zero_stage > 0:
                 raise CheckpointError(
-                    f"{directory / STATE_FILE}: saved with world_size={state['world_size']}, this run has "
-                    f"world_size={engine.world_size}; the optimizer state is sharded per rank (DistributedMuon "
-                    "ownership / ZeRO partitions) and cannot be resharded: set train.resume_weights_only: true in the "
-                    "recipe (TrainEngine.load_checkpoint(weights_only_resume=True)) to keep the weights and counters "
-                    "with a fresh optimizer state"
+                    f"{directory / STATE_FILE}: saved with world_size={saved_world}, this run has "
+                    f"world_size={engine.world_size}; DeepSpeed's ZeRO {engine.cfg.zero_stage} partitions cannot be "
+                    "resharded here (muon's and ZeRO 0's optimizer state can): set train.resume_weights_only: true in "
+                    "the recipe (TrainEngine.load_checkpoint(weights_only_resume=True)) to keep the weights and "
+                    "counters with a fresh optimizer state"
                 )
+            if saved_world == engine.world_size:
+                files = [rank_file("optimizer", engine.rank), rank_file("rng", engine.rank)]
+            else:  # resharding reads every old rank's optimizer file, and this rank's RNG if it had one
+                files = [rank_file("optimizer", r) for r in range(saved_world)]
+                files += [rank_file("rng", engine.rank)] if engine.rank < saved_world else []
+            verify_checksums(directory, files)
             saved_opt = (state["optimizer"], state["zero_stage"])
             if saved_opt != (engine.cfg.optimizer, engine.cfg.zero_stage):
                 raise CheckpointError(
@@ -351,6 +379,8 @@ def load_engine_checkpoint(
         engine.reset_master_weights(weights)  # bf16 working weights: fp32 masters from the fp32 file
         if engine.cfg.zero_stage > 0:
             engine.optimizer.refresh_fp32_params()  # fp32 masters <- (fp32) module weights
+    elif int(state["world_size"]) != engine.world_size:
+        _load_resharded(engine, directory, int(state["world_size"]))
     else:
         opt_path = directory / rank_file("optimizer", engine.rank)
         _load_optimizer_state(engine, torch_load_plain(opt_path), opt_path)

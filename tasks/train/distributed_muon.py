@@ -381,6 +381,54 @@ class DistributedMuon(torch.optim.Optimizer):
         sd["ownership"] = [list(o) for o in self.owners]
         return sd
 
+    def load_resharded(self, shards: list[dict[str, Any]]) -> None:
+        """Load the state saved by every rank of a run with another world size (``shards[r]`` = old rank
+        r's ``state_dict()``): each param's state (momentum, Adam moments, fp32 master) moves from its old
+        owner to its owner here. Every rank passes all shards; it keeps only what it owns."""
+        if not shards:
+            raise ValueError("load_resharded: no shards")
+        for r, sd in enumerate(shards):
+            for key in ("world_size", "rank", "ownership", "state", "param_groups"):
+                if key not in sd:
+                    raise ValueError(
+                        f"load_resharded: shard {r} lacks '{key}'; expected a DistributedMuon shard"
+                    )
+            if sd["world_size"] != len(shards) or sd["rank"] != r:
+                raise ValueError(
+                    f"load_resharded: shard {r} says rank {sd['rank']} of {sd['world_size']}, expected rank {r} of "
+                    f"{len(shards)} (pass every old rank's shard, in rank order)"
+                )
+        groups = shards[0]["param_groups"]
+        shapes = [len(g["params"]) for g in groups]
+        if shapes != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(
+                f"load_resharded: saved param groups hold {shapes} params, this optimizer "
+                f"{[len(g['params']) for g in self.param_groups]} (model or trainable set changed)"
+            )
+        merged: dict[Any, Any] = {}
+        for r, sd in enumerate(shards):
+            for pid, st in sd["state"].items():
+                if pid in merged:
+                    raise ValueError(
+                        f"load_resharded: param {pid} has state in two shards (rank {r} and another)"
+                    )
+                merged[pid] = st
+        mine = {
+            pid: merged[pid]
+            for g, group in enumerate(groups)
+            for i, pid in enumerate(group["params"])
+            if self.owners[g][i] == self.rank and pid in merged
+        }
+        self.load_state_dict(
+            {
+                "state": mine,
+                "param_groups": groups,
+                "world_size": self.world_size,
+                "rank": self.rank,
+                "ownership": [list(o) for o in self.owners],
+            }
+        )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load this rank's shard; world size, rank and ownership map must match the saved ones."""
         sd = dict(state_dict)
