@@ -12,6 +12,11 @@ master itself): ``nn.Linear`` weights and the routed experts' 3-D weights. Every
 embedding tables (their lookups feed the fp32 residual stream; a head tied to an embedding stays fp32 too),
 norm weights, biases, the router (scores are computed in fp32), the ViT's patch convolution and position
 table, CoCa's logit scale/bias. Frozen weights are never chosen (they would be rounded for good).
+
+``frozen_matmul_weights`` picks the same kind of weights among the FROZEN ones (``train.frozen_weights:
+bf16``): a frozen matmul weight is cast to bf16 by autocast at every use, so holding it in bf16 computes the
+same GEMMs with half the memory; the training engine saves such weights from the phase's starting
+checkpoint file, so no rounded value ever reaches a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ from kimivl_model.moe import RoutedExperts
 
 def low_precision_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, param) of the trainable matmul weights that may be held in bf16, each tensor once."""
+    return _matmul_weights(model, trainable=True)
+
+
+def frozen_matmul_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, param) of the frozen matmul weights (same kinds as ``low_precision_weights``), each once."""
+    return _matmul_weights(model, trainable=False)
+
+
+def _matmul_weights(model: nn.Module, trainable: bool) -> list[tuple[str, nn.Parameter]]:
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     chosen: dict[int, tuple[str, nn.Parameter]] = {}
     for mod_name, m in model.named_modules():
@@ -33,6 +47,11 @@ def low_precision_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         else:
             continue
         for attr, p in candidates:
-            if p.requires_grad and p.is_floating_point() and id(p) not in embedding and id(p) not in chosen:
+            if (
+                p.requires_grad == trainable
+                and p.is_floating_point()
+                and id(p) not in embedding
+                and id(p) not in chosen
+            ):
                 chosen[id(p)] = (f"{mod_name}.{attr}" if mod_name else attr, p)
     return list(chosen.values())

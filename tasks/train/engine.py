@@ -106,6 +106,7 @@ class TrainEngine:
         tracker: Any = None,
         count_tokens: Callable[[Any], int] = count_target_tokens,
         before_step: Callable[[TrainEngine], None] | None = None,
+        frozen_source: Path | None = None,
     ) -> None:
         self.rank, self.world_size = init_distributed_if_needed()  # also sets TORCH_EXTENSIONS_DIR
         import deepspeed
@@ -134,6 +135,10 @@ class TrainEngine:
         self.low_precision_params = 0
         if cfg.working_weights == "bf16":
             self._hold_working_weights_in_bf16()
+        self.frozen_source = frozen_source
+        self.frozen_low: set[str] = set()  # state-dict names of frozen weights held in bf16
+        if cfg.frozen_weights == "bf16":
+            self._hold_frozen_weights_in_bf16()
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=self._wrapper,
             optimizer=optimizer,
@@ -197,6 +202,39 @@ class TrainEngine:
         chosen = [p for _, p in low_precision_weights(self.model)]
         self._muon.hold_in_low_precision(chosen, torch.bfloat16)
         self.low_precision_params = sum(p.numel() for p in chosen)
+
+    def _hold_frozen_weights_in_bf16(self) -> None:
+        """``frozen_weights: bf16``: the frozen matmul weights become bf16; saves read them from
+        ``frozen_source`` (the phase's starting checkpoint, checked here to hold each of them)."""
+        from safetensors import safe_open
+
+        from kimivl_model.precision import frozen_matmul_weights
+
+        if self.precision != "bf16":
+            raise ValueError(
+                f"frozen_weights: 'bf16' needs bf16 autocast, but precision {self.cfg.precision!r} resolved to "
+                f"{self.precision!r} on {self.device_type}; set precision: bf16"
+            )
+        chosen = frozen_matmul_weights(self.model)
+        if not chosen:
+            return
+        if self.frozen_source is None or not Path(self.frozen_source).is_file():
+            raise ValueError(
+                f"frozen_weights: 'bf16' needs the phase's starting checkpoint file, which the frozen weights are "
+                f"saved from (got {self.frozen_source}); a phase that starts from scratch has none: use fp32"
+            )
+        with safe_open(str(self.frozen_source), "pt") as f:
+            keys = set(f.keys())
+            for name, p in chosen:
+                if name not in keys or tuple(f.get_slice(name).get_shape()) != tuple(p.shape):
+                    raise ValueError(
+                        f"frozen_weights: {self.frozen_source} has no tensor {name!r} of shape {tuple(p.shape)}; "
+                        "it must be the checkpoint this phase started from"
+                    )
+        with torch.no_grad():
+            for name, p in chosen:
+                p.data = p.data.to(torch.bfloat16)
+                self.frozen_low.add(name)
 
     # ------------------------------------------------------------------------------- collectives
     def _all_reduce(self, values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
@@ -357,17 +395,26 @@ class TrainEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full-precision ``model.state_dict()`` (params + persistent buffers) on CPU.
 
-        With bf16 working weights the fp32 masters replace those params: then this is a collective (every
+        Frozen weights held in bf16 come from ``frozen_source`` (unchanged since the phase started). With
+        bf16 working weights the fp32 masters replace those params: then this is a collective (every
         rank calls it; the masters are broadcast from their owners) and ranks other than 0 get ``{}``."""
         if self._muon is None or not self._muon.low_precision:
-            return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        masters = self._muon.master_weights(dst=0)
-        if self.rank != 0:
-            return {}
-        return {
-            k: masters[id(v)] if id(v) in masters else v.detach().to("cpu", copy=True)
-            for k, v in self.model.state_dict(keep_vars=True).items()
-        }
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        else:
+            masters = self._muon.master_weights(dst=0)
+            if self.rank != 0:
+                return {}
+            state = {
+                k: masters[id(v)] if id(v) in masters else v.detach().to("cpu", copy=True)
+                for k, v in self.model.state_dict(keep_vars=True).items()
+            }
+        if self.frozen_low:  # frozen bf16 weights: the exact fp32 values of the starting checkpoint
+            from safetensors import safe_open
+
+            with safe_open(str(self.frozen_source), "pt") as f:
+                for name in self.frozen_low:
+                    state[name] = f.get_tensor(name)
+        return state
 
     def reset_master_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """bf16 working weights: fp32 masters <- ``weights`` (a full state dict), for a weights-only resume."""

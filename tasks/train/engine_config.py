@@ -36,6 +36,12 @@ class OptimizerSettings(BaseModel):
         description="bf16: trainable matmul weights held in bf16 with fp32 masters in the optimizer (owner "
         "rank); needs optimizer muon and precision bf16. fp32: fp32 weights under autocast",
     )
+    frozen_weights: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: frozen matmul weights (e.g. the LM in the vit/align phases) held in bf16 (autocast "
+        "casts them at every use anyway); checkpoints take them from the phase's starting checkpoint file. "
+        "Needs precision bf16",
+    )
     shard_gradients: bool = Field(
         False,
         description="muon: reduce each gradient to its owner rank during the backward and free it elsewhere "
@@ -73,6 +79,10 @@ class OptimizerSettings(BaseModel):
                 f"working_weights: 'bf16' needs optimizer 'muon' (its owners keep the fp32 masters) and bf16 "
                 f"autocast (precision bf16 or auto on CUDA), got optimizer={self.optimizer!r}, "
                 f"precision={self.precision!r}"
+            )
+        if self.frozen_weights == "bf16" and self.precision == "fp32":
+            raise ValueError(
+                "frozen_weights: 'bf16' needs bf16 autocast (precision bf16, or auto on CUDA), got precision 'fp32'"
             )
         if self.shard_gradients and self.optimizer != "muon":
             raise ValueError(

@@ -4,7 +4,8 @@ What the engine (``tasks/train/engine.py``) keeps on each rank for the whole pha
 built on the meta device (no memory, exact parameter counts) and the same param groups and ownership the
 optimizer uses:
 
-- **weights**: every parameter in fp32, frozen ones included (bf16 runs autocast over fp32 parameters);
+- **weights**: every parameter in fp32, frozen ones included (bf16 runs autocast over fp32 parameters),
+  except the frozen matmul weights under ``train.frozen_weights: bf16`` (2 bytes);
 - **gradients**: every trainable parameter in fp32 (ZeRO 0 and 1: whole on every rank; ZeRO 2: 1/world);
   with ``train.shard_gradients`` (muon) the fp32 main gradients of the matrices the busiest rank owns, plus
   two buckets in flight during the backward (``GRAD_BUCKET_BYTES`` or the largest matrix, whichever is
@@ -112,6 +113,11 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
 
         low_ids = {id(p) for _, p in low_precision_weights(model)}
     low = sum(p.numel() for g in groups for p in g["params"] if id(p) in low_ids)
+    frozen_low = 0  # frozen matmul weights held in bf16 (train.frozen_weights)
+    if train.frozen_weights == "bf16" and precision == "bf16":
+        from kimivl_model.precision import frozen_matmul_weights
+
+        frozen_low = sum(p.numel() for _, p in frozen_matmul_weights(model))
     grads = ((trainable - low) * FP32 + low * BF16) // (world if train.zero_stage >= 2 else 1)
     if train.optimizer == "muon":  # DistributedMuon: whole-matrix owners, the busiest rank
         numels = [[p.numel() for p in g["params"]] for g in groups]
@@ -142,7 +148,7 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
         zero_stage=train.zero_stage,
         params=params,
         trainable=trainable,
-        weights=(params - low) * FP32 + low * BF16,
+        weights=(params - low - frozen_low) * FP32 + (low + frozen_low) * BF16,
         gradients=grads,
         optimizer_state=opt,
         autocast_copies=(trainable - low) * BF16 if precision == "bf16" else 0,

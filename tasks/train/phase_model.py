@@ -12,7 +12,7 @@ from kimivl_model.compile import compile_blocks
 from kimivl_model.config import VLMConfig
 from kimivl_model.vlm import KimiVL
 from tasks.io.manifest import Parent, read_manifest
-from tasks.io.weights import load_native
+from tasks.io.weights import NATIVE_WEIGHTS, load_native
 from tasks.recipe import Recipe
 from tasks.train.stages import PhaseConfig
 
@@ -35,6 +35,15 @@ def previous_phase(recipe: Recipe, phase: PhaseConfig) -> PhaseConfig | None:
     phases = list(recipe.phases)
     i = phases.index(phase)
     return phases[i - 1] if i > 0 else None
+
+
+def start_weights_file(recipe: Recipe, phase: PhaseConfig, out_root: Path) -> Path | None:
+    """The safetensors file ``build_model`` starts ``phase`` from (None: from scratch)."""
+    prev = previous_phase(recipe, phase)
+    if phase.init_from == "scratch" or prev is None:
+        init = recipe.model.init_checkpoint
+        return None if init is None else Path(init) / NATIVE_WEIGHTS
+    return final_dir(out_root, prev) / NATIVE_WEIGHTS
 
 
 def build_model(

@@ -54,6 +54,7 @@ from tasks.train.phase_model import (
     final_dir,
     phase_dir,
     previous_phase,
+    start_weights_file,
 )
 from tasks.train.schedule import LRScheduleConfig
 from tasks.train.stages import PhaseConfig
@@ -240,9 +241,10 @@ def build_engine(
     ecfg = EngineConfig.for_phase(
         recipe.train, phase, lr_schedule(recipe, phase, start_step, tokens_per_step)
     )
+    source = start_weights_file(recipe, phase, out_root)  # frozen bf16 weights are saved from it
     if phase.objective == "coca":  # one "token" per micro-batch: the CoCa loss is already a mean
-        return TrainEngine(model, ecfg, coca_loss, count_tokens=lambda b: 1)
-    return TrainEngine(model, ecfg, lm_loss)
+        return TrainEngine(model, ecfg, coca_loss, count_tokens=lambda b: 1, frozen_source=source)
+    return TrainEngine(model, ecfg, lm_loss, frozen_source=source)
 
 
 def write_final(recipe: Recipe, run: PhaseRun, data_root: Path, out_root: Path) -> dict[str, Any]:
