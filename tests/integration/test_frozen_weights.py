@@ -11,17 +11,14 @@ import yaml
 from pydantic import ValidationError
 
 from kimivl_model.precision import frozen_matmul_weights
-from kimivl_model.vlm import KimiVL
 from tasks.io.weights import load_safetensors, save_safetensors_atomic
 from tasks.recipe import recipe_from_dict
-from tasks.train import memory
 from tasks.train.engine import TrainEngine
 from tasks.train.engine_config import EngineConfig
 from tasks.train.runner import lm_loss
-from tasks.train.schedule import LRScheduleConfig
 from tests.integration._engine_common import _one_thread_and_clean_process_group  # noqa: F401
 from tests.integration._engine_worker import engine_config, loss_fn, make_model, train
-from tests.integration.test_memory_plan import ROOT, _bytes
+from tests.integration.test_memory_plan import ROOT, _bytes, plan_and_model
 
 pytestmark = pytest.mark.integration
 
@@ -85,18 +82,9 @@ def test_frozen_bf16_refusals(tmp_path):
 
 def test_plan_with_frozen_bf16_weights_is_what_the_engine_allocates(tmp_path):
     """The align phase (LM frozen) with frozen_weights bf16: the plan's weights byte for byte."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["train"].update(precision="bf16", frozen_weights="bf16")
-    recipe = recipe_from_dict(raw, "params.yaml")
-    phase = recipe.phase("align")
-    plan = memory.plan_phase(recipe, phase, world=1, device_type="cpu")
-    torch.manual_seed(0)
-    model = KimiVL(recipe.model.vlm_config())
-    model.set_trainable(list(phase.trainable))
+    plan, model, cfg = plan_and_model("align", frozen_weights="bf16")
     source = tmp_path / "start.safetensors"
     save_safetensors_atomic({k: v.detach().clone() for k, v in model.state_dict().items()}, source)
-    schedule = LRScheduleConfig(peak_lr=1e-3, min_lr=1e-4, warmup_steps=1, total_steps=4)
-    cfg = EngineConfig(optimizer="muon", precision="bf16", frozen_weights="bf16", schedule=schedule)
     eng = TrainEngine(model, cfg, lm_loss, frozen_source=source)
     params = list({id(p): p for p in model.parameters()}.values())
     assert plan.weights == _bytes(params)

@@ -151,19 +151,25 @@ def test_recipe_memory_cli_on_the_full_scale_recipe(tmp_path):
     assert "does not fit 79.1 GiB" in res.output and "joint_pretrain" in res.output
 
 
-def test_plan_with_bf16_working_weights_is_what_the_engine_allocates():
-    """working_weights bf16 on CPU (bf16 autocast): bf16 matmul weights and gradients, fp32 rest, fp32
-    masters + momentum as optimizer state: the plan byte for byte."""
+def plan_and_model(phase_name: str, **train) -> tuple[memory.MemoryPlan, KimiVL, EngineConfig]:
+    """The tiny recipe's phase under bf16 autocast with ``train`` settings: its plan on 1 CPU rank, the
+    phase's model (seeded, trainable set applied) and the engine config to build it with."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["train"].update(precision="bf16", working_weights="bf16")
+    raw["train"].update(precision="bf16", **train)
     recipe = recipe_from_dict(raw, "params.yaml")
-    phase = recipe.phase("joint_pretrain")
+    phase = recipe.phase(phase_name)
     plan = memory.plan_phase(recipe, phase, world=1, device_type="cpu")
     torch.manual_seed(0)
     model = KimiVL(recipe.model.vlm_config())
     model.set_trainable(list(phase.trainable))
     schedule = LRScheduleConfig(peak_lr=1e-3, min_lr=1e-4, warmup_steps=1, total_steps=4)
-    cfg = EngineConfig(optimizer="muon", precision="bf16", working_weights="bf16", schedule=schedule)
+    return plan, model, EngineConfig(optimizer="muon", precision="bf16", schedule=schedule, **train)
+
+
+def test_plan_with_bf16_working_weights_is_what_the_engine_allocates():
+    """working_weights bf16 on CPU (bf16 autocast): bf16 matmul weights and gradients, fp32 rest, fp32
+    masters + momentum as optimizer state: the plan byte for byte."""
+    plan, model, cfg = plan_and_model("joint_pretrain", working_weights="bf16")
     eng = TrainEngine(model, cfg, lm_loss)
     for p in eng.trainable:
         p.grad = torch.full_like(p, 1e-3)
