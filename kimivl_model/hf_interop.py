@@ -37,23 +37,28 @@ class CheckpointLayoutError(ValueError):
     """A state dict does not match the expected layout; the message names the offending keys."""
 
 
+def hf_names(key: str, shape: tuple[int, ...], cfg: VLMConfig) -> list[tuple[str, int | None]]:
+    """The public names of this library's tensor ``key`` (of ``shape``): [(name, expert index or None)];
+    a stacked expert tensor (E, out, in) is E public tensors (its slices), a CoCa tensor none."""
+    if key.startswith(_NOT_EXPORTED):
+        return []
+    m = _EXPERT_STACKED.match(key)
+    if not m:
+        return [(key, None)]
+    prefix, _, proj = m.groups()
+    if shape[0] != cfg.lm.num_routed_experts:
+        raise CheckpointLayoutError(
+            f"{key}: expected {cfg.lm.num_routed_experts} stacked experts, got shape {tuple(shape)}"
+        )
+    return [(f"{prefix}.{e}.{proj}.weight", e) for e in range(shape[0])]
+
+
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: VLMConfig) -> dict[str, torch.Tensor]:
     """This library's ``KimiVL.state_dict()`` -> public Kimi-VL key names and layouts."""
     out: dict[str, torch.Tensor] = {}
     for key, t in state_dict.items():
-        if key.startswith(_NOT_EXPORTED):
-            continue
-        m = _EXPERT_STACKED.match(key)
-        if m:
-            prefix, _, proj = m.groups()
-            if t.shape[0] != cfg.lm.num_routed_experts:
-                raise CheckpointLayoutError(
-                    f"{key}: expected {cfg.lm.num_routed_experts} stacked experts, got shape {tuple(t.shape)}"
-                )
-            for e in range(t.shape[0]):
-                out[f"{prefix}.{e}.{proj}.weight"] = t[e].contiguous()
-            continue
-        out[key] = t
+        for name, e in hf_names(key, tuple(t.shape), cfg):
+            out[name] = t if e is None else t[e].contiguous()
     return out
 
 

@@ -108,12 +108,12 @@ def model_export_cmd(
     max_shard_gb: float = typer.Option(5.0, "--max-shard-gb"),
 ) -> None:
     """Convert a native checkpoint to the public Kimi-VL layout (config.json + sharded safetensors + tokenizer)."""
-    from tasks.io.weights import ASSETS_DIR, TOKENIZER_DIR, export_public, load_native
+    from tasks.io.weights import ASSETS_DIR, TOKENIZER_DIR, export_public, load_native_lazy
 
     tokenizer = tokenizer or (checkpoint / TOKENIZER_DIR if (checkpoint / TOKENIZER_DIR).is_dir() else None)
     assets = assets or (checkpoint / ASSETS_DIR if (checkpoint / ASSETS_DIR).is_dir() else None)
     try:
-        cfg, sd = load_native(checkpoint)
+        cfg, sd = load_native_lazy(checkpoint)  # streamed tensor by tensor
         export_public(
             sd,
             cfg,

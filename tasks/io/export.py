@@ -22,7 +22,7 @@ from tasks.io.manifest import (
     verify_files,
     write_manifest,
 )
-from tasks.io.weights import ASSETS_DIR, export_public, load_native
+from tasks.io.weights import ASSETS_DIR, export_public, load_native_lazy
 
 
 def export_sources(recipe: Any, data: Path) -> tuple[Path | None, Path | None]:
@@ -87,7 +87,7 @@ def _export_hf(
         return True
     stage = hf.parent / ".hf.staging"
     shutil.rmtree(stage, ignore_errors=True)
-    cfg, sd = load_native(final)
+    cfg, sd = load_native_lazy(final)  # streamed: read tensor by tensor while the shards are written
     export_public(
         sd, cfg, stage, tokenizer_dir=tokenizer_dir, assets_dir=assets_dir, max_shard_bytes=max_shard_bytes
     )

@@ -20,7 +20,9 @@ elsewhere without a manifest, e.g. a downloaded HF one, can only be checked for 
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kimivl_model.config import VLMConfig
-from kimivl_model.hf_interop import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from kimivl_model.hf_interop import from_hf_config, from_hf_state_dict, hf_names, to_hf_config
 from tasks.io.files import atomic_path, copy_file_atomic, write_json_atomic
 
 
@@ -155,6 +157,14 @@ def read_native_config(src_dir: Path) -> VLMConfig:
     return _parse_native_config(_native_config_path(src_dir))
 
 
+def load_native_lazy(src_dir: Path) -> tuple[VLMConfig, SafetensorsFile]:
+    """``load_native`` without reading the weights: they are read tensor by tensor when used (exports)."""
+    src_dir = Path(src_dir)
+    cfg_path = _native_config_path(src_dir)
+    verify_checkpoint_dir(src_dir)
+    return _parse_native_config(cfg_path), SafetensorsFile(src_dir / NATIVE_WEIGHTS)
+
+
 def load_native(src_dir: Path) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
     """Read a native checkpoint; its manifest (when present) is verified first."""
     src_dir = Path(src_dir)
@@ -166,30 +176,111 @@ def load_native(src_dir: Path) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
 # ----------------------------------------------------------------------------------------------- hf
 
 
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A safetensors file as a read-only mapping that loads one tensor per access (``meta`` reads only the
+    header): what streaming writers iterate over instead of a whole state dict in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such safetensors file")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self._keys = list(f.keys())
+                self._meta = {
+                    k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in self._keys
+                }
+        except Exception as e:
+            raise CheckpointIntegrityError(
+                f"{self.path}: not a readable safetensors file (truncated or corrupt): {type(e).__name__}: {e}"
+            ) from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._meta:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype name, e.g. 'F32') without reading the tensor."""
+        return self._meta[key]
+
+
+_ST_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def _tensor_meta(state: Mapping[str, torch.Tensor], key: str) -> tuple[tuple[int, ...], int, bool]:
+    """(shape, bytes per element, floating?) of ``state[key]``, from the header when ``state`` is lazy."""
+    if isinstance(state, SafetensorsFile):
+        shape, dtype = state.meta(key)
+        return shape, _ST_BYTES[dtype], dtype in ("F64", "F32", "F16", "BF16")
+    t = state[key]
+    return tuple(t.shape), t.element_size(), t.is_floating_point()
+
+
 def save_hf(
-    state_dict: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: Path, max_shard_bytes: int = 5 * 2**30
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: VLMConfig,
+    out_dir: Path,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the public Kimi-VL layout (sharded safetensors + index + config.json)."""
+    """Write the public Kimi-VL layout (sharded safetensors + index + config.json), floating tensors cast to
+    ``dtype`` (None: as they are). Streams: the shards are planned from shapes alone, then each is built,
+    written and dropped, reading only its own tensors from ``state_dict`` (a ``SafetensorsFile`` reads
+    them from disk one at a time), so at most one shard (plus the stacked expert tensors it slices) is in
+    memory, never the whole model or a cast copy of it."""
     out_dir = Path(out_dir)
-    hf = to_hf_state_dict(state_dict, cfg)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    entries = []  # (public name, source key, expert index or None, bytes in the export)
+    for key in state_dict:
+        shape, size, floating = _tensor_meta(state_dict, key)
+        if floating and dtype is not None:
+            size = torch.empty((), dtype=dtype).element_size()
+        for name, e in hf_names(key, shape, cfg):
+            numel = math.prod(shape[1:] if e is not None else shape)
+            entries.append((name, key, e, numel * size))
+    entries.sort()
+    shards: list[list[tuple[str, str, int | None, int]]] = [[]]
     size = 0
-    for k in sorted(hf):
-        nbytes = hf[k].numel() * hf[k].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    for entry in entries:
+        if shards[-1] and size + entry[3] > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][k] = hf[k]
-        size += nbytes
+        shards[-1].append(entry)
+        size += entry[3]
     n = len(shards)
     weight_map = {}
     total = 0
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_safetensors_atomic(shard, out_dir / name, metadata={"format": "pt"})
-        for k, t in shard.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
+        loaded: dict[str, torch.Tensor] = {}
+        tensors = {}
+        for hf_name, key, e, nbytes in shard:
+            if key not in loaded:
+                loaded[key] = state_dict[key]
+            t = loaded[key] if e is None else loaded[key][e]
+            tensors[hf_name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            weight_map[hf_name] = name
+            total += nbytes
+        save_safetensors_atomic(tensors, out_dir / name, metadata={"format": "pt"})
+        del loaded, tensors
     write_json_atomic({"metadata": {"total_size": total}, "weight_map": weight_map}, out_dir / HF_INDEX)
     write_json_atomic(to_hf_config(cfg), out_dir / "config.json")
     return out_dir
@@ -282,7 +373,7 @@ def import_public(src_dir: Path, out_dir: Path) -> tuple[VLMConfig, int]:
 
 
 def export_public(
-    state_dict: dict[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
     cfg: VLMConfig,
     out_dir: Path,
     *,
@@ -304,8 +395,7 @@ def export_public(
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype: expected auto, float32 or bfloat16, got {dtype!r}")
     cast = torch.float32 if dtype == "float32" else torch.bfloat16
-    tensors = {k: (t.to(cast) if t.is_floating_point() else t) for k, t in state_dict.items()}
-    save_hf(tensors, cfg, out_dir, max_shard_bytes=max_shard_bytes)
+    save_hf(state_dict, cfg, out_dir, max_shard_bytes=max_shard_bytes, dtype=cast)
     config = merge_config(original, to_hf_config(cfg))
     for sub in (config, config.get("text_config")):
         if isinstance(sub, dict) and "torch_dtype" in sub:
