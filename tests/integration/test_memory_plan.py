@@ -245,3 +245,37 @@ def test_a_launch_whose_ranks_cannot_share_the_host_is_refused_before_it_starts(
         text
     )
     assert launched == [] and not (tmp_path / "o").exists()
+
+
+def test_plan_with_sharded_gradients_is_what_the_engine_keeps():
+    """train.shard_gradients: after the backward's reduce, the fp32 main gradients the owner keeps are the
+    plan's gradient figure less its in-flight allowance (two buckets or the largest matrix); over 4 ranks
+    the busiest owner keeps about a quarter."""
+    from tasks.train.distributed_muon import GRAD_BUCKET_BYTES, assign_owners
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"].update(shard_gradients=True)
+    recipe = recipe_from_dict(raw, "params.yaml")
+    phase = recipe.phase("joint_pretrain")
+    plan = memory.plan_phase(recipe, phase, world=1, device_type="cpu")
+    torch.manual_seed(0)
+    model = KimiVL(recipe.model.vlm_config())
+    model.set_trainable(list(phase.trainable))
+    schedule = LRScheduleConfig(peak_lr=1e-3, min_lr=1e-4, warmup_steps=1, total_steps=4)
+    cfg = EngineConfig(optimizer="muon", precision="fp32", schedule=schedule, shard_gradients=True)
+    eng = TrainEngine(model, cfg, lm_loss)
+    for p in eng.trainable:
+        p.grad = torch.full_like(p, 1e-3)
+    eng._muon.finish_backward()  # what runs after every micro-batch's backward
+    assert all(p.grad is None for p in eng.trainable)
+    kept = _bytes(eng._muon._main.values())
+    largest = max(p.numel() for p in eng.trainable) * 4
+    assert kept == 4 * plan.trainable == plan.gradients - 2 * max(GRAD_BUCKET_BYTES, largest)
+    four = memory.plan_phase(recipe, phase, world=4, device_type="cpu")
+    numels = [[p.numel() for p in g["params"]] for g in eng.optimizer.param_groups]
+    owners = assign_owners(numels, 4)
+    busiest = max(
+        sum(n for g, ns in enumerate(numels) for i, n in enumerate(ns) if owners[g][i] == r) for r in range(4)
+    )
+    assert four.gradients == 4 * busiest + 2 * max(GRAD_BUCKET_BYTES, largest)
+    assert plan.trainable / 4 <= busiest < plan.trainable / 2

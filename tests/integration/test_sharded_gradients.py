@@ -53,3 +53,15 @@ def test_two_sharded_ranks_train_like_one_rank(tmp_path):
     for name, w in ref_w.items():
         scale = max(float(w.abs().max()), 1e-3)
         assert float((final[name] - w).abs().max()) <= 1e-5 * scale, name
+
+
+def test_sharded_gradients_with_bf16_working_weights():
+    """a3b's combination: bf16 matmul weights (fp32 masters) with sharded gradients. The bf16 gradients are
+    accumulated over micro-batches in the owner's fp32 main gradient (unsharded: in bf16 p.grad), so the
+    runs differ by bf16 rounding only."""
+    bf16 = {"precision": "bf16", "working_weights": "bf16"}
+    plain, _, _ = _reference(**bf16)
+    sharded, _, eng = _reference(**bf16, shard_gradients=True)
+    assert eng.low_precision_params > 0 and eng._muon.sharded
+    assert [h["loss"] for h in sharded] == pytest.approx([h["loss"] for h in plain], rel=2e-2)
+    assert sharded[-1]["loss"] < sharded[0]["loss"]
