@@ -10,7 +10,11 @@ Kimi-VL trains MoonViT with L = L_siglip + lambda * L_caption, lambda = 2 (REFER
   log 10, b init -10, label +1 for the matching pair (the diagonal) and -1 elsewhere,
   L = -mean over all N*N pairs of logsigmoid(label * logit). NOTE: the SigLIP paper divides the sum by N
   (the batch size); REFERENCE.md asks for the mean over pairs, i.e. the paper's value / N, which is what
-  this code computes. Across data-parallel ranks the caller must gather embeddings (model code is local).
+  this code computes. Across data-parallel ranks: with ``SigLIPLoss.gather_negatives`` (the trainer sets it
+  from the phase's ``coca_negatives: all_ranks``) each rank's images are scored against the texts of EVERY
+  rank's micro-batch (an autograd all-gather of the text embeddings, whose backward returns each text's
+  gradient to its rank): rank r's loss is the mean over its N x (W*N) pairs with the positives at columns
+  r*N + i, so the ranks' mean is the one-process loss over the global (W*N)^2 pairs.
 - Caption loss: a small causal decoder-only LM conditioned on the image as a PREFIX (the ViT features,
   2x2 pixel-shuffled and projected to the decoder width): sequence i = [prefix_i, caption_i], all packed
   with cu_seqlens; next-token cross-entropy averaged over caption tokens only (the first caption token is
@@ -56,10 +60,12 @@ def segment_mean(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     return sums / lens.to(x.dtype)[:, None]
 
 
-def siglip_loss_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """-mean over all N*N pairs of logsigmoid(label * logit), label = +1 on the diagonal, -1 elsewhere."""
-    n = logits.shape[0]
-    labels = 2.0 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1.0  # (N, N)
+def siglip_loss_from_logits(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """-mean over all N*M pairs of logsigmoid(label * logit), label = +1 at (i, offset + i), -1 elsewhere
+    (logits (N, M): N images against M >= offset + N texts; offset 0, M = N: the diagonal)."""
+    n, m = logits.shape
+    labels = torch.full((n, m), -1.0, device=logits.device, dtype=logits.dtype)
+    labels[torch.arange(n, device=logits.device), offset + torch.arange(n, device=logits.device)] = 1.0
     return -F.logsigmoid(labels * logits).mean()
 
 
@@ -199,6 +205,7 @@ class SigLIPLoss(nn.Module):
 
     def __init__(self, t_init: float, b_init: float) -> None:
         super().__init__()
+        self.gather_negatives = False  # texts of every data-parallel rank's micro-batch (module docstring)
         self.logit_scale_t = nn.Parameter(torch.tensor([float(t_init)]))  # (1,)
         self.logit_bias = nn.Parameter(torch.tensor([float(b_init)]))  # (1,)
 
@@ -207,7 +214,24 @@ class SigLIPLoss(nn.Module):
         return self.logit_scale_t.float().exp() * (x.float() @ y.float().T) + self.logit_bias.float()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return siglip_loss_from_logits(self.logits(x, y))
+        import torch.distributed as dist
+
+        if not (self.gather_negatives and dist.is_available() and dist.is_initialized()):
+            return siglip_loss_from_logits(self.logits(x, y))
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world == 1:
+            return siglip_loss_from_logits(self.logits(x, y))
+        sizes = [torch.zeros((), dtype=torch.long, device=y.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor(y.shape[0], device=y.device))
+        if any(int(s) != y.shape[0] for s in sizes):
+            raise ValueError(
+                f"SigLIP over all ranks needs the same number of captions per micro-batch on every rank, got "
+                f"{[int(s) for s in sizes]}"
+            )
+        from torch.distributed.nn.functional import all_gather
+
+        texts = torch.cat(all_gather(y.contiguous()), dim=0)  # (W*N, E); backward: each rank's gradient home
+        return siglip_loss_from_logits(self.logits(x, texts), offset=rank * y.shape[0])
 
 
 class CaptionDecoder(nn.Module):

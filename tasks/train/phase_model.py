@@ -87,6 +87,8 @@ def build_model(
         cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, rope_theta=phase.rope_theta))
     model.set_gradient_checkpointing(recipe.model.gradient_checkpointing)
     model.set_trainable(list(phase.trainable))
+    if model.coca is not None:  # SigLIP negatives from every rank's micro-batch, or from its own only
+        model.coca.siglip.gather_negatives = phase.coca_negatives == "all_ranks"
     if recipe.model.compile:
         compile_blocks(model)  # in place: parameter names (checkpoints) unchanged
     return model, cfg, parent

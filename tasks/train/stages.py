@@ -117,7 +117,14 @@ class PhaseConfig(_Strict):
         default=True, description="aux-loss-free bias update (pretraining stages)"
     )
     progressive_resolution: tuple[ResolutionStep, ...] = ()
-    captions_per_batch: int = Field(default=8, gt=1, description="coca: image-caption pairs per micro-batch")
+    captions_per_batch: int = Field(
+        default=8, gt=1, description="coca: image-caption pairs per micro-batch (per rank)"
+    )
+    coca_negatives: Literal["micro_batch", "all_ranks"] = Field(
+        default="micro_batch",
+        description="coca: the SigLIP negatives of an image: the other captions of its micro-batch, or of every "
+        "data-parallel rank's micro-batch at the same micro-step (the SigLIP paper's distributed loss)",
+    )
 
     @field_validator("trainable")
     @classmethod
@@ -134,6 +141,8 @@ class PhaseConfig(_Strict):
             raise ValueError("objective 'coca' needs 'coca' in trainable")
         if self.objective != "coca" and "coca" in self.trainable:
             raise ValueError(f"'coca' is trainable only with objective 'coca' (got {self.objective!r})")
+        if self.objective != "coca" and self.coca_negatives != "micro_batch":
+            raise ValueError(f"coca_negatives is for objective 'coca' (got {self.objective!r})")
         if self.objective == "coca" and self.weight_unit == "tokens":
             raise ValueError(
                 "weight_unit 'tokens' is for packed LM/SFT phases; objective 'coca' draws (image, caption) "
