@@ -205,7 +205,8 @@ class TrainEngine:
 
     def _hold_frozen_weights_in_bf16(self) -> None:
         """``frozen_weights: bf16``: the frozen matmul weights become bf16; saves read them from
-        ``frozen_source`` (the phase's starting checkpoint, checked here to hold each of them)."""
+        ``frozen_source`` (the phase's starting checkpoint, checked here to hold each of them). A phase from
+        scratch (no source) keeps them in fp32: there is no exact copy to save them from."""
         from safetensors import safe_open
 
         from kimivl_model.precision import frozen_matmul_weights
@@ -218,10 +219,12 @@ class TrainEngine:
         chosen = frozen_matmul_weights(self.model)
         if not chosen:
             return
-        if self.frozen_source is None or not Path(self.frozen_source).is_file():
+        if self.frozen_source is None:  # from scratch: nothing exact to save them from, so they stay fp32
+            log.info("frozen_weights bf16: this phase starts from scratch; its frozen weights stay fp32")
+            return
+        if not Path(self.frozen_source).is_file():
             raise ValueError(
-                f"frozen_weights: 'bf16' needs the phase's starting checkpoint file, which the frozen weights are "
-                f"saved from (got {self.frozen_source}); a phase that starts from scratch has none: use fp32"
+                f"frozen_weights: the phase's starting checkpoint {self.frozen_source} is missing"
             )
         with safe_open(str(self.frozen_source), "pt") as f:
             keys = set(f.keys())

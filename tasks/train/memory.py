@@ -5,7 +5,8 @@ built on the meta device (no memory, exact parameter counts) and the same param 
 optimizer uses:
 
 - **weights**: every parameter in fp32, frozen ones included (bf16 runs autocast over fp32 parameters),
-  except the frozen matmul weights under ``train.frozen_weights: bf16`` (2 bytes);
+  except the frozen matmul weights under ``train.frozen_weights: bf16`` (2 bytes; a phase from scratch
+  keeps them fp32);
 - **gradients**: every trainable parameter in fp32 (ZeRO 0 and 1: whole on every rank; ZeRO 2: 1/world);
   with ``train.shard_gradients`` (muon) the fp32 main gradients of the matrices the busiest rank owns, plus
   two buckets in flight during the backward (``GRAD_BUCKET_BYTES`` or the largest matrix, whichever is
@@ -38,6 +39,7 @@ device's memory cannot run, and ``check_fits`` stops it before the model is buil
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +49,7 @@ from kimivl_model.vlm import KimiVL
 from tasks.train.activations import ActivationPlan, phase_activations
 from tasks.train.distributed_muon import GRAD_BUCKET_BYTES, assign_owners
 from tasks.train.engine_config import resolve_precision
+from tasks.train.phase_model import start_weights_file
 
 GIB = 1024**3
 FP32, BF16 = 4, 2
@@ -114,7 +117,8 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
         low_ids = {id(p) for _, p in low_precision_weights(model)}
     low = sum(p.numel() for g in groups for p in g["params"] if id(p) in low_ids)
     frozen_low = 0  # frozen matmul weights held in bf16 (train.frozen_weights)
-    if train.frozen_weights == "bf16" and precision == "bf16":
+    from_scratch = start_weights_file(recipe, phase, Path(".")) is None  # frozen weights then stay fp32
+    if train.frozen_weights == "bf16" and precision == "bf16" and not from_scratch:
         from kimivl_model.precision import frozen_matmul_weights
 
         frozen_low = sum(p.numel() for _, p in frozen_matmul_weights(model))

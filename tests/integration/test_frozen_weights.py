@@ -69,8 +69,13 @@ def test_frozen_bf16_trains_like_fp32_and_saves_the_exact_start(tmp_path):
 
 
 def test_frozen_bf16_refusals(tmp_path):
-    with pytest.raises(ValueError, match="starting checkpoint file"):
-        _engine(_frozen_model(), tmp_path, "bf16", source=False)
+    # from scratch there is no exact copy to save them from: they stay fp32
+    model = _frozen_model()
+    assert not _engine(model, tmp_path, "bf16", source=False).frozen_low
+    assert {p.dtype for _, p in frozen_matmul_weights(model)} == {torch.float32}
+    with pytest.raises(ValueError, match="starting checkpoint .* is missing"):
+        cfg = engine_config("muon", 0).model_copy(update={"precision": "bf16", "frozen_weights": "bf16"})
+        TrainEngine(_frozen_model(), cfg, loss_fn, frozen_source=tmp_path / "gone.safetensors")
     other = tmp_path / "other.safetensors"
     save_safetensors_atomic({"x": torch.zeros(2)}, other)
     cfg = engine_config("muon", 0).model_copy(update={"precision": "bf16", "frozen_weights": "bf16"})

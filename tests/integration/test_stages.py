@@ -290,13 +290,21 @@ def test_two_process_stage_matches_one_process(tiny_data, tiny_run, tmp_path):
         torch.testing.assert_close(w1_again[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
-def test_recipe_phases_run_with_bf16_working_weights(tiny_data, tmp_path):
+@pytest.mark.parametrize(
+    "a3b_memory",
+    [False, True],
+    ids=["bf16-working-weights", "plus-frozen-bf16-and-sharded-gradients"],
+)
+def test_recipe_phases_run_with_bf16_working_weights(tiny_data, tmp_path, a3b_memory):
     """``train.working_weights: bf16`` through the stage runner (CPU bf16 autocast): text pretraining, the CoCa
     ViT phase, alignment (frozen LM) and joint pretraining run to completion (3 non-finite steps in a row
     would stop them: DivergenceError); every export is fp32 (the masters), the LM weights frozen in
-    alignment leave it bit-identical to what it was given, and joint pretraining moves them."""
+    alignment leave it bit-identical to what it was given, and joint pretraining moves them. The second
+    case adds a3b's other memory settings: frozen weights held in bf16 (saved from the phase's starting
+    checkpoint) and gradients sharded to their owners."""
     data_root, _ = tiny_data
-    recipe = short_recipe(precision="bf16", working_weights="bf16")
+    extra = {"frozen_weights": "bf16", "shard_gradients": True} if a3b_memory else {}
+    recipe = short_recipe(precision="bf16", working_weights="bf16", **extra)
     logs: dict[str, list] = {}
     for name in ("text_pretrain", "vit", "align", "joint_pretrain"):
         logs[name] = []
