@@ -201,6 +201,11 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         with safe_open(str(self.path), framework="pt") as f:
             return f.get_tensor(key)
 
+    def __contains__(
+        self, key: object
+    ) -> bool:  # the header's keys (Mapping's default would read the tensor)
+        return key in self._meta
+
     def __iter__(self):
         return iter(self._keys)
 

@@ -83,10 +83,11 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def torch_load_plain(path: Path) -> Any:
-    """Load a checkpoint ``.pt`` file; only tensors and plain containers are accepted (no pickle code)."""
+def torch_load_plain(path: Path, mmap: bool = False) -> Any:
+    """Load a checkpoint ``.pt`` file; only tensors and plain containers are accepted (no pickle code).
+    ``mmap``: tensors stay on disk until touched (a rank that keeps a few of a file's tensors)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be loaded with weights_only=True: {e}") from e
 
@@ -203,12 +204,7 @@ def _load_resharded(engine: Any, directory: Path, saved_world: int) -> None:
     ``mmap``, so a rank pages in only the tensors it keeps. Ranks below the saved world size restore their
     RNG state; the others keep the engine's seeding (rank r: seed + r)."""
     paths = [directory / rank_file("optimizer", r) for r in range(saved_world)]
-    states = []
-    for path in paths:
-        try:
-            states.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot be loaded with weights_only=True: {e}") from e
+    states = [torch_load_plain(path, mmap=True) for path in paths]
     muon = getattr(engine, "_muon", None)
     try:
         if muon is not None:

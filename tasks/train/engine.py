@@ -137,6 +137,7 @@ class TrainEngine:
             self._hold_working_weights_in_bf16()
         self.frozen_source = frozen_source
         self.frozen_low: set[str] = set()  # state-dict names of frozen weights held in bf16
+        self._frozen_file: Any = None  # their fp32 source (tasks.io.weights.SafetensorsFile)
         if cfg.frozen_weights == "bf16":
             self._hold_frozen_weights_in_bf16()
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
@@ -207,9 +208,8 @@ class TrainEngine:
         """``frozen_weights: bf16``: the frozen matmul weights become bf16; saves read them from
         ``frozen_source`` (the phase's starting checkpoint, checked here to hold each of them). A phase from
         scratch (no source) keeps them in fp32: there is no exact copy to save them from."""
-        from safetensors import safe_open
-
         from kimivl_model.precision import frozen_matmul_weights
+        from tasks.io.weights import SafetensorsFile
 
         if self.precision != "bf16":
             raise ValueError(
@@ -226,14 +226,14 @@ class TrainEngine:
             raise ValueError(
                 f"frozen_weights: the phase's starting checkpoint {self.frozen_source} is missing"
             )
-        with safe_open(str(self.frozen_source), "pt") as f:
-            keys = set(f.keys())
-            for name, p in chosen:
-                if name not in keys or tuple(f.get_slice(name).get_shape()) != tuple(p.shape):
-                    raise ValueError(
-                        f"frozen_weights: {self.frozen_source} has no tensor {name!r} of shape {tuple(p.shape)}; "
-                        "it must be the checkpoint this phase started from"
-                    )
+        source = SafetensorsFile(self.frozen_source)  # reads the header only
+        for name, p in chosen:
+            if name not in source or source.meta(name)[0] != tuple(p.shape):
+                raise ValueError(
+                    f"frozen_weights: {self.frozen_source} has no tensor {name!r} of shape {tuple(p.shape)}; "
+                    "it must be the checkpoint this phase started from"
+                )
+        self._frozen_file = source
         with torch.no_grad():
             for name, p in chosen:
                 p.data = p.data.to(torch.bfloat16)
@@ -411,12 +411,8 @@ class TrainEngine:
                 k: masters[id(v)] if id(v) in masters else v.detach().to("cpu", copy=True)
                 for k, v in self.model.state_dict(keep_vars=True).items()
             }
-        if self.frozen_low:  # frozen bf16 weights: the exact fp32 values of the starting checkpoint
-            from safetensors import safe_open
-
-            with safe_open(str(self.frozen_source), "pt") as f:
-                for name in self.frozen_low:
-                    state[name] = f.get_tensor(name)
+        for name in self.frozen_low:  # frozen bf16 weights: the exact fp32 values of the starting checkpoint
+            state[name] = self._frozen_file[name]
         return state
 
     def reset_master_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
