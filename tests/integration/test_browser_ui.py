@@ -123,6 +123,19 @@ class Ui:
             self.page.reload(wait_until="networkidle")
         raise AssertionError(f"flow run not Completed in {timeout_s:.0f} s")
 
+    def wait_log(self, text: str, timeout_s: float = 120) -> None:
+        """The run page loads its logs after its state: a Completed page may not show every line yet
+        (seen once in CI). Poll, reloading, until the line is there."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            body = self.page.inner_text("body")
+            if text in body:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"log line {text!r} not shown in {timeout_s:.0f} s:\n{body[-3000:]}")
+            time.sleep(2)
+            self.page.reload(wait_until="networkidle")
+
     def tab(self, name: str) -> None:
         self.page.get_by_text(name, exact=True).first.click()
         self.page.wait_for_load_state("networkidle")
@@ -273,7 +286,7 @@ def _walk(browser, base, api, mlflow_uri, serve, serve_log: Path, out: Path, dat
     watched.update(_tree(serve.pid))
     ui.wait_completed(timeout_s=600)
     # (1) the run trained with the thread count serve set for it
-    assert f"[{PHASE}] training on cpu: 1 rank(s), {threads} CPU threads per rank" in page.inner_text("body")
+    ui.wait_log(f"[{PHASE}] training on cpu: 1 rank(s), {threads} CPU threads per rank")
 
     # (6) the evaluation artifact names the per-point report by its absolute path, no dead relative link
     ui.tab("Artifacts")
@@ -296,7 +309,7 @@ def _walk(browser, base, api, mlflow_uri, serve, serve_log: Path, out: Path, dat
     ui.fill("Data Dir", str(data))
     ui.submit_and_open_run()
     ui.wait_completed(timeout_s=300)
-    assert f"[{PHASE}] up to date: already complete" in page.inner_text("body")
+    ui.wait_log(f"[{PHASE}] up to date: already complete")
     assert len(client.search_runs([exp.experiment_id])) == len(mlflow_runs)
 
     # (8) from the pipeline run's tokens artifact to the phase's MLflow run: loss, lineage, what they mean
