@@ -1,14 +1,17 @@
 """Expert parallelism for the routed experts: each rank of an expert-parallel group holds E / ep experts.
 
-BUILDING BLOCK, NOT WIRED INTO TRAINING YET: ``KimiLM`` builds ``RoutedExperts`` (every expert on every
-rank); ``shard_experts(model)`` swaps them for this rank's shard, and a sharded KimiLM's forward/backward
-is checked on 2 gloo ranks against the unsharded model (``tests/unit/test_moe_ep.py``: losses, every
-replicated parameter's gradient, every expert's gradient summed over the ranks' tokens). But
-``TrainEngine`` / ``DistributedMuon`` / the checkpoint format / the memory plan know nothing of expert
-shards: wiring needs (1) expert params excluded from DeepSpeed's data-parallel all-reduce (reduced only
-over ranks holding the same experts) and global-norm clipping over the shards, (2) DistributedMuon owning
-expert shards locally (no broadcast), (3) checkpoints/exports gathering the shards into the public
-per-expert names, (4) the memory plan, (5) a recipe/launch setting for the expert-parallel size.
+Wired into training by ``train.expert_parallel`` (``tasks/train/engine.py``): the engine builds the groups
+(``expert_parallel_groups``), swaps every ``RoutedExperts`` for this rank's ``ExpertParallelExperts`` shard
+(``shard_experts``) and hands the shards to ``DistributedMuon`` (ownership and gradient reduction within the
+expert-data-parallel group); ``gather_full_experts`` / ``expert_slices`` convert between the shards and the
+full (E, out, in) tensors that checkpoints and exports hold, so the files do not depend on the EP degree.
+``tests/unit/test_moe_ep.py`` checks a sharded KimiLM's forward/backward on 2 gloo ranks against the
+unsharded model; ``tests/integration/test_expert_parallel.py`` trains with it.
+
+Groups (world W, expert-parallel degree ep, W % ep == 0): the EP groups are consecutive ranks
+``[k*ep, (k+1)*ep)`` (on one node with ep <= GPUs per node the all-to-alls stay on NVLink); rank r holds
+experts ``[(r % ep) * E/ep, (r % ep + 1) * E/ep)``; the expert-data-parallel group of r is every rank with
+the same ``r % ep`` (they hold the same experts and average their gradients).
 
 Forward of ``ExpertParallelExperts`` (same contract as ``RoutedExperts.forward``):
 1. assignments (token, slot) sorted by global expert id; the expert id gives the destination rank
@@ -141,17 +144,95 @@ class ExpertParallelExperts(nn.Module):
 
 
 def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
-    """Replace every ``MoE``'s ``RoutedExperts`` in ``model`` by this rank's ``ExpertParallelExperts`` shard
-    (in place; every rank must hold the same full weights when called). Returns the number of MoE layers.
-    The rest of the model (attention, router, shared experts, ...) stays replicated."""
+    """Replace every ``MoE``'s ``RoutedExperts`` in ``model`` (a ``KimiLM`` or a model holding one, e.g.
+    ``KimiVL``) by this rank's ``ExpertParallelExperts`` shard (in place; every rank must hold the same full
+    weights when called). Returns the number of MoE layers. The rest of the model (attention, router, shared
+    experts, ...) stays replicated."""
     from kimivl_model.moe import MoE
 
-    cfg = getattr(model, "cfg", None)
-    if not isinstance(cfg, LMConfig):
-        raise TypeError("shard_experts: expected a model with an LMConfig in .cfg (KimiLM)")
+    lms = [m for m in model.modules() if isinstance(getattr(m, "cfg", None), LMConfig)]
+    if not lms:
+        raise TypeError("shard_experts: expected a model with an LMConfig in .cfg (KimiLM) or holding one")
     n = 0
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.experts = ExpertParallelExperts.from_full(m.experts, cfg, group)
-            n += 1
+    for lm in lms:
+        for m in lm.modules():
+            if isinstance(m, MoE) and not isinstance(m.experts, ExpertParallelExperts):
+                m.experts = ExpertParallelExperts.from_full(m.experts, lm.cfg, group)
+                n += 1
     return n
+
+
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_parallel_groups(ep: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None, list[int]]:
+    """Collective (every rank, same order): (this rank's EP group, its expert-data-parallel group, the
+    global ranks of that group). ``ep == world``: the EP group is the world (None) and the data-parallel
+    group a single rank (None: nothing to reduce). Groups as in the module docstring."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ep < 1 or world % ep:
+        raise ValueError(f"expert_parallel: {ep} must divide the world size {world}")
+    ep_group = dp_group = None
+    for k in range(world // ep):  # new_group is collective: every rank creates every group
+        ranks = list(range(k * ep, (k + 1) * ep))
+        g = dist.new_group(ranks) if ep < world else None
+        if rank in ranks:
+            ep_group = g
+    dp_ranks = [r for r in range(world) if r % ep == rank % ep]
+    for j in range(ep):
+        ranks = [r for r in range(world) if r % ep == j]
+        g = dist.new_group(ranks) if len(ranks) > 1 else None
+        if j == rank % ep:
+            dp_group = g
+    return ep_group, dp_group, dp_ranks
+
+
+def expert_shards(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+    """{state-dict prefix: module} of every expert shard in ``model`` (empty when not sharded)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
+
+
+def expert_param_names(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+    """{state-dict name of an expert-shard weight: its module}, e.g. ``...mlp.experts.gate_proj``."""
+    return {f"{prefix}.{w}": m for prefix, m in expert_shards(model).items() for w in EXPERT_WEIGHTS}
+
+
+def expert_slices(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``full`` (a state dict with whole (E, out, in) expert tensors) with each expert-shard entry cut to
+    this rank's experts (views, no copy); other entries as they are. Entries already shard-shaped are
+    refused: a checkpoint always holds the whole tensors."""
+    out = dict(full)
+    for name, m in expert_param_names(model).items():
+        if name not in full:
+            continue
+        t = full[name]
+        if t.shape[0] != m.num_experts:
+            raise ValueError(
+                f"{name}: expected all {m.num_experts} experts stacked, got shape {tuple(t.shape)}"
+            )
+        out[name] = t[m.first : m.first + m.num_local]
+    return out
+
+
+@torch.no_grad()
+def gather_full_experts(
+    model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[str] = frozenset(), dst: int | None = 0
+) -> dict[str, torch.Tensor]:
+    """Collective over each shard's EP group: ``tensors`` (shard-shaped expert entries, keyed by state-dict
+    name) with every expert-shard entry replaced by the whole (E, out, in) tensor, on CPU, on EP-group rank
+    ``dst`` (every rank when None; other ranks get the entry dropped). One tensor in flight at a time. Names
+    in ``skip`` are left out of the collective (every rank must pass the same set)."""
+    out = dict(tensors)
+    for name, m in expert_param_names(model).items():
+        if name in skip or name not in tensors:
+            continue
+        shard = tensors[name]
+        device = getattr(m, EXPERT_WEIGHTS[0]).device
+        local = shard.detach().to(device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(m.ep)]
+        dist.all_gather(parts, local, group=m.group)
+        if dst is None or m.rank == dst:
+            out[name] = torch.cat(parts, dim=0).to("cpu")
+        else:
+            out.pop(name)
+    return out

@@ -8,7 +8,7 @@ writes the rounded result back.
 
 Only weights that autocast would cast for a GEMM anyway are chosen, so the forward's arithmetic is the same
 as under autocast over fp32 weights (the GEMM inputs are the same bf16 values, up to the rounding of the
-master itself): ``nn.Linear`` weights and the routed experts' 3-D weights. Everything else stays fp32:
+master itself): ``nn.Linear`` weights and the routed experts' 3-D weights (whole or an expert-parallel shard). Everything else stays fp32:
 embedding tables (their lookups feed the fp32 residual stream; a head tied to an embedding stays fp32 too),
 norm weights, biases, the router (scores are computed in fp32), the ViT's patch convolution and position
 table, CoCa's logit scale/bias. Frozen weights are never chosen (they would be rounded for good).
@@ -24,6 +24,7 @@ from __future__ import annotations
 from torch import nn
 
 from kimivl_model.moe import RoutedExperts
+from kimivl_model.moe_ep import ExpertParallelExperts
 
 
 def low_precision_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -42,7 +43,7 @@ def _matmul_weights(model: nn.Module, trainable: bool) -> list[tuple[str, nn.Par
     for mod_name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             candidates = [("weight", m.weight)]
-        elif isinstance(m, RoutedExperts):
+        elif isinstance(m, RoutedExperts | ExpertParallelExperts):
             candidates = [(n, getattr(m, n)) for n in ("gate_proj", "up_proj", "down_proj")]
         else:
             continue

@@ -172,6 +172,12 @@ class Recipe(BaseModel):
             vlm = self.model.vlm_config()
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        ep, experts = self.train.expert_parallel, vlm.lm.num_routed_experts
+        if ep > 1 and experts % ep:
+            raise ValueError(
+                f"train.expert_parallel: {ep} does not divide the model's {experts} routed experts "
+                "(each rank of an expert-parallel group holds the same number of experts)"
+            )
         for i, p in enumerate(self.phases):
             if p.seq_len > vlm.lm.max_position_embeddings * 64:
                 raise ValueError(f"phases.{i}.seq_len: {p.seq_len} is beyond any supported context")

@@ -2,7 +2,8 @@
 
 Layout of one checkpoint directory ``DIR`` (``checkpoint_path(root, step)`` names it ``root/step-NNNNNNNN``):
 
-    model.safetensors          full fp32 ``model.state_dict()`` incl. buffers (router bias); rank 0 writes
+    model.safetensors          full fp32 ``model.state_dict()`` incl. buffers (router bias), whole expert stacks
+                               whatever the expert-parallel degree; rank 0 writes
     optimizer/rank-NNNNN.pt    each rank's optimizer state: plain tensors / lists / numbers (torch.save)
     rng/rank-NNNNN.pt          torch CPU (+ CUDA) RNG, python ``random`` and numpy states as tensors / lists
     trainer_state.json         step, skipped_steps, consecutive_nonfinite, world_size, engine config, extra_state
@@ -198,8 +199,13 @@ def _optimizer_state(engine: Any) -> dict[str, Any]:
     }
 
 
+def _saved_expert_parallel(state: dict[str, Any]) -> int:
+    return int(state.get("engine_config", {}).get("expert_parallel", 1))
+
+
 def _load_resharded(engine: Any, directory: Path, saved_world: int) -> None:
-    """Resume on another world size (ZeRO 0): muon takes each param's state from the rank that owned it;
+    """Resume on another world size or expert-parallel degree (ZeRO 0): muon takes each param's state from
+    the rank that owned it (expert shards: reassembled from the old EP ranks and cut for this one);
     torch AdamW (the same full state on every rank) takes rank 0's. Every old rank's file is opened with
     ``mmap``, so a rank pages in only the tensors it keeps. Ranks below the saved world size restore their
     RNG state; the others keep the engine's seeding (rank r: seed + r)."""
@@ -349,7 +355,8 @@ def load_engine_checkpoint(
                     "the recipe (TrainEngine.load_checkpoint(weights_only_resume=True)) to keep the weights and "
                     "counters with a fresh optimizer state"
                 )
-            if saved_world == engine.world_size:
+            same_ep = _saved_expert_parallel(state) == engine.cfg.expert_parallel
+            if saved_world == engine.world_size and same_ep:
                 files = [rank_file("optimizer", engine.rank), rank_file("rng", engine.rank)]
             else:  # resharding reads every old rank's optimizer file, and this rank's RNG if it had one
                 files = [rank_file("optimizer", r) for r in range(saved_world)]
@@ -368,14 +375,17 @@ def load_engine_checkpoint(
 
     weights = load_safetensors(directory / MODEL_FILE)
     try:
-        engine.model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
+        engine.load_full_weights(weights)
+    except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{directory / MODEL_FILE}: does not match the model: {e}") from e
     if weights_only_resume:
         engine.reset_master_weights(weights)  # bf16 working weights: fp32 masters from the fp32 file
         if engine.cfg.zero_stage > 0:
             engine.optimizer.refresh_fp32_params()  # fp32 masters <- (fp32) module weights
-    elif int(state["world_size"]) != engine.world_size:
+    elif (int(state["world_size"]), _saved_expert_parallel(state)) != (
+        engine.world_size,
+        engine.cfg.expert_parallel,
+    ):
         _load_resharded(engine, directory, int(state["world_size"]))
     else:
         opt_path = directory / rank_file("optimizer", engine.rank)

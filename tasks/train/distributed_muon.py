@@ -34,6 +34,17 @@ deadlock, and a missing gradient counts as zero, as in DDP). ``grad_norm`` (one 
 squared norms) and ``scale_grads`` give the global-norm clipping over the shards. Communication: one
 reduce per bucket per micro-batch (ZeRO 0's all-reduce moves the same bytes once per step: the price of
 the memory).
+
+Expert parallelism (``set_expert_params``, the engine's ``train.expert_parallel``): each rank holds only its
+EP shard of the routed experts, so an expert param at the same position means different experts on different
+EP ranks. Those params are owned within the rank's expert-data-parallel group (the ranks holding the same
+experts) and every collective on them (gradient reduce, parameter broadcast, master broadcast) runs on that
+group, nothing when it is a single rank; their gradients are still divided by the world size (each shard's
+gradient already sums the tokens of its whole EP group, so the sum over the expert-data-parallel group over
+W is the same average over all tokens as the other params get). The global gradient norm needs no change:
+each expert slice is owned by exactly one rank. Sharded gradients are required (DeepSpeed's all-reduce would
+average the different shards together). ``load_resharded`` reassembles expert state from the old EP shards
+and cuts it for the new degree, so a run can resume on another world size or expert-parallel degree.
 """
 
 from __future__ import annotations
@@ -51,10 +62,17 @@ from kimivl_model.muon import DEFAULTS, apply_param_update_, validate_param_grou
 GRAD_BUCKET_BYTES = 25 * 2**20  # sharded gradients: the most bytes reduced in one collective
 
 
-def assign_owners(numels: list[list[int]], world_size: int) -> list[list[int]]:
+def assign_owners(
+    numels: list[list[int]],
+    world_size: int,
+    expert: set[tuple[int, int]] = frozenset(),
+    expert_ranks: list[int] | None = None,
+) -> list[list[int]]:
     """Greedy deterministic ownership: by numel descending, then (group, index), to the least-loaded rank.
 
     ``numels[g][i]`` is the element count of param i of group g; returns owner ranks in the same layout.
+    ``expert`` positions (expert-parallel shards) go, after all the others, to the least-loaded of
+    ``expert_ranks`` (the ranks holding the same experts).
     """
     if world_size < 1:
         raise ValueError(f"world_size: expected >= 1, got {world_size}")
@@ -64,10 +82,15 @@ def assign_owners(numels: list[list[int]], world_size: int) -> list[list[int]]:
     )
     load = [0] * world_size
     owners = [[0] * len(group) for group in numels]
-    for n, g, i in order:
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owners[g][i] = rank
-        load[rank] += n
+    everyone = list(range(world_size))
+    for phase_experts in (False, True):
+        ranks = everyone if not phase_experts else (expert_ranks or everyone)
+        for n, g, i in order:
+            if ((g, i) in expert) != phase_experts:
+                continue
+            rank = min(ranks, key=lambda r: (load[r], r))
+            owners[g][i] = rank
+            load[rank] += n
     return owners
 
 
@@ -105,14 +128,55 @@ class DistributedMuon(torch.optim.Optimizer):
         self.sharded = False  # shard_gradients() was called
         self._main: dict[int, Tensor] = {}  # id(param) -> fp32 main gradient (owner only, sharded mode)
         self._had_grad: set[int] = set()  # id(param) with a local gradient this step (sharded mode)
+        self.expert: set[tuple[int, int]] = set()  # (group, index) of expert-parallel shards
+        self.expert_group: dist.ProcessGroup | None = None  # their expert-data-parallel group (None: 1 rank)
+        self.expert_ranks: list[int] = [self.rank]
+        self.expert_parallel, self.ep_rank = 1, 0
         super().__init__(params, {**DEFAULTS, **defaults, "lr": lr})
 
     # ------------------------------------------------------------------ ownership
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         validate_param_group(self.param_groups[-1])
+        self._assign()
+
+    def _assign(self) -> None:
         numels = [[p.numel() for p in g["params"]] for g in self.param_groups]
-        self.owners = assign_owners(numels, self.world_size)
+        self.owners = assign_owners(numels, self.world_size, self.expert, self.expert_ranks)
+
+    def set_expert_params(
+        self,
+        params: list[Tensor],
+        dp_group: dist.ProcessGroup | None,
+        dp_ranks: list[int],
+        ep_size: int,
+        ep_rank: int,
+    ) -> None:
+        """Mark ``params`` as this rank's expert-parallel shards (module docstring): owned within
+        ``dp_ranks`` (global ranks holding the same experts; ``dp_group`` their group, None for one rank),
+        this rank being ``ep_rank`` of an EP group of ``ep_size``. Call once, right after construction."""
+        if self.expert or self.sharded or self.low_precision or len(self.state):
+            raise RuntimeError("set_expert_params: call once, before any other set-up or step")
+        if self.process_group is not None:
+            raise ValueError("set_expert_params: needs the optimizer on the default (world) process group")
+        if self.rank not in dp_ranks or len(dp_ranks) != (
+            1 if dp_group is None else dist.get_world_size(dp_group)
+        ):
+            raise ValueError(
+                f"set_expert_params: rank {self.rank} with data-parallel ranks {dp_ranks} and a group "
+                "of another size"
+            )
+        self.expert = set(self._index(list(params)))
+        self.expert_group, self.expert_ranks = dp_group, list(dp_ranks)
+        self.expert_parallel, self.ep_rank = int(ep_size), int(ep_rank)
+        self._assign()
+
+    def _comm(self, gi: tuple[int, int]) -> tuple[dist.ProcessGroup | None, int]:
+        """(process group, its size) of the collectives on param ``gi``: its expert-data-parallel group for
+        an expert shard, the optimizer's group otherwise."""
+        if gi in self.expert:
+            return self.expert_group, len(self.expert_ranks)
+        return self.process_group, self.world_size
 
     def owner_of(self, group_index: int, param_index: int) -> int:
         """Rank that owns (and holds the state of) param ``param_index`` of group ``group_index``."""
@@ -155,15 +219,17 @@ class DistributedMuon(torch.optim.Optimizer):
     def master_weights(self, dst: int | None = 0) -> dict[int, Tensor]:
         """Collective: {id(param): fp32 master on CPU} for every low-precision param, on group rank ``dst``
         (every rank when ``dst`` is None; an empty dict elsewhere). One broadcast per param from its owner,
-        so no rank ever holds more than one extra param on the device."""
+        so no rank ever holds more than one extra param on the device. Expert shards' masters are broadcast
+        in their expert-data-parallel group and returned on every rank (the caller gathers the EP shards)."""
         out: dict[int, Tensor] = {}
         for g, i in self.low_precision:
             p = self.param_groups[g]["params"][i]
             owner = self.owners[g][i]
             t = self.state[p]["master"] if owner == self.rank else torch.empty_like(p, dtype=torch.float32)
-            if self.world_size > 1:
-                dist.broadcast(t, src=self._global_rank(owner), group=self.process_group)
-            if dst is None or dst == self.rank:
+            group, size = self._comm((g, i))
+            if size > 1:
+                dist.broadcast(t, src=self._global_rank(owner), group=group)
+            if dst is None or dst == self.rank or (g, i) in self.expert:
                 out[id(p)] = t.detach().to("cpu", copy=True)
         return out
 
@@ -200,6 +266,7 @@ class DistributedMuon(torch.optim.Optimizer):
             same = (
                 last is not None
                 and self._owner(last[0]) == self._owner(gi)
+                and (last[0] in self.expert) == (gi in self.expert)
                 and self._param(last[0]).dtype == p.dtype
             )
             nbytes = p.numel() * p.element_size()
@@ -233,8 +300,9 @@ class DistributedMuon(torch.optim.Optimizer):
         local = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         owner = self._owner(members[0])
         flat = _flatten_dense_tensors(local) if len(local) > 1 else local[0].reshape(-1).clone()
-        if self.world_size > 1:
-            dist.reduce(flat, dst=self._global_rank(owner), op=dist.ReduceOp.SUM, group=self.process_group)
+        group, size = self._comm(members[0])
+        if size > 1:
+            dist.reduce(flat, dst=self._global_rank(owner), op=dist.ReduceOp.SUM, group=group)
             self.comm_bytes += flat.numel() * flat.element_size()
         if owner == self.rank:
             for p, g in zip(params, _unflatten_dense_tensors(flat, local), strict=True):
@@ -296,22 +364,26 @@ class DistributedMuon(torch.optim.Optimizer):
         it = iter(flags.tolist())
         return [[bool(next(it)) for _ in g] for g in local]
 
-    def _buckets(self, active: list[list[bool]]) -> dict[tuple[int, torch.dtype], list[tuple[int, int]]]:
-        """(owner, dtype) -> [(group, index)] of active params, in a deterministic order on every rank."""
-        buckets: dict[tuple[int, torch.dtype], list[tuple[int, int]]] = {}
+    def _buckets(
+        self, active: list[list[bool]]
+    ) -> dict[tuple[int, bool, torch.dtype], list[tuple[int, int]]]:
+        """(owner, is expert shard, dtype) -> [(group, index)] of active params, in a deterministic order on
+        every rank."""
+        buckets: dict[tuple[int, bool, torch.dtype], list[tuple[int, int]]] = {}
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if active[g][i]:
-                    buckets.setdefault((self.owners[g][i], p.dtype), []).append((g, i))
-        return dict(sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))))
+                    key = (self.owners[g][i], (g, i) in self.expert, p.dtype)
+                    buckets.setdefault(key, []).append((g, i))
+        return dict(sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))))
 
     def _param(self, gi: tuple[int, int]) -> Tensor:
         return self.param_groups[gi[0]]["params"][gi[1]]
 
-    def _reduce_grads(self, buckets: dict[tuple[int, torch.dtype], list[tuple[int, int]]]) -> dict:
+    def _reduce_grads(self, buckets: dict[tuple[int, bool, torch.dtype], list[tuple[int, int]]]) -> dict:
         """Owner-side averaged grads {(group, index): grad} of this rank's active params."""
         grads: dict[tuple[int, int], Tensor] = {}
-        for (owner, _dtype), members in buckets.items():
+        for (owner, _expert, _dtype), members in buckets.items():
             local = []
             for gi in members:
                 p = self._param(gi)
@@ -328,11 +400,14 @@ class DistributedMuon(torch.optim.Optimizer):
                 grads.update(zip(members, _unflatten_dense_tensors(flat, local), strict=True))
         return grads
 
-    def _broadcast_params(self, buckets: dict[tuple[int, torch.dtype], list[tuple[int, int]]]) -> None:
-        for (owner, _dtype), members in buckets.items():
+    def _broadcast_params(self, buckets: dict[tuple[int, bool, torch.dtype], list[tuple[int, int]]]) -> None:
+        for (owner, _expert, _dtype), members in buckets.items():
+            group, size = self._comm(members[0])
+            if size == 1:
+                continue
             params = [self._param(gi) for gi in members]
             flat = _flatten_dense_tensors([p.detach() for p in params])
-            dist.broadcast(flat, src=self._global_rank(owner), group=self.process_group)
+            dist.broadcast(flat, src=self._global_rank(owner), group=group)
             self.comm_bytes += flat.numel() * flat.element_size()
             if owner != self.rank:
                 for p, new in zip(params, _unflatten_dense_tensors(flat, params), strict=True):
@@ -346,6 +421,11 @@ class DistributedMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.comm_bytes = 0
+        if self.expert and not self.sharded:
+            raise RuntimeError(
+                "DistributedMuon: expert-parallel shards need shard_gradients (an all-reduce over the world "
+                "would average different experts together)"
+            )
         active = self._active_flags()
         buckets = self._buckets(active)
         if self.sharded:  # already reduced to the owners (and averaged) during the backward
@@ -379,6 +459,8 @@ class DistributedMuon(torch.optim.Optimizer):
         sd["world_size"] = self.world_size
         sd["rank"] = self.rank
         sd["ownership"] = [list(o) for o in self.owners]
+        sd["expert_parallel"], sd["ep_rank"] = self.expert_parallel, self.ep_rank
+        sd["experts"] = [list(gi) for gi in sorted(self.expert)]
         return sd
 
     def load_resharded(self, shards: list[dict[str, Any]]) -> None:
@@ -405,20 +487,49 @@ class DistributedMuon(torch.optim.Optimizer):
                 f"load_resharded: saved param groups hold {shapes} params, this optimizer "
                 f"{[len(g['params']) for g in self.param_groups]} (model or trainable set changed)"
             )
+        pid_at = {(g, i): pid for g, group in enumerate(groups) for i, pid in enumerate(group["params"])}
+        experts = set(self.expert) | {tuple(gi) for sd in shards for gi in sd.get("experts", [])}
+        expert_pids = {pid_at[gi] for gi in experts}
         merged: dict[Any, Any] = {}
+        pieces: dict[Any, dict[int, dict[str, Any]]] = {}  # expert pid -> {old EP rank: its state}
         for r, sd in enumerate(shards):
             for pid, st in sd["state"].items():
+                if pid in expert_pids:
+                    ep_rank = int(sd.get("ep_rank", 0))
+                    if ep_rank in pieces.setdefault(pid, {}):
+                        raise ValueError(
+                            f"load_resharded: expert param {pid} has state twice for EP rank {ep_rank}"
+                        )
+                    pieces[pid][ep_rank] = st
+                    continue
                 if pid in merged:
                     raise ValueError(
                         f"load_resharded: param {pid} has state in two shards (rank {r} and another)"
                     )
                 merged[pid] = st
-        mine = {
-            pid: merged[pid]
-            for g, group in enumerate(groups)
-            for i, pid in enumerate(group["params"])
-            if self.owners[g][i] == self.rank and pid in merged
-        }
+        for pid, by_rank in pieces.items():  # whole expert stacks from the old EP shards, in EP-rank order
+            if sorted(by_rank) != list(range(len(by_rank))):
+                raise ValueError(
+                    f"load_resharded: expert param {pid} has state for EP ranks {sorted(by_rank)} only"
+                )
+            parts = [by_rank[k] for k in range(len(by_rank))]
+            merged[pid] = {
+                k: torch.cat([st[k] for st in parts]) if torch.is_tensor(v) and v.dim() >= 1 else v
+                for k, v in parts[0].items()
+            }
+        mine = {}
+        for (g, i), pid in pid_at.items():
+            if self.owners[g][i] != self.rank or pid not in merged:
+                continue
+            st = merged[pid]
+            if (g, i) in self.expert:  # this rank's experts of the whole stack
+                st = {
+                    k: v.chunk(self.expert_parallel)[self.ep_rank]
+                    if torch.is_tensor(v) and v.dim() >= 1
+                    else v
+                    for k, v in st.items()
+                }
+            mine[pid] = st
         self.load_state_dict(
             {
                 "state": mine,
@@ -426,6 +537,8 @@ class DistributedMuon(torch.optim.Optimizer):
                 "world_size": self.world_size,
                 "rank": self.rank,
                 "ownership": [list(o) for o in self.owners],
+                "expert_parallel": self.expert_parallel,
+                "ep_rank": self.ep_rank,
             }
         )
 
@@ -436,6 +549,13 @@ class DistributedMuon(torch.optim.Optimizer):
             if key not in sd:
                 raise ValueError(f"state_dict: missing '{key}'; expected a DistributedMuon shard")
         world, rank, ownership = sd.pop("world_size"), sd.pop("rank"), sd.pop("ownership")
+        ep = (int(sd.pop("expert_parallel", 1)), int(sd.pop("ep_rank", 0)))
+        sd.pop("experts", None)
+        if ep != (self.expert_parallel, self.ep_rank):
+            raise ValueError(
+                f"state_dict: saved as EP rank {ep[1]} of expert_parallel {ep[0]}, this optimizer is EP rank "
+                f"{self.ep_rank} of {self.expert_parallel}; resharding goes through load_resharded"
+            )
         if world != self.world_size:
             raise ValueError(
                 f"state_dict: saved with world_size={world}, this optimizer has world_size="

@@ -32,6 +32,12 @@ What it does (DESIGN.md "distributed training"; STACK.md "DeepSpeed on CPU" for 
   rank's micro-batch did not produce) and keeps fp32 main gradients for its matrices only; the engine
   computes the global norm over the shards and clips them (DeepSpeed's rule), DeepSpeed's own clipping is
   off. 2 ranks equal 1 rank within 1e-5 (``tests/integration/test_sharded_gradients.py``);
+- ``expert_parallel: N`` (muon + shard_gradients): the routed experts are split over groups of N consecutive
+  ranks (``kimivl_model/moe_ep.py``: all-to-all token exchange); DistributedMuon owns each expert shard
+  within the ranks that hold the same experts and reduces its gradient there only. DeepSpeed broadcasts every
+  parameter from rank 0 when it initialises, so the shards are put back right after. Checkpoints and exports
+  hold the whole expert stacks (gathered), so they load at any EP degree. 2 ranks with EP 2 equal 1 rank
+  within 1e-5 (``tests/integration/test_expert_parallel.py``);
 - checkpoints: ``tasks/train/checkpoint.py`` format (safetensors + weights_only ``.pt`` + checksums,
   staged then renamed), never DeepSpeed's pickle-based save.
 
@@ -126,6 +132,10 @@ class TrainEngine:
         seed_everything(cfg.seed + self.rank)
 
         self._muon: DistributedMuon | None = None
+        self.expert_parallel = cfg.expert_parallel
+        self._ep: tuple[Any, Any, list[int]] | None = None  # (EP group, expert-DP group, its ranks)
+        if cfg.expert_parallel > 1:
+            self._shard_experts()
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("model: no parameter has requires_grad=True; nothing to train")
@@ -140,6 +150,7 @@ class TrainEngine:
         self._frozen_file: Any = None  # their fp32 source (tasks.io.weights.SafetensorsFile)
         if cfg.frozen_weights == "bf16":
             self._hold_frozen_weights_in_bf16()
+        shards = {n: p.detach().clone() for n, p in self._expert_params().items()}
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=self._wrapper,
             optimizer=optimizer,
@@ -147,6 +158,9 @@ class TrainEngine:
             config=self.ds_config,
         )
         self.device = self.ds.device
+        with torch.no_grad():  # DeepSpeed broadcast rank 0's parameters, its expert shards included
+            for name, p in self._expert_params().items():
+                p.copy_(shards.pop(name))
         if cfg.shard_gradients:  # DistributedMuon reduces to the owners during the backward
             assert self._muon is not None
             self.ds.enable_backward_allreduce = False
@@ -156,6 +170,28 @@ class TrainEngine:
         self.ds.train()
         if self.rank == 0 and tracker is not None:
             tracker.log_params(self.describe())
+
+    def _shard_experts(self) -> None:
+        """``expert_parallel``: this rank keeps its experts only (``kimivl_model.moe_ep``)."""
+        from kimivl_model.moe_ep import expert_parallel_groups, expert_shards, shard_experts
+
+        ep = self.cfg.expert_parallel
+        if self.world_size % ep:
+            raise ValueError(f"expert_parallel: {ep} does not divide the world size {self.world_size}")
+        self._ep = expert_parallel_groups(ep)
+        try:
+            shard_experts(self.model, self._ep[0])
+        except ValueError as e:  # experts not divisible by ep
+            raise ValueError(f"expert_parallel: {e}") from e
+        if not expert_shards(self.model):
+            raise ValueError("expert_parallel: the model has no routed experts to shard")
+
+    def _expert_params(self) -> dict[str, nn.Parameter]:
+        """{state-dict name: param} of this rank's expert shards (empty without expert parallelism)."""
+        from kimivl_model.moe_ep import expert_param_names
+
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in expert_param_names(self.model)}
 
     def _client_optimizer(self) -> DistributedMuon | None:
         """Muon: ``DistributedMuon`` over the model's Muon/AdamW groups; AdamW: None (DeepSpeed's own)."""
@@ -175,6 +211,14 @@ class TrainEngine:
         )
         self._optimizer_params = {f"optimizer.{k}": v for k, v in param_group_summary(groups).items()}
         self._muon = DistributedMuon(groups, grads_are_averaged=True)
+        if self._ep is not None:
+            from kimivl_model.moe_ep import expert_shards
+
+            ep_rank = next(iter(expert_shards(self.model).values())).rank
+            trainable = [p for p in self._expert_params().values() if p.requires_grad]
+            self._muon.set_expert_params(
+                trainable, self._ep[1], self._ep[2], self.cfg.expert_parallel, ep_rank
+            )
         return self._muon
 
     def describe(self) -> dict[str, Any]:
@@ -227,10 +271,14 @@ class TrainEngine:
                 f"frozen_weights: the phase's starting checkpoint {self.frozen_source} is missing"
             )
         source = SafetensorsFile(self.frozen_source)  # reads the header only
+        experts = self._expert_params()
         for name, p in chosen:
-            if name not in source or source.meta(name)[0] != tuple(p.shape):
+            shape = tuple(p.shape)
+            if name in experts:  # the file holds the whole stack of an expert shard
+                shape = (shape[0] * self.cfg.expert_parallel, *shape[1:])
+            if name not in source or source.meta(name)[0] != shape:
                 raise ValueError(
-                    f"frozen_weights: {self.frozen_source} has no tensor {name!r} of shape {tuple(p.shape)}; "
+                    f"frozen_weights: {self.frozen_source} has no tensor {name!r} of shape {shape}; "
                     "it must be the checkpoint this phase started from"
                 )
         self._frozen_file = source
@@ -399,28 +447,50 @@ class TrainEngine:
         """Full-precision ``model.state_dict()`` (params + persistent buffers) on CPU.
 
         Frozen weights held in bf16 come from ``frozen_source`` (unchanged since the phase started). With
-        bf16 working weights the fp32 masters replace those params: then this is a collective (every
-        rank calls it; the masters are broadcast from their owners) and ranks other than 0 get ``{}``."""
-        if self._muon is None or not self._muon.low_precision:
+        bf16 working weights the fp32 masters replace those params, and with expert parallelism the expert
+        shards are gathered into the whole stacks: then this is a collective (every rank calls it) and ranks
+        other than 0 get ``{}``."""
+        lowp = self._muon is not None and bool(self._muon.low_precision)
+        experts = self._expert_params()
+        if not lowp and not experts:
             state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         else:
-            masters = self._muon.master_weights(dst=0)
+            masters = self._muon.master_weights(dst=0) if lowp else {}
+            sd = self.model.state_dict(keep_vars=True)
+            if experts:
+                from kimivl_model.moe_ep import gather_full_experts
+
+                shards = {n: masters.get(id(sd[n]), sd[n]) for n in experts}
+                gathered = gather_full_experts(self.model, shards, skip=self.frozen_low, dst=0)
             if self.rank != 0:
                 return {}
             state = {
                 k: masters[id(v)] if id(v) in masters else v.detach().to("cpu", copy=True)
-                for k, v in self.model.state_dict(keep_vars=True).items()
+                for k, v in sd.items()
             }
+            if experts:
+                state.update({n: gathered[n] for n in experts if n not in self.frozen_low})
         for name in self.frozen_low:  # frozen bf16 weights: the exact fp32 values of the starting checkpoint
             state[name] = self._frozen_file[name]
         return state
+
+    def load_full_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """``model.load_state_dict(weights, strict=True)`` from a full state dict (whole expert stacks, cut
+        to this rank's experts with expert parallelism)."""
+        from kimivl_model.moe_ep import expert_slices
+
+        mine = expert_slices(self.model, dict(weights))
+        self.model.load_state_dict(mine, strict=True)
 
     def reset_master_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """bf16 working weights: fp32 masters <- ``weights`` (a full state dict), for a weights-only resume."""
         if self._muon is None or not self._muon.low_precision:
             return
+        from kimivl_model.moe_ep import expert_slices
+
+        mine = expert_slices(self.model, dict(weights))
         sd = self.model.state_dict(keep_vars=True)
-        self._muon.set_master_weights({id(sd[k]): weights[k] for k in sd if k in weights})
+        self._muon.set_master_weights({id(sd[k]): mine[k] for k in sd if k in mine})
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -47,6 +47,12 @@ class OptimizerSettings(BaseModel):
         description="muon: reduce each gradient to its owner rank during the backward and free it elsewhere "
         "(ZeRO-2 style; a rank keeps fp32 gradients of the matrices it owns only)",
     )
+    expert_parallel: int = Field(
+        1,
+        ge=1,
+        description="routed experts split over groups of this many consecutive ranks (all-to-all token "
+        "exchange); must divide the world size and the expert count; needs muon with shard_gradients",
+    )
     weight_decay: float = Field(
         MUON["weight_decay"], ge=0, description="decoupled weight decay (Moonlight: 0.1)"
     )
@@ -89,6 +95,13 @@ class OptimizerSettings(BaseModel):
                 f"shard_gradients: needs optimizer 'muon' (DistributedMuon's owners keep the shards), got "
                 f"{self.optimizer!r}; with adamw use zero_stage 2"
             )
+        if self.expert_parallel > 1 and not (self.optimizer == "muon" and self.shard_gradients):
+            raise ValueError(
+                f"expert_parallel: {self.expert_parallel} needs optimizer 'muon' with shard_gradients: true (expert "
+                "shards are reduced only over the ranks holding the same experts, which DistributedMuon does "
+                f"and DeepSpeed's all-reduce does not), got optimizer={self.optimizer!r}, "
+                f"shard_gradients={self.shard_gradients}"
+            )
         b1, b2 = self.adamw_betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"adamw_betas: each must be in [0, 1), got {self.adamw_betas}")
@@ -116,6 +129,10 @@ class EngineConfig(OptimizerSettings):
             raise ValueError(
                 f"micro_batches_per_step: must be divisible by the world size {world_size}, "
                 f"got {self.micro_batches_per_step}"
+            )
+        if world_size % self.expert_parallel:
+            raise ValueError(
+                f"expert_parallel: {self.expert_parallel} must divide the world size {world_size}"
             )
         return self.micro_batches_per_step // world_size
 

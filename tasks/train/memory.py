@@ -26,6 +26,11 @@ With ``train.working_weights: bf16`` (``kimivl_model/precision.py``) the trainab
 in bf16 (2 bytes, and 2 for their gradients), their fp32 masters are optimizer state on the owner rank (+1
 fp32 element per owned element), and autocast copies remain only for the trainable weights still in fp32.
 
+With ``train.expert_parallel: N`` every count above holds 1/N of each routed-expert stack (a rank keeps its
+EP shard only; ``kimivl_model/moe_ep.py``), and the experts' Muon owners are chosen among the world/N ranks
+holding the same experts, as ``DistributedMuon.set_expert_params`` does; the busiest rank over all EP
+positions is reported.
+
 - **activations** (``tasks/train/activations.py``): what one worst-case micro-batch of the phase keeps for
   its backward (per layer, tensor by tensor, with or without gradient checkpointing), plus the backward's
   temporaries and the loss head's chunk; checked against autograd's saved tensors and MemTracker's CPU peaks.
@@ -44,6 +49,8 @@ from typing import Any
 
 import torch
 
+from kimivl_model.moe import RoutedExperts
+from kimivl_model.moe_ep import EXPERT_WEIGHTS
 from kimivl_model.muon import build_param_groups
 from kimivl_model.vlm import KimiVL
 from tasks.train.activations import ActivationPlan, phase_activations
@@ -66,13 +73,14 @@ class MemoryPlan:
     precision: str
     optimizer: str
     zero_stage: int
-    params: int  # every parameter (unique tensors)
+    params: int  # every parameter of the model (unique tensors; with expert parallelism a rank holds fewer)
     trainable: int
     weights: int  # bytes per rank
     gradients: int
     optimizer_state: int
     autocast_copies: int
     bf16_working_params: int = 0  # trainable params held in bf16 (fp32 masters in the optimizer)
+    expert_parallel: int = 1
     activation_parts: ActivationPlan | None = None  # one worst-case micro-batch (None: not planned)
 
     @property
@@ -108,42 +116,45 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
     train = recipe.train
     precision = resolve_precision(train.precision, device_type)
     model, groups = _phase_model_groups(recipe, phase)
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    ep = train.expert_parallel
+    if world % ep:
+        raise ValueError(f"train.expert_parallel: {ep} does not divide the world size {world}")
+    expert_ids = {
+        id(getattr(m, w)) for m in model.modules() if isinstance(m, RoutedExperts) for w in EXPERT_WEIGHTS
+    }
+
+    def numel(p: torch.Tensor) -> int:  # what one rank holds of p
+        return p.numel() // ep if id(p) in expert_ids else p.numel()
+
+    unique = {id(p): p for p in model.parameters()}.values()
+    params, params_here = sum(p.numel() for p in unique), sum(numel(p) for p in unique)
     trainable = sum(p.numel() for g in groups for p in g["params"])
+    trainable_here = sum(numel(p) for g in groups for p in g["params"])
     low_ids: set[int] = set()
     if train.working_weights == "bf16" and precision == "bf16":
         from kimivl_model.precision import low_precision_weights
 
         low_ids = {id(p) for _, p in low_precision_weights(model)}
     low = sum(p.numel() for g in groups for p in g["params"] if id(p) in low_ids)
+    low_here = sum(numel(p) for g in groups for p in g["params"] if id(p) in low_ids)
     frozen_low = 0  # frozen matmul weights held in bf16 (train.frozen_weights)
     from_scratch = start_weights_file(recipe, phase, Path(".")) is None  # frozen weights then stay fp32
     if train.frozen_weights == "bf16" and precision == "bf16" and not from_scratch:
         from kimivl_model.precision import frozen_matmul_weights
 
-        frozen_low = sum(p.numel() for _, p in frozen_matmul_weights(model))
-    grads = ((trainable - low) * FP32 + low * BF16) // (world if train.zero_stage >= 2 else 1)
+        frozen_low = sum(numel(p) for _, p in frozen_matmul_weights(model))
+    grads = ((trainable_here - low_here) * FP32 + low_here * BF16) // (world if train.zero_stage >= 2 else 1)
     if train.optimizer == "muon":  # DistributedMuon: whole-matrix owners, the busiest rank
-        numels = [[p.numel() for p in g["params"]] for g in groups]
-        owners = assign_owners(numels, world)
+        numels = [[numel(p) for p in g["params"]] for g in groups]
+        owned, per_rank = _muon_owned(groups, numels, world, ep, expert_ids, low_ids)
         if train.shard_gradients:  # fp32 main gradients of the owned matrices + the buckets in flight
-            owned = [0] * world
-            for g, group_numels in enumerate(numels):
-                for i, n in enumerate(group_numels):
-                    owned[owners[g][i]] += n
             largest = max((n for g in numels for n in g), default=0) * FP32
             grads = max(owned) * FP32 + 2 * max(GRAD_BUCKET_BYTES, largest)
-        per_rank = [0] * world
-        for g, group in enumerate(groups):
-            per_elem = 1 if group["use_muon"] else 2
-            for i, n in enumerate(numels[g]):
-                master = 1 if id(group["params"][i]) in low_ids else 0
-                per_rank[owners[g][i]] += (per_elem + master) * n
         opt = max(per_rank) * FP32
     elif train.zero_stage == 0:  # torch AdamW over the fp32 parameters: two moments
-        opt = 2 * trainable * FP32
+        opt = 2 * trainable_here * FP32
     else:  # DeepSpeed ZeRO 1/2: fp32 master partition + two moments, 1/world each (ceil: padding)
-        opt = 3 * -(-trainable // world) * FP32
+        opt = 3 * -(-trainable_here // world) * FP32
     return MemoryPlan(
         phase=phase.name,
         world=world,
@@ -152,15 +163,46 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
         zero_stage=train.zero_stage,
         params=params,
         trainable=trainable,
-        weights=(params - low - frozen_low) * FP32 + (low + frozen_low) * BF16,
+        weights=(params_here - low_here - frozen_low) * FP32 + (low_here + frozen_low) * BF16,
         gradients=grads,
         optimizer_state=opt,
-        autocast_copies=(trainable - low) * BF16 if precision == "bf16" else 0,
+        autocast_copies=(trainable_here - low_here) * BF16 if precision == "bf16" else 0,
         bf16_working_params=low,
+        expert_parallel=ep,
         activation_parts=phase_activations(
             recipe.model.architecture(), phase, recipe.model.gradient_checkpointing, precision, device_type
         ),
     )
+
+
+def _muon_owned(
+    groups: list[dict[str, Any]],
+    numels: list[list[int]],
+    world: int,
+    ep: int,
+    expert_ids: set[int],
+    low_ids: set[int],
+) -> tuple[list[int], list[int]]:
+    """DistributedMuon's ownership (``assign_owners``; expert shards among the ranks holding the same
+    experts) seen from every EP position: per rank, the elements it owns and its optimizer-state elements
+    (1 per Muon element, 2 per AdamW element, +1 per fp32 master)."""
+    experts = {
+        (g, i) for g, grp in enumerate(groups) for i, p in enumerate(grp["params"]) if id(p) in expert_ids
+    }
+    owned, per_rank = [0] * world, [0] * world
+    for j in range(ep):
+        ranks = [r for r in range(world) if r % ep == j]
+        owners = assign_owners(numels, world, experts if ep > 1 else frozenset(), ranks if ep > 1 else None)
+        for g, group in enumerate(groups):
+            per_elem = 1 if group["use_muon"] else 2
+            for i, n in enumerate(numels[g]):
+                if (g, i) not in experts and j > 0:
+                    continue  # the replicated params' owners are the same from every EP position
+                r = owners[g][i]
+                owned[r] += n
+                master = 1 if id(group["params"][i]) in low_ids else 0
+                per_rank[r] += (per_elem + master) * n
+    return owned, per_rank
 
 
 def plan_recipe(recipe: Any, world: int, device_type: str = "cuda") -> list[MemoryPlan]:

@@ -144,10 +144,11 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         model = make_model()
         cfg = engine_config(opt, int(zero))
-        for v in variant:  # "bf16w": bf16 working weights; "shardg": gradients sharded to their owners
-            update = {
+        for v in variant:  # "bf16w": bf16 working weights; "shardg": gradients sharded to their owners;
+            update = {  # "ep2": experts split over 2 ranks (sharded gradients too)
                 "bf16w": {"precision": "bf16", "working_weights": "bf16"},
                 "shardg": {"shard_gradients": True},
+                "ep2": {"shard_gradients": True, "expert_parallel": 2},
             }
             cfg = cfg.model_copy(update=update[v])
         engine = TrainEngine(model, cfg, loss_fn)

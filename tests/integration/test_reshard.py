@@ -1,6 +1,8 @@
 """Resume on another world size with the optimizer state kept: a muon checkpoint saved by 2 ranks resumes
 on 1 rank, and one saved by 1 rank resumes on 2 (torchrun, gloo); the continued losses and the final
-weights equal an uninterrupted 1-rank run's (Muon momentum and AdamW moments move to their new owners)."""
+weights equal an uninterrupted 1-rank run's (Muon momentum and AdamW moments move to their new owners).
+The same with the 2 ranks splitting the experts (``ep2``: ``train.expert_parallel: 2``): the expert
+momentum is reassembled from, or cut into, the EP shards."""
 
 from __future__ import annotations
 
@@ -37,40 +39,55 @@ def reference():
 def _close(weights: dict, ref: dict) -> None:
     assert weights.keys() == ref.keys()
     for name, w in ref.items():
+        assert weights[name].shape == w.shape, name
         assert float((weights[name] - w).abs().max()) <= 1e-5 * max(float(w.abs().max()), 1e-3), name
 
 
+VARIANTS = pytest.mark.parametrize("variant", ["", ":ep2"], ids=["dp", "ep2"])
+
+
+def _out(tmp_path, variant: str):
+    return tmp_path / ("muon-z0" + variant.replace(":", "-"))
+
+
+@VARIANTS
 @pytest.mark.timeout(300)
-def test_two_ranks_saved_one_rank_resumes(tmp_path, reference):
-    run_two_ranks("muon:0", SAVE, tmp_path, timeout=240)  # the worker's final checkpoint at step SAVE
-    ckpt = checkpoint_path(tmp_path / "muon-z0" / "ckpt", SAVE)
+def test_two_ranks_saved_one_rank_resumes(tmp_path, reference, variant):
+    run_two_ranks("muon:0" + variant, SAVE, tmp_path, timeout=240)  # the worker's final checkpoint at SAVE
+    ckpt = checkpoint_path(_out(tmp_path, variant) / "ckpt", SAVE)
     shards = [torch_load_plain(ckpt / f"optimizer/rank-{r:05d}.pt")["state_dict"] for r in range(2)]
     assert all(len(sd["state"]) > 0 for sd in shards)  # each rank saved only the state it owned
+    assert [sd["ep_rank"] for sd in shards] == ([0, 1] if variant else [0, 0])
     model = make_model(seed=123)
     eng = TrainEngine(model, engine_config("muon", 0), loss_fn)
     assert eng.load_checkpoint(ckpt) == {"next_step": SAVE} and eng.step == SAVE
     # the momentum of every param, gathered from both shards, is the 1-rank run's at the same step
     got, want = eng.optimizer.state_dict()["state"], reference["optimizer"]["state"]
-    assert got.keys() == want.keys() and len(got) == sum(len(sd["state"]) for sd in shards)
+    twice = len(shards[0]["experts"])  # each EP rank saved the state of its part of every expert stack
+    assert got.keys() == want.keys() and len(got) == sum(len(sd["state"]) for sd in shards) - twice
+    assert twice == (3 if variant else 0)
     for pid, st in want.items():
         for k, v in st.items():
             if torch.is_tensor(v) and v.is_floating_point():
+                assert got[pid][k].shape == v.shape, (pid, k)
                 assert torch.allclose(got[pid][k], v, rtol=1e-4, atol=1e-7), (pid, k)
     history = train(eng, model, SAVE, END)
     assert [h["loss"] for h in history] == pytest.approx(reference["losses"][SAVE:], rel=1e-5)
     _close(eng.full_state_dict(), reference["weights"])
 
 
+@VARIANTS
 @pytest.mark.timeout(300)
-def test_one_rank_saved_two_ranks_resume(tmp_path, reference):
+def test_one_rank_saved_two_ranks_resume(tmp_path, reference, variant):
     model = make_model()
     eng = TrainEngine(model, engine_config("muon", 0), loss_fn)
     train(eng, model, 0, SAVE)
-    eng.save_checkpoint(checkpoint_path(tmp_path / "muon-z0" / "ckpt", SAVE), {"next_step": SAVE})
-    run_two_ranks("muon:0", END, tmp_path, 240, "--resume")
-    losses = _losses(tmp_path / "muon-z0" / "steps.jsonl")
+    out = _out(tmp_path, variant)
+    eng.save_checkpoint(checkpoint_path(out / "ckpt", SAVE), {"next_step": SAVE})
+    run_two_ranks("muon:0" + variant, END, tmp_path, 240, "--resume")
+    losses = _losses(out / "steps.jsonl")
     assert sorted(losses) == list(range(SAVE + 1, END + 1))  # only the resumed steps ran
     assert [losses[s] for s in range(SAVE + 1, END + 1)] == pytest.approx(
         reference["losses"][SAVE:], rel=1e-5
     )
-    _close(load_safetensors(tmp_path / "muon-z0" / "final.safetensors"), reference["weights"])
+    _close(load_safetensors(out / "final.safetensors"), reference["weights"])

@@ -128,6 +128,24 @@ def test_assign_owners_greedy_and_deterministic():
     assert assign_owners([[4, 1]], 1) == [[0, 0]]
     with pytest.raises(ValueError, match="world_size"):
         assign_owners([[1]], 0)
+    # expert-parallel shards go to the ranks holding the same experts, after the replicated params
+    owners = assign_owners([[10, 8, 8], [6, 1]], 4, expert={(0, 1), (0, 2)}, expert_ranks=[1, 3])
+    assert owners == [[0, 3, 1], [1, 2]]
+    assert assign_owners([[10, 3], [7, 7]], 2, expert=set()) == [[0, 0], [1, 1]]  # no experts: unchanged
+
+
+def test_expert_params_need_sharded_gradients_and_the_world_group():
+    model = nn.Linear(4, 4, bias=False)
+    opt = DistributedMuon(build_param_groups(model, lr=0.1))
+    opt.set_expert_params([model.weight], None, [0], ep_size=1, ep_rank=0)
+    assert opt.state_dict()["experts"] == [[0, 0]]
+    model.weight.grad = torch.ones_like(model.weight)
+    with pytest.raises(RuntimeError, match="need shard_gradients"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="call once"):
+        opt.set_expert_params([model.weight], None, [0], ep_size=1, ep_rank=0)
+    with pytest.raises(ValueError, match="data-parallel ranks"):
+        DistributedMuon(build_param_groups(model, lr=0.1)).set_expert_params([model.weight], None, [1], 1, 0)
 
 
 def test_single_rank_without_process_group_equals_muon():

@@ -75,6 +75,14 @@ BAD = {
         "phases.1.sources.0.weight",
     ),
     "min_lr above peak": (lambda d: _phase(d, "vit")["lr"].update(min_lr=1.0), "phases.1.lr"),
+    "expert_parallel without sharded gradients": (
+        lambda d: d["train"].update(expert_parallel=2, shard_gradients=False),
+        "expert_parallel",
+    ),
+    "expert_parallel not dividing the experts": (
+        lambda d: d["train"].update(expert_parallel=3, shard_gradients=True),
+        "train.expert_parallel: 3 does not divide the model's 8 routed experts",
+    ),
 }
 
 
