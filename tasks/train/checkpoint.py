@@ -15,6 +15,11 @@ checksums are in place, so a killed save never leaves a complete-looking checkpo
 ignores staging directories and directories without ``checksums.json``. A corrupted or missing file makes
 ``verify_checksums`` raise ``CheckpointError`` naming the file.
 
+With ``train.checkpoint_format: sharded`` the weights and optimizer state are written instead by every rank
+in parallel through ``torch.distributed.checkpoint`` into ``state/`` (``tasks/train/sharded_checkpoint.py``:
+nothing gathered, loadable at any world size / expert-parallel degree); staging, RNG files, trainer state,
+checksums and publishing are the same. A checkpoint is loaded in the format it was saved in.
+
 Multi-node runs need ``root`` on a filesystem shared by all nodes (each rank writes its own files).
 """
 
@@ -270,28 +275,36 @@ def _save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any
     import torch.distributed as dist
 
     from tasks.io.weights import save_safetensors_atomic
+    from tasks.train import sharded_checkpoint as sharded_ckpt
 
     final = Path(final)
     staging = staging_path(final)
     multi = engine.world_size > 1
+    sharded = engine.cfg.checkpoint_format == "sharded"
     if engine.rank == 0:
         if staging.exists():
             shutil.rmtree(staging)  # left over from a killed save
-        (staging / "optimizer").mkdir(parents=True)
+        (staging / ("state" if sharded else "optimizer")).mkdir(parents=True)
         (staging / "rng").mkdir()
     if multi:
         dist.barrier()
-    mine = [rank_file("optimizer", engine.rank), rank_file("rng", engine.rank)]
-    torch_save_atomic(_optimizer_state(engine), staging / mine[0])
+    mine = [rank_file("rng", engine.rank)]
+    if sharded:  # every rank writes its share of weights and optimizer state (a collective)
+        mine += sharded_ckpt.save_state(engine, staging / sharded_ckpt.STATE_DIR)
+    else:
+        mine.append(rank_file("optimizer", engine.rank))
+        torch_save_atomic(_optimizer_state(engine), staging / mine[-1])
     crash_point(f"checkpoint:optimizer_written:{_phase_of(final)}")
-    torch_save_atomic(rng_state(), staging / mine[1])
-    weights = engine.full_state_dict()  # a collective with bf16 working weights ({} off rank 0)
+    torch_save_atomic(rng_state(), staging / mine[0])
+    weights = {} if sharded else engine.full_state_dict()  # gathered: a collective ({} off rank 0)
     if engine.rank == 0:
-        save_safetensors_atomic(
-            weights,
-            staging / MODEL_FILE,
-            metadata={"format": "pt", "step": str(engine.step)},
-        )
+        if not sharded:
+            save_safetensors_atomic(
+                weights,
+                staging / MODEL_FILE,
+                metadata={"format": "pt", "step": str(engine.step)},
+            )
+            mine.append(MODEL_FILE)
         state = {
             "format_version": FORMAT_VERSION,
             "step": engine.step,
@@ -301,10 +314,11 @@ def _save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any
             "optimizer": engine.cfg.optimizer,
             "zero_stage": engine.cfg.zero_stage,
             "engine_config": engine.cfg.model_dump(mode="json"),
+            "checkpoint_format": engine.cfg.checkpoint_format,
             "extra_state": extra_state,
         }
         write_json_atomic(state, staging / STATE_FILE)
-        mine += [MODEL_FILE, STATE_FILE]
+        mine.append(STATE_FILE)
     sums = checksums(staging, mine)
     if multi:
         gathered: list[Any] = [None] * engine.world_size
@@ -321,7 +335,7 @@ def _save_engine_checkpoint(engine: Any, final: Path, extra_state: dict[str, Any
     return final
 
 
-def _check_all_ranks(engine: Any, error: CheckpointError | None) -> None:
+def check_all_ranks(engine: Any, error: CheckpointError | None) -> None:
     """Raise on every rank if any rank failed (a lone failing rank would leave the others hanging)."""
     import torch.distributed as dist
 
@@ -343,8 +357,11 @@ def load_engine_checkpoint(
     error: CheckpointError | None = None
     state: dict[str, Any] = {}
     try:
-        verify_checksums(directory, [MODEL_FILE, STATE_FILE])
+        verify_checksums(directory, [STATE_FILE])
         state = read_trainer_state(directory)
+        if state.get("checkpoint_format", "gathered") == "sharded":
+            return _load_sharded(engine, directory, state, weights_only_resume)
+        verify_checksums(directory, [MODEL_FILE])
         if not weights_only_resume:
             saved_world = int(state["world_size"])
             if saved_world != engine.world_size and engine.cfg.zero_stage > 0:
@@ -362,16 +379,10 @@ def load_engine_checkpoint(
                 files = [rank_file("optimizer", r) for r in range(saved_world)]
                 files += [rank_file("rng", engine.rank)] if engine.rank < saved_world else []
             verify_checksums(directory, files)
-            saved_opt = (state["optimizer"], state["zero_stage"])
-            if saved_opt != (engine.cfg.optimizer, engine.cfg.zero_stage):
-                raise CheckpointError(
-                    f"{directory / STATE_FILE}: saved with optimizer/zero_stage {saved_opt}, this run uses "
-                    f"{(engine.cfg.optimizer, engine.cfg.zero_stage)}; set train.resume_weights_only: true in the recipe "
-                    "to continue with a fresh optimizer state"
-                )
+            _check_same_optimizer(engine, directory, state)
     except CheckpointError as e:
         error = e
-    _check_all_ranks(engine, error)
+    check_all_ranks(engine, error)
 
     weights = load_safetensors(directory / MODEL_FILE)
     try:
@@ -391,7 +402,41 @@ def load_engine_checkpoint(
         opt_path = directory / rank_file("optimizer", engine.rank)
         _load_optimizer_state(engine, torch_load_plain(opt_path), opt_path)
         set_rng_state(torch_load_plain(directory / rank_file("rng", engine.rank)))
+    return _restore_counters(engine, state)
+
+
+def _check_same_optimizer(engine: Any, directory: Path, state: dict[str, Any]) -> None:
+    saved_opt = (state["optimizer"], state["zero_stage"])
+    if saved_opt != (engine.cfg.optimizer, engine.cfg.zero_stage):
+        raise CheckpointError(
+            f"{directory / STATE_FILE}: saved with optimizer/zero_stage {saved_opt}, this run uses "
+            f"{(engine.cfg.optimizer, engine.cfg.zero_stage)}; set train.resume_weights_only: true in the recipe "
+            "to continue with a fresh optimizer state"
+        )
+
+
+def _restore_counters(engine: Any, state: dict[str, Any]) -> dict[str, Any]:
     engine.step = int(state["step"])
     engine.skipped_steps = int(state["skipped_steps"])
     engine.consecutive_nonfinite = int(state["consecutive_nonfinite"])
     return dict(state.get("extra_state", {}))
+
+
+def _load_sharded(engine: Any, directory: Path, state: dict[str, Any], weights_only_resume: bool) -> dict:
+    """A ``checkpoint_format: sharded`` checkpoint (``sharded_checkpoint.py``): every rank verifies its share
+    of the files, then reads what it holds in this run; any world size / expert-parallel degree."""
+    from tasks.train import sharded_checkpoint as sharded_ckpt
+
+    error: CheckpointError | None = None
+    saved_world = int(state["world_size"])
+    try:
+        verify_checksums(directory, sharded_ckpt.files_to_verify(directory, engine.rank, engine.world_size))
+        if not weights_only_resume:
+            _check_same_optimizer(engine, directory, state)
+    except CheckpointError as e:
+        error = e
+    check_all_ranks(engine, error)
+    sharded_ckpt.load_state(engine, directory, weights_only=weights_only_resume)
+    if not weights_only_resume and engine.rank < saved_world:
+        set_rng_state(torch_load_plain(directory / rank_file("rng", engine.rank)))
+    return _restore_counters(engine, state)

@@ -53,6 +53,12 @@ class OptimizerSettings(BaseModel):
         description="routed experts split over groups of this many consecutive ranks (all-to-all token "
         "exchange); must divide the world size and the expert count; needs muon with shard_gradients",
     )
+    checkpoint_format: Literal["gathered", "sharded"] = Field(
+        "gathered",
+        description="gathered: rank 0 writes the whole fp32 model to one safetensors file, each rank its "
+        "optimizer shard; sharded: every rank writes its share of weights and optimizer state through "
+        "torch.distributed.checkpoint (nothing gathered; resumes at any world size); needs zero_stage 0",
+    )
     weight_decay: float = Field(
         MUON["weight_decay"], ge=0, description="decoupled weight decay (Moonlight: 0.1)"
     )
@@ -101,6 +107,11 @@ class OptimizerSettings(BaseModel):
                 "shards are reduced only over the ranks holding the same experts, which DistributedMuon does "
                 f"and DeepSpeed's all-reduce does not), got optimizer={self.optimizer!r}, "
                 f"shard_gradients={self.shard_gradients}"
+            )
+        if self.checkpoint_format == "sharded" and self.zero_stage != 0:
+            raise ValueError(
+                f"checkpoint_format: 'sharded' needs zero_stage 0 (DeepSpeed's ZeRO {self.zero_stage} partitions "
+                "are not plain per-parameter state), got zero_stage {self.zero_stage}"
             )
         b1, b2 = self.adamw_betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):

@@ -145,10 +145,11 @@ def main(argv: list[str] | None = None) -> None:
         model = make_model()
         cfg = engine_config(opt, int(zero))
         for v in variant:  # "bf16w": bf16 working weights; "shardg": gradients sharded to their owners;
-            update = {  # "ep2": experts split over 2 ranks (sharded gradients too)
+            update = {  # "ep2": experts split over 2 ranks (sharded gradients too); "dcp": sharded checkpoints
                 "bf16w": {"precision": "bf16", "working_weights": "bf16"},
                 "shardg": {"shard_gradients": True},
                 "ep2": {"shard_gradients": True, "expert_parallel": 2},
+                "dcp": {"checkpoint_format": "sharded"},  # checkpoints through torch.distributed.checkpoint
             }
             cfg = cfg.model_copy(update=update[v])
         engine = TrainEngine(model, cfg, loss_fn)

@@ -67,32 +67,44 @@ def _group_names(reference) -> list[list[str]]:
     return [[names[id(p)] for p in g["params"]] for g in build_param_groups(model, lr=1.0)]
 
 
+def _saved_experts(ckpt) -> torch.Tensor:
+    """The whole fp32 expert stack a checkpoint holds, read straight from its files (either format)."""
+    if (ckpt / "model.safetensors").exists():
+        return load_safetensors(ckpt / "model.safetensors")[EXPERTS]
+    from tasks.train.sharded_checkpoint import read_model_tensors
+
+    return read_model_tensors(ckpt / "state", [EXPERTS])[EXPERTS]  # one slice per EP rank, concatenated
+
+
+@pytest.mark.parametrize("fmt", ["gathered", "sharded"])
 @pytest.mark.timeout(300)
-def test_ep2_with_bf16_working_weights_a3b_combination(tmp_path):
-    """a3b's combination: EP 2 with bf16 working weights (fp32 masters on the owners) and sharded
-    gradients. The checkpoint holds the fp32 masters of the whole expert stacks; a 1-rank run resumes with
-    exactly those masters and continues like an uninterrupted 1-rank bf16 run (bf16 rounding apart)."""
+def test_ep2_with_bf16_working_weights_a3b_combination(tmp_path, fmt):
+    """a3b's combination: EP 2 with bf16 working weights (fp32 masters on the owners), sharded gradients and
+    either checkpoint format. The checkpoint holds the fp32 masters of the whole expert stacks (gathered:
+    one file; sharded: a slice per EP rank); a 1-rank run resumes with exactly those masters and continues
+    like an uninterrupted 1-rank bf16 run (bf16 rounding apart)."""
     bf16 = {"precision": "bf16", "working_weights": "bf16"}
     model = make_model()
     eng = TrainEngine(model, engine_config("muon", 0).model_copy(update=bf16), loss_fn)
     ref = [h["loss"] for h in train(eng, model, 0, END)]
 
-    run_two_ranks("muon:0:bf16w:ep2", SAVE, tmp_path, timeout=240)
-    out = tmp_path / "muon-z0-bf16w-ep2"
+    variant = "muon:0:bf16w:ep2" + (":dcp" if fmt == "sharded" else "")
+    run_two_ranks(variant, SAVE, tmp_path, timeout=240)
+    out = tmp_path / variant.replace("muon:0", "muon-z0").replace(":", "-")
     losses = _losses(out / "steps.jsonl")
     assert [losses[s] for s in range(1, SAVE + 1)] == pytest.approx(ref[:SAVE], rel=2e-2)
     ckpt = checkpoint_path(out / "ckpt", SAVE)
-    saved = load_safetensors(ckpt / "model.safetensors")
-    assert saved[EXPERTS].dtype == torch.float32 and tuple(saved[EXPERTS].shape) == (4, 32, 64)
+    saved = _saved_experts(ckpt)
+    assert saved.dtype == torch.float32 and tuple(saved.shape) == (4, 32, 64)
     # the saved experts are fp32 masters, not the bf16 working copies
-    assert not torch.equal(saved[EXPERTS], saved[EXPERTS].to(torch.bfloat16).float())
+    assert not torch.equal(saved, saved.to(torch.bfloat16).float())
 
     model = make_model(seed=123)
     eng = TrainEngine(model, engine_config("muon", 0).model_copy(update=bf16), loss_fn)
     eng.load_checkpoint(ckpt)
     masters = eng._muon.master_weights(dst=0)
     param = dict(model.named_parameters())[EXPERTS]
-    assert torch.equal(masters[id(param)], saved[EXPERTS])  # reassembled from both EP shards' optimizer state
+    assert torch.equal(masters[id(param)], saved)  # reassembled from both EP shards
     history = train(eng, model, SAVE, END)
     assert [h["loss"] for h in history] == pytest.approx(ref[SAVE:], rel=2e-2)
 

@@ -30,11 +30,13 @@ def _frozen_model():
     return model
 
 
-def _engine(model, tmp_path, frozen: str, source=True):
+def _engine(model, tmp_path, frozen: str, source=True, **update):
     path = tmp_path / "start.safetensors"
     if source and not path.exists():
         save_safetensors_atomic({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
-    cfg = engine_config("muon", 0).model_copy(update={"precision": "bf16", "frozen_weights": frozen})
+    cfg = engine_config("muon", 0).model_copy(
+        update={"precision": "bf16", "frozen_weights": frozen, **update}
+    )
     return TrainEngine(model, cfg, loss_fn, frozen_source=path if source else None)
 
 
@@ -65,6 +67,30 @@ def test_frozen_bf16_trains_like_fp32_and_saves_the_exact_start(tmp_path):
     assert all(p.dtype == torch.bfloat16 for _, p in frozen_matmul_weights(resumed_model))
     assert [h["loss"] for h in train(resumed, resumed_model, 3, 4)] == pytest.approx(
         [h["loss"] for h in train(eng, model, 3, 4)], rel=1e-6
+    )
+
+
+def test_frozen_bf16_with_sharded_checkpoints(tmp_path):
+    """``checkpoint_format: sharded``: the frozen bf16 weights reach the checkpoint as the exact fp32 start
+    (read from the starting file by one rank), the trained ones as trained; a resume equals continuing."""
+    from tasks.train.sharded_checkpoint import read_model_tensors
+
+    model = _frozen_model()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    eng = _engine(model, tmp_path, "bf16", checkpoint_format="sharded")
+    train(eng, model, 0, 3)
+    ckpt = eng.save_checkpoint(tmp_path / "ckpt" / "step-3", {"next_step": 3})
+    saved = read_model_tensors(ckpt / "state")
+    assert saved.keys() == start.keys() and not (ckpt / "model.safetensors").exists()
+    for name in eng.frozen_low:
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], start[name]), name
+    assert saved.keys() == eng.full_state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in eng.full_state_dict().items())
+    resumed_model = _frozen_model()
+    resumed = _engine(resumed_model, tmp_path, "bf16")
+    resumed.load_checkpoint(ckpt)
+    assert [h["loss"] for h in train(resumed, resumed_model, 3, 5)] == pytest.approx(
+        [h["loss"] for h in train(eng, model, 3, 5)], rel=1e-6
     )
 
 

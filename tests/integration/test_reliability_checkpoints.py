@@ -72,11 +72,20 @@ def test_the_payload_is_live_and_torch_load_plain_refuses_it(tmp_path):
     assert not marker.exists()
 
 
+RESTRICTED_UNPICKLER = REPO / "tasks/train/sharded_checkpoint.py"  # DCP's .metadata is a pickle
+
+
 def test_no_unsafe_deserialisation_in_the_code():
-    """Every ``torch.load`` passes ``weights_only=True``; nothing imports pickle/dill/joblib/cloudpickle."""
+    """Every ``torch.load`` passes ``weights_only=True``; nothing imports pickle/dill/joblib/cloudpickle,
+    except the sharded checkpoint reader, which unpickles DCP's metadata with an allow-list ``find_class``
+    and never calls ``pickle.load(s)``."""
     offenders = []
+    source = RESTRICTED_UNPICKLER.read_text()
+    assert "def find_class(" in source and "pickle.load(" not in source and "pickle.loads(" not in source
     for root in ("tasks", "flows", "kimivl_model", "data_contracts"):
         for path in (REPO / root).rglob("*.py"):
+            if path == RESTRICTED_UNPICKLER:
+                continue
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
                 if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
@@ -109,6 +118,19 @@ def engine_ckpt(tmp_path_factory) -> Path:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def sharded_ckpt(tmp_path_factory) -> Path:
+    """The same checkpoint in the sharded format (``checkpoint_format: sharded``, DCP files)."""
+    from tasks.train.engine import TrainEngine
+    from tests.integration._engine_worker import engine_config, loss_fn, make_model, train
+
+    cfg = engine_config("muon", 0).model_copy(update={"checkpoint_format": "sharded"})
+    model = make_model()
+    eng = TrainEngine(model, cfg, loss_fn)
+    train(eng, model, 0, 2)
+    return eng.save_checkpoint(checkpoint_path(tmp_path_factory.mktemp("sharded-ckpt"), 2), {"next_step": 2})
+
+
 def fresh_engine():
     from tasks.train.engine import TrainEngine
     from tests.integration._engine_worker import engine_config, loss_fn, make_model
@@ -137,12 +159,24 @@ DAMAGE = {
 }
 
 
+SHARDED_DAMAGE = {
+    "truncated data file": ("state/__0_0.distcp", truncate, "sha256 mismatch"),
+    "flipped byte in the data": ("state/__0_0.distcp", lambda p: flip(p, 0.6), "sha256 mismatch"),
+    "flipped byte in the metadata": ("state/.metadata", lambda p: flip(p, 0.5), "sha256 mismatch"),
+    "missing metadata": ("state/.metadata", Path.unlink, "missing from the checkpoint"),
+    "missing RNG state": ("rng/rank-00000.pt", Path.unlink, "missing from the checkpoint"),
+}
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("case", list(DAMAGE))
-def test_damaged_engine_checkpoint_is_refused_naming_the_file(engine_ckpt, tmp_path, case):
-    victim, damage, message = DAMAGE[case]
-    bad = tmp_path / engine_ckpt.name
-    shutil.copytree(engine_ckpt, bad)
+@pytest.mark.parametrize(
+    ("fmt", "case"), [("gathered", c) for c in DAMAGE] + [("sharded", c) for c in SHARDED_DAMAGE]
+)
+def test_damaged_engine_checkpoint_is_refused_naming_the_file(request, tmp_path, fmt, case):
+    good = request.getfixturevalue("engine_ckpt" if fmt == "gathered" else "sharded_ckpt")
+    victim, damage, message = (DAMAGE if fmt == "gathered" else SHARDED_DAMAGE)[case]
+    bad = tmp_path / good.name
+    shutil.copytree(good, bad)
     damage(bad / victim)
     eng = fresh_engine()
     before = {n: p.detach().clone() for n, p in eng.model.named_parameters()}
@@ -151,6 +185,26 @@ def test_damaged_engine_checkpoint_is_refused_naming_the_file(engine_ckpt, tmp_p
     assert str(bad / victim) in str(info.value)
     assert eng.step == 0  # nothing was applied
     assert all(torch.equal(before[n], p) for n, p in eng.model.named_parameters())
+
+
+@pytest.mark.integration
+def test_code_in_sharded_metadata_is_refused_even_with_forged_checksums(sharded_ckpt, tmp_path):
+    """A checkpoint writer who also forges checksums.json: DCP's pickled metadata still runs no code."""
+    import pickle
+
+    bad = tmp_path / sharded_ckpt.name
+    shutil.copytree(sharded_ckpt, bad)
+    marker = tmp_path / "pwned-dcp.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (bad / "state" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    forge_checksums(bad)
+    with pytest.raises(CheckpointError, match="refused global"):
+        fresh_engine().load_checkpoint(bad)
+    assert not marker.exists()
 
 
 @pytest.mark.integration
