@@ -66,5 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def leave(code: int) -> None:
+    """Exit a rank without interpreter finalisation, after closing the process group (all ranks done: a
+    barrier first): gloo's threads can abort a finished rank at exit ("terminate called without an
+    active exception"), which the launcher would report as a failed job."""
+    import logging
+
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -199,36 +199,42 @@ def save_state(engine: Any, state_dir: Path) -> list[str]:
 
 # -------------------------------------------------------------------------------------------- load
 class _Request:
-    """What one rank asks DCP for: destination tensors by key, allocated from the metadata."""
+    """What one rank asks DCP for: destination tensors by saved key. A whole saved tensor of the live
+    tensor's shape and dtype is read straight into it (no copy); anything else (an expert slice, an fp32
+    master of a bf16 weight, optimizer state not created yet) into a tensor allocated from the metadata."""
 
     def __init__(self, metadata: Metadata, where: Path) -> None:
         self.md = metadata.state_dict_metadata
         self.where = where
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def _alloc(self, key: str) -> torch.Tensor:
+    def _dest(self, key: str, into: torch.Tensor | None) -> None:
         m = self.md[key]
-        t = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-        self.tensors[key] = t
-        return t
+        size, dtype = tuple(m.size), m.properties.dtype
+        if into is not None and tuple(into.shape) == size and into.dtype == dtype and into.is_contiguous():
+            self.tensors[key] = into.detach()
+        else:
+            self.tensors[key] = torch.empty(size, dtype=dtype)
 
-    def ask(self, key: str, first: int = 0, count: int | None = None) -> list[tuple[str, int, int]]:
+    def ask(
+        self, key: str, first: int = 0, count: int | None = None, into: torch.Tensor | None = None
+    ) -> list[tuple[str, int, int]]:
         """Plan the read of ``key`` (whole, or experts [first, first+count) of it when saved as slices):
-        [(saved key, offset of its first expert, experts)] of the saved pieces that overlap."""
+        [(saved key, offset of its first expert, experts)] of the saved pieces that overlap. ``into``: the
+        live tensor, read into directly when the saved one is whole and matches it."""
         if key in self.md:
-            self._alloc(key)
+            self._dest(key, into if count is None else None)
             return [(key, 0, int(self.md[key].size[0]) if self.md[key].size else 0)]
         pieces = []
         for saved in self.md:
             m = _SLICE.match(saved)
             if m is None or m["key"] != key:
                 continue
-            j = int(m["j"])
             rows = int(self.md[saved].size[0])
-            lo = j * rows
+            lo = int(m["j"]) * rows
             if count is None or (lo < first + count and first < lo + rows):
                 pieces.append((saved, lo, rows))
-                self._alloc(saved)
+                self._dest(saved, None)
         if not pieces:
             raise CheckpointError(f"{self.where}: no '{key}' in the checkpoint (model or optimizer changed?)")
         return sorted(pieces, key=lambda x: x[1])
@@ -242,55 +248,71 @@ class _Request:
         return t[first - lo : first - lo + count]
 
 
+def _plan(engine: Any, req: _Request, owned: list, optim_keys: dict[str, list[str]]) -> dict[str, tuple]:
+    """{"model:<name>" | "optim:<name>:<key>": (pieces, first expert, experts or None, live tensor)}."""
+    from kimivl_model.moe_ep import expert_param_names
+
+    experts = expert_param_names(engine.model)
+
+    def span(name: str) -> tuple[int, int | None]:
+        return (experts[name].first, experts[name].num_local) if name in experts else (0, None)
+
+    plans: dict[str, tuple] = {}
+    live = engine.model.state_dict(keep_vars=True)
+    saved = {(_SLICE.match(k)["key"] if _SLICE.match(k) else k) for k in req.md}
+    extra = sorted(k for k in saved if k.startswith("model.") and k[len("model.") :] not in live)
+    if extra:
+        raise CheckpointError(f"{req.where}: tensors the model lacks: {extra[:5]} (model changed?)")
+    for name, t in live.items():
+        first, count = span(name)
+        plans[f"model:{name}"] = (req.ask(f"model.{name}", first, count, t), first, count, t)
+    for name, p, state in owned:
+        first, count = span(name)
+        for k in optim_keys.get(name, ()):
+            cur = state.get(k)
+            cur = cur if torch.is_tensor(cur) and cur.device.type == "cpu" else None
+            plans[f"optim:{name}:{k}"] = (req.ask(f"optim.{name}.{k}", first, count, cur), first, count, p)
+    return plans
+
+
 def load_state(engine: Any, directory: Path, weights_only: bool) -> None:
     """Collective: restore this rank's weights (and, unless ``weights_only``, the optimizer state of the
     params it owns) from a sharded checkpoint saved at any world size / expert-parallel degree."""
-    from kimivl_model.moe_ep import expert_param_names
     from tasks.train.checkpoint import check_all_ranks
 
     state_dir = Path(directory) / STATE_DIR
-    experts = expert_param_names(engine.model)
-    plans: dict[str, tuple[str, list, int, int | None]] = {}
     owned = list(_owned(engine)) if not weights_only else []
     error: CheckpointError | None = None
     try:  # plan on every rank first: a rank that cannot must not leave the others in dcp.load
         metadata = read_metadata(state_dir)
         req = _Request(metadata, state_dir)
-        for name in engine.model.state_dict(keep_vars=True):
-            first, count = (experts[name].first, experts[name].num_local) if name in experts else (0, None)
-            plans[name] = ("model", req.ask(f"model.{name}", first, count), first, count)
         optim_keys = _saved_optimizer_keys(metadata)
-        for name, _p, _state in owned:
-            first, count = (experts[name].first, experts[name].num_local) if name in experts else (0, None)
-            for k in optim_keys.get(name, ()):
-                plans[f"optim:{name}:{k}"] = (
-                    "optim",
-                    req.ask(f"optim.{name}.{k}", first, count),
-                    first,
-                    count,
-                )
+        plans = _plan(engine, req, owned, optim_keys)
     except (CheckpointError, OSError) as e:
         error = e if isinstance(e, CheckpointError) else CheckpointError(f"{state_dir}: {e}")
     check_all_ranks(engine, error)
     dcp.load(req.tensors, storage_reader=SafeReader(str(state_dir)))
 
-    weights = {n: req.assemble(pieces, f, c) for n, (kind, pieces, f, c) in plans.items() if kind == "model"}
-    try:
-        engine.model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{state_dir}: does not match the model: {e}") from e
+    weights: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, (pieces, first, count, t) in plans.items():
+            if not key.startswith("model:"):
+                continue
+            value = req.assemble(pieces, first, count)
+            weights[key[len("model:") :]] = value
+            if value.data_ptr() != t.data_ptr():  # not read in place: an expert slice, an fp32 master
+                t.copy_(value)
     _restore_masters(engine, weights)
     opt = _torch_optimizer(engine)
     for name, p, _ in owned:
         state = opt.state[p]
         for k in optim_keys.get(name, ()):
-            _, pieces, f, c = plans[f"optim:{name}:{k}"]
-            v = req.assemble(pieces, f, c)
-            state[k] = (
-                v.to(p.device).clone()
-                if v.dim()
-                else (int(v) if k == "step" and not v.is_floating_point() else v.clone())
-            )
+            pieces, first, count, _p = plans[f"optim:{name}:{k}"]
+            v = req.assemble(pieces, first, count)
+            if v.dim() == 0 and k == "step" and not v.is_floating_point():
+                state[k] = int(v)  # Muon's AdamW part counts steps in a python int
+            elif not (torch.is_tensor(state.get(k)) and state[k].data_ptr() == v.data_ptr()):
+                state[k] = v.to(p.device) if v.dim() else v
 
 
 def _saved_optimizer_keys(metadata: Metadata) -> dict[str, list[str]]:
@@ -315,7 +337,8 @@ def _restore_masters(engine: Any, weights: dict[str, torch.Tensor]) -> None:
     for g, i in muon.low_precision:
         if muon.owners[g][i] == muon.rank:
             p = muon.param_groups[g]["params"][i]
-            muon.state[p]["master"] = by_id[id(p)].to(device=p.device, dtype=torch.float32).clone()
+            v = by_id[id(p)]  # read into its own fp32 tensor (the param is bf16): it becomes the master
+            muon.state[p]["master"] = v.to(device=p.device, dtype=torch.float32).contiguous()
 
 
 def read_model_tensors(state_dir: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
