@@ -7,8 +7,9 @@ shard) vs sharded (``train.checkpoint_format: sharded``: every rank writes its s
 Each format runs in its own 2-rank torchrun job (gloo, CPU, one thread per rank) so each process's peak RSS
 belongs to one format: the ``small`` preset's LM (85M parameters; ``--quick``: ``tiny``) with Muon and its
 state after one training step, then ``repeats`` rounds of save + load of the same engine (loading restores
-weights, optimizer state and RNG). Times are the slowest rank's, medians over the rounds; ``peak_rss_mb``
-is the highest rank's peak RSS growth over its RSS just before the first save (``ru_maxrss``).
+weights, optimizer state and RNG). Times are the slowest rank's, medians over the rounds;
+``peak_rss_growth_mb`` is the highest rank's peak RSS over its RSS just before the first save (VmHWM, reset
+there), ``save_peak_rss_growth_mb`` the same after the first save only.
 
 ``ratio`` = gathered / sharded seconds (save + load): > 1 means the sharded format is faster.
 ``rss_ratio`` = gathered / sharded peak RSS growth.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -38,6 +38,19 @@ def _rss_mb() -> float:
     """This process's current RSS (MiB) from /proc."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _reset_peak() -> None:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: ``clear_refs`` value 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_mb() -> float:
+    """Peak RSS (MiB) since the last ``_reset_peak`` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def _worker(fmt: str, preset_name: str, repeats: int, out: Path) -> None:
@@ -74,6 +87,7 @@ def _worker(fmt: str, preset_name: str, repeats: int, out: Path) -> None:
     engine.train_step([mb])  # Muon momentum and AdamW moments exist from here on
     dist.barrier()
     before = _rss_mb()
+    _reset_peak()  # the training step's transient peak (flattened reduce/broadcast buckets) is not ours
     saves, loads = [], []
     for r in range(repeats):
         target = checkpoint_path(out / fmt, r)
@@ -83,12 +97,12 @@ def _worker(fmt: str, preset_name: str, repeats: int, out: Path) -> None:
         dist.barrier()
         t1 = time.perf_counter()
         if r == 0:
-            save_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            save_peak = _peak_mb()
         engine.load_checkpoint(target)
         dist.barrier()
         saves.append(t1 - t0)
         loads.append(time.perf_counter() - t1)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+    peak = _peak_mb()
     size = sum(p.stat().st_size for p in (out / fmt).rglob("*") if p.is_file()) / repeats / 2**20
     result = {
         "save_s": saves,

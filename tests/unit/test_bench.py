@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from bench import attention, common, data_pipeline, mfu, moe, muon, packing, peer
+from bench import attention, checkpoint, common, data_pipeline, mfu, moe, muon, packing, peer
 from kimivl_model.config import preset
 from kimivl_model.moe import MoE
 
@@ -40,6 +40,16 @@ def run_quick(module, name: str, tmp_path) -> dict:
     assert written == json.loads(json.dumps(out))
     assert [p.name for p in tmp_path.iterdir()] == [f"{name}.json"]  # no temp file left behind
     return out
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_quick(tmp_path):
+    """2 torchrun ranks per format: both formats save and load; the same bytes, whatever the layout."""
+    out = run_quick(checkpoint, "checkpoint", tmp_path)
+    assert out["preset"] == "tiny" and out["repeats"] == 2
+    for fmt in ("ours", "baseline"):
+        assert out[fmt]["save_s"] > 0 and out[fmt]["load_s"] > 0 and out[fmt]["peak_rss_growth_mb"] >= 1.0
+    assert out["ours"]["checkpoint_mb"] == pytest.approx(out["baseline"]["checkpoint_mb"], rel=0.1)
 
 
 def test_data_pipeline_quick(tmp_path):
