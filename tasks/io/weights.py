@@ -19,6 +19,7 @@ elsewhere without a manifest, e.g. a downloaded HF one, can only be checked for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
@@ -229,6 +230,75 @@ _ST_BYTES = {
     "U8": 1,
     "BOOL": 1,
 }
+
+
+_ST_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class SafetensorsWriter:
+    """Write one safetensors file tensor by tensor: the header is planned from ``entries`` (name, shape,
+    dtype, in file order), then ``write`` appends each tensor's bytes in that order, so the caller holds one
+    tensor at a time. Atomic (temp file renamed on ``close``); a writer left unclosed (an error) leaves
+    nothing behind. The file is a valid safetensors file (offsets contiguous, header padded to 8 bytes),
+    though not byte-identical to ``safetensors.torch.save_file``'s ordering."""
+
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+        offset = 0
+        self._expected: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        for name, shape, dtype in entries:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {
+                "dtype": _ST_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+            self._expected.append((name, tuple(shape), dtype))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._ctx = atomic_path(Path(path))
+        self._tmp = self._ctx.__enter__()
+        self._f = open(self._tmp, "wb")  # noqa: SIM115  (closed in close/abort)
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want = self._expected[self._next]
+        got = (name, tuple(tensor.shape), tensor.dtype)
+        if got != want:
+            raise ValueError(f"SafetensorsWriter: expected {want} next, got {got}")
+        t = tensor.detach().to("cpu").contiguous()
+        self._f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            self.abort()
+            raise ValueError(f"SafetensorsWriter: {len(self._expected) - self._next} tensors never written")
+        self._f.close()
+        self._ctx.__exit__(None, None, None)  # fsync + rename
+
+    def abort(self) -> None:
+        self._f.close()
+        with contextlib.suppress(RuntimeError):
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp file
 
 
 def _tensor_meta(state: Mapping[str, torch.Tensor], key: str) -> tuple[tuple[int, ...], int, bool]:

@@ -497,15 +497,80 @@ class TrainEngine:
             dist.barrier()
 
     def export_weights(self, path: Path) -> Path:
-        """Write the full fp32 weights as safetensors (rank 0) for the next stage; returns ``path``."""
+        """Write the full fp32 weights as safetensors (rank 0) for the next stage; returns ``path``. With
+        ``checkpoint_format: sharded`` the file is streamed tensor by tensor (``_stream_weights``): no
+        process ever holds the whole model; otherwise rank 0 gathers the state dict and writes it."""
         from tasks.io.weights import save_safetensors_atomic
 
         path = Path(path)
-        state = self.full_state_dict()  # collective with bf16 working weights
-        if self.rank == 0:
-            save_safetensors_atomic(state, path, metadata={"format": "pt", "step": str(self.step)})
+        if self.cfg.checkpoint_format == "sharded":
+            self._stream_weights(path)
+        else:
+            state = self.full_state_dict()  # collective with bf16 working weights or experts
+            if self.rank == 0:
+                save_safetensors_atomic(state, path, metadata={"format": "pt", "step": str(self.step)})
         self.barrier()
         return path
+
+    @torch.no_grad()
+    def _stream_weights(self, path: Path) -> None:
+        """Collective: rank 0 writes ``full_state_dict()``'s tensors one at a time, each fetched when its turn
+        comes (its own, an fp32 master broadcast from its owner, an expert stack gathered over its EP group,
+        a frozen weight read from the phase's starting file), so one tensor at a time is in flight."""
+        from kimivl_model.moe_ep import expert_param_names, gather_full_experts
+        from tasks.io.weights import SafetensorsWriter
+
+        live = self.model.state_dict(keep_vars=True)
+        experts = expert_param_names(self.model)
+        owner_of: dict[int, int] = {}
+        masters: set[int] = set()
+        if self._muon is not None:
+            for g, i in self._muon.low_precision:
+                p = self._muon.param_groups[g]["params"][i]
+                masters.add(id(p))
+                owner_of[id(p)] = self._muon.owners[g][i]
+        entries = []
+        for name, t in live.items():
+            shape = (t.shape[0] * experts[name].ep, *t.shape[1:]) if name in experts else tuple(t.shape)
+            fp32 = id(t) in masters or name in self.frozen_low
+            entries.append((name, tuple(shape), torch.float32 if fp32 else t.dtype))
+        writer = (
+            SafetensorsWriter(path, entries, {"format": "pt", "step": str(self.step)})
+            if self.rank == 0
+            else None
+        )
+        try:
+            for name, t in live.items():
+                value = self._fetch_full(name, t, experts, owner_of, gather_full_experts)
+                if writer is not None:
+                    writer.write(name, value)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            writer.close()
+
+    def _fetch_full(self, name: str, t: torch.Tensor, experts: dict, owner_of: dict, gather: Any) -> Any:
+        """One tensor of the full fp32 state dict, on rank 0 (None elsewhere); collective where needed."""
+        if name in self.frozen_low:
+            return self._frozen_file[name] if self.rank == 0 else None
+        if id(t) in owner_of:  # an fp32 master lives on the owner (of its expert-data-parallel group)
+            owner = owner_of[id(t)]
+            group, size = self._muon._comm(self._muon._index([t])[0])
+            v = (
+                self._muon.state[t]["master"]
+                if owner == self.rank
+                else torch.empty_like(t, dtype=torch.float32)
+            )
+            if size > 1:
+                dist.broadcast(v, src=self._muon._global_rank(owner), group=group)
+        else:
+            v = t.detach()
+        if name in experts:  # the whole stack, gathered over the EP group
+            full = gather(self.model, {name: v}, dst=0).get(name)
+            return full if self.rank == 0 else None
+        return v.to("cpu") if self.rank == 0 else None
 
     def save_checkpoint(self, directory: Path, extra_state: dict[str, Any] | None = None) -> Path:
         """Collective: write a checkpoint to ``directory`` (staged, renamed when complete); ``extra_state``

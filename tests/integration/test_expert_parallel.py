@@ -95,6 +95,16 @@ def test_ep2_with_bf16_working_weights_a3b_combination(tmp_path, fmt):
     assert [losses[s] for s in range(1, SAVE + 1)] == pytest.approx(ref[:SAVE], rel=2e-2)
     ckpt = checkpoint_path(out / "ckpt", SAVE)
     saved = _saved_experts(ckpt)
+    # the phase-end export (streamed tensor by tensor with the sharded format) is the checkpoint's weights
+    final = load_safetensors(out / "final.safetensors")
+    if fmt == "gathered":
+        in_ckpt = load_safetensors(ckpt / "model.safetensors")
+    else:
+        from tasks.train.sharded_checkpoint import read_model_tensors
+
+        in_ckpt = read_model_tensors(ckpt / "state")
+    assert final.keys() == in_ckpt.keys()
+    assert all(torch.equal(final[k], v) and final[k].dtype == v.dtype for k, v in in_ckpt.items())
     assert saved.dtype == torch.float32 and tuple(saved.shape) == (4, 32, 64)
     # the saved experts are fp32 masters, not the bf16 working copies
     assert not torch.equal(saved, saved.to(torch.bfloat16).float())
