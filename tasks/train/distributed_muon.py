@@ -224,14 +224,22 @@ class DistributedMuon(torch.optim.Optimizer):
         out: dict[int, Tensor] = {}
         for g, i in self.low_precision:
             p = self.param_groups[g]["params"][i]
-            owner = self.owners[g][i]
-            t = self.state[p]["master"] if owner == self.rank else torch.empty_like(p, dtype=torch.float32)
-            group, size = self._comm((g, i))
-            if size > 1:
-                dist.broadcast(t, src=self._global_rank(owner), group=group)
+            t = self.fetch_master(p)
             if dst is None or dst == self.rank or (g, i) in self.expert:
                 out[id(p)] = t.detach().to("cpu", copy=True)
         return out
+
+    @torch.no_grad()
+    def fetch_master(self, p: Tensor) -> Tensor:
+        """Collective over ``p``'s group (its expert-data-parallel group for an expert shard): the fp32
+        master of low-precision param ``p``, broadcast from its owner to every rank of that group."""
+        (gi,) = self._index([p])
+        owner = self.owners[gi[0]][gi[1]]
+        t = self.state[p]["master"] if owner == self.rank else torch.empty_like(p, dtype=torch.float32)
+        group, size = self._comm(gi)
+        if size > 1:
+            dist.broadcast(t, src=self._global_rank(owner), group=group)
+        return t
 
     @torch.no_grad()
     def set_master_weights(self, values: dict[int, Tensor]) -> None:

@@ -132,7 +132,6 @@ class TrainEngine:
         seed_everything(cfg.seed + self.rank)
 
         self._muon: DistributedMuon | None = None
-        self.expert_parallel = cfg.expert_parallel
         self._ep: tuple[Any, Any, list[int]] | None = None  # (EP group, expert-DP group, its ranks)
         if cfg.expert_parallel > 1:
             self._shard_experts()
@@ -522,13 +521,9 @@ class TrainEngine:
 
         live = self.model.state_dict(keep_vars=True)
         experts = expert_param_names(self.model)
-        owner_of: dict[int, int] = {}
         masters: set[int] = set()
         if self._muon is not None:
-            for g, i in self._muon.low_precision:
-                p = self._muon.param_groups[g]["params"][i]
-                masters.add(id(p))
-                owner_of[id(p)] = self._muon.owners[g][i]
+            masters = {id(self._muon.param_groups[g]["params"][i]) for g, i in self._muon.low_precision}
         entries = []
         for name, t in live.items():
             shape = (t.shape[0] * experts[name].ep, *t.shape[1:]) if name in experts else tuple(t.shape)
@@ -541,7 +536,7 @@ class TrainEngine:
         )
         try:
             for name, t in live.items():
-                value = self._fetch_full(name, t, experts, owner_of, gather_full_experts)
+                value = self._fetch_full(name, t, experts, masters, gather_full_experts)
                 if writer is not None:
                     writer.write(name, value)
         except BaseException:
@@ -551,20 +546,12 @@ class TrainEngine:
         if writer is not None:
             writer.close()
 
-    def _fetch_full(self, name: str, t: torch.Tensor, experts: dict, owner_of: dict, gather: Any) -> Any:
+    def _fetch_full(self, name: str, t: torch.Tensor, experts: dict, masters: set[int], gather: Any) -> Any:
         """One tensor of the full fp32 state dict, on rank 0 (None elsewhere); collective where needed."""
         if name in self.frozen_low:
             return self._frozen_file[name] if self.rank == 0 else None
-        if id(t) in owner_of:  # an fp32 master lives on the owner (of its expert-data-parallel group)
-            owner = owner_of[id(t)]
-            group, size = self._muon._comm(self._muon._index([t])[0])
-            v = (
-                self._muon.state[t]["master"]
-                if owner == self.rank
-                else torch.empty_like(t, dtype=torch.float32)
-            )
-            if size > 1:
-                dist.broadcast(v, src=self._muon._global_rank(owner), group=group)
+        if id(t) in masters:  # an fp32 master lives on the owner (of its expert-data-parallel group)
+            v = self._muon.fetch_master(t)
         else:
             v = t.detach()
         if name in experts:  # the whole stack, gathered over the EP group
