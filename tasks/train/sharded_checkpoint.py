@@ -164,11 +164,11 @@ def engine_state(engine: Any) -> dict[str, torch.Tensor]:
             if muon.owners[g][i] == muon.rank:
                 masters[id(p)] = muon.state[p]["master"]
     out: dict[str, torch.Tensor] = {}
-    frozen = sorted(engine.frozen_low)
+    frozen = {name: i for i, name in enumerate(sorted(engine.frozen_low))}  # read by rank i % world
     for name, t in engine.model.state_dict(keep_vars=True).items():
         key = f"model.{name}"
-        if name in engine.frozen_low:
-            if frozen.index(name) % engine.world_size == engine.rank:
+        if name in frozen:
+            if frozen[name] % engine.world_size == engine.rank:
                 out[key] = engine._frozen_file[name]  # whole, fp32, from the phase's starting file
             continue
         if id(t) in low and id(t) not in masters:
