@@ -25,7 +25,7 @@ gathered. Loading is resharding by construction: each rank asks DCP for exactly 
 parallel degree of the run that saved; an expert slice is cut from the saved slices that overlap it. The
 checksums are verified once, spread over the ranks (rank r checks files r, r + world, ...).
 
-DCP's ``.metadata`` is a pickle (``FileSystemReader.read_metadata`` calls ``pickle.load``): ``SafeReader``
+DCP's ``.metadata`` is a pickle (``FileSystemReader.read_metadata`` unpickles it unrestricted): ``SafeReader``
 reads it with an unpickler that admits only DCP's metadata classes, ``torch.Size``, dtypes and paths.
 """
 
