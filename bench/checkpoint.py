@@ -22,14 +22,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import bench_main, rnd
+from bench.common import bench_main, rnd, torchrun_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,19 +115,8 @@ def _worker(fmt: str, preset_name: str, repeats: int, out: Path) -> None:
 
 
 def _launch(fmt: str, preset_name: str, repeats: int, out: Path) -> list[dict[str, Any]]:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "bench.checkpoint", "--worker", fmt, "--preset", preset_name, "--repeats", str(repeats),
-        "--workdir", str(out),
-    ]  # fmt: skip
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"bench.checkpoint {fmt}: ranks failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-        )
+    args = ["--worker", fmt, "--preset", preset_name, "--repeats", str(repeats), "--workdir", str(out)]
+    torchrun_module("bench.checkpoint", 2, args)
     return [json.loads((out / f"{fmt}-rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -198,3 +198,21 @@ def padded_batch(docs: list[torch.Tensor], pad_id: int = 0) -> dict[str, torch.T
 def group_docs(docs: list[torch.Tensor], per_step: int) -> list[list[torch.Tensor]]:
     """Consecutive groups of ``per_step`` documents (the last partial group dropped)."""
     return [docs[i : i + per_step] for i in range(0, len(docs) - per_step + 1, per_step)]
+
+
+def torchrun_module(module: str, nproc: int, args: list[str], timeout: float = 3600) -> None:
+    """``python -m torch.distributed.run --standalone --nproc_per_node NPROC -m MODULE ARGS`` from the repo
+    root (gloo on CPU, one thread per rank); raises with the ranks' output tails if it fails."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(root))
+    done = subprocess.run(
+        [*cmd, "-m", module, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} {args[:2]}: ranks failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

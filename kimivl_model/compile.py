@@ -3,11 +3,13 @@
 ``compile_blocks(model)`` calls ``nn.Module.compile`` on every ``DecoderLayer`` and ``MoonViTBlock`` it finds
 (parameter names and checkpoints are unchanged: in-place compile wraps ``__call__`` only). The compiled
 graphs cover the norms, projections, RoPE, router, expert dispatch/grouped GEMMs, SwiGLU and residuals;
-three functions stay eager because their work is decided on the host from data:
+these functions stay eager because their work is decided on the host from data:
 
 - ``varlen_attention``: segment lengths (``cu_seqlens``) pick kernels and batch shapes; the fused varlen
   kernels (flash-attn, ``torch.nn.attention.varlen``) gain nothing from compilation;
 - ``sequence_aux_loss``: its shapes follow the number of documents in the batch;
+- the sequence-parallel exchanges (``heads_to_sequence``, ``sequence_to_heads``, ``gather_sequence``): their
+  split sizes come from the host and they call ``torch.distributed`` inside an autograd function;
 - ``swiglu_loop`` (the per-expert fallback where ``torch._grouped_mm`` is not used, e.g. CPU): its
   Python loop follows the per-expert token counts.
 
@@ -41,6 +43,8 @@ def _keep_host_driven_functions_eager() -> None:
     moonvit.varlen_attention = eager_attn
     moe.sequence_aux_loss = torch.compiler.disable(moe.sequence_aux_loss)
     moe.swiglu_loop = torch.compiler.disable(moe.swiglu_loop)
+    for name in ("heads_to_sequence", "sequence_to_heads", "gather_sequence"):
+        setattr(mla, name, torch.compiler.disable(getattr(mla, name)))
     _EAGER_PATCHED = True
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from kimivl_model.mla import MLA
 from kimivl_model.moe import MoE, RoutedExperts, Router, SwiGLU, aux_free_bias_update
 from kimivl_model.norm import RMSNorm
 from kimivl_model.rope import RotaryEmbedding1D
+from kimivl_model.sequence_parallel import SequenceShard, check_group, shard_tokens
 
 IGNORE_INDEX = -100
 
@@ -89,13 +91,18 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        shard: SequenceShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """h (T, hidden) -> (h, aux_loss or None, load (E,) or None)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, shard)
         x = self.post_attention_layernorm(h)
         if self.is_moe:
-            y, aux, load = self.mlp(x, cu_seqlens)
+            y, aux, load = self.mlp(x, cu_seqlens, shard)
             return h + y, aux, load
         return h + self.mlp(x), None, None
 
@@ -114,18 +121,24 @@ class LMBackbone(nn.Module):
         self.gradient_checkpointing: bool = False
 
     def forward(
-        self, h: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+        self,
+        h: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        shard: SequenceShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """h (T, hidden) input embeddings -> final-normed (T, hidden), summed aux loss (), per-MoE-layer loads."""
+        """h (T, hidden) input embeddings -> final-normed (T, hidden), summed aux loss (), per-MoE-layer loads.
+        Sequence parallel (``shard``): h and position_ids are this rank's slice, cu_seqlens the whole
+        sequence's."""
         cos, sin = self.rotary(position_ids)  # (T, rope/2) fp32 each
         aux_total = torch.zeros((), device=h.device, dtype=torch.float32)
         loads: list[torch.Tensor] = []
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_ckpt:
-                h, aux, load = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
+                h, aux, load = checkpoint(layer, h, cos, sin, cu_seqlens, shard, use_reentrant=False)
             else:
-                h, aux, load = layer(h, cos, sin, cu_seqlens)
+                h, aux, load = layer(h, cos, sin, cu_seqlens, shard)
             if aux is not None:
                 aux_total = aux_total + aux
             if load is not None:
@@ -147,6 +160,11 @@ class KimiLM(nn.Module):
         self.lm_head.is_output_head = True
         self.tie_weights()
         self.init_weights()
+        self.sequence_parallel_group: Any = None  # set by the training engine under sequence_parallel > 1
+
+    def shard_batch(self, batch: dict[str, Any], rank: int, size: int) -> dict[str, Any]:
+        """Sequence parallelism: rank ``rank``'s slice of a packed text micro-batch (``shard_tokens``)."""
+        return shard_tokens(batch, rank, size)
 
     def tie_weights(self) -> None:
         """With ``tie_word_embeddings`` the output head is the input embedding (one tensor)."""
@@ -209,9 +227,15 @@ class KimiLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
+        shard: SequenceShard | None = None,
     ) -> LMOutput:
         """input_ids (T,) long XOR inputs_embeds (T, hidden); cu_seqlens (S+1,) (default: one document);
-        position_ids (T,) (default: per-document positions); labels (T,) already shifted, -100 ignored."""
+        position_ids (T,) (default: per-document positions); labels (T,) already shifted, -100 ignored.
+
+        Sequence parallel (``shard``, ``kimivl_model/sequence_parallel.py``): every per-token input is this
+        rank's slice (``shard.local_len`` rows), ``cu_seqlens`` is the WHOLE packed sequence's; the outputs
+        are the slice's (logits, hidden states, loss sum and count, expert load) except ``aux_loss``, which is
+        the whole sequence's (reduced over the SP group)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(
                 "KimiLM.forward: pass exactly one of input_ids (T,) or inputs_embeds (T, hidden)"
@@ -229,15 +253,26 @@ class KimiLM(nn.Module):
                 )
             h = inputs_embeds
         t = h.shape[0]
+        total = t
+        if shard is not None:
+            check_group(shard)
+            if t != shard.local_len or cu_seqlens is None:
+                raise ValueError(
+                    f"sequence parallel: rank {shard.rank} holds tokens [{shard.start}, {shard.end}) of "
+                    f"{shard.total} and needs the whole sequence's cu_seqlens; got {t} tokens"
+                )
+            total = shard.total
         if cu_seqlens is None:
             cu_seqlens = torch.tensor([0, t], dtype=torch.long, device=h.device)
-        _check_cu_seqlens(cu_seqlens, t)
+        _check_cu_seqlens(cu_seqlens, total)
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens)
+            if shard is not None:
+                position_ids = position_ids[shard.start : shard.end]
         elif position_ids.shape != (t,):
             raise ValueError(f"position_ids must be (T={t},), got {tuple(position_ids.shape)}")
 
-        hidden, aux_loss, loads = self.model(h, position_ids.to(h.device), cu_seqlens)
+        hidden, aux_loss, loads = self.model(h, position_ids.to(h.device), cu_seqlens, shard)
         e = self.cfg.num_routed_experts
         expert_load = torch.stack(loads) if loads else torch.zeros(0, e, device=h.device)  # (L_moe, E)
 

@@ -10,6 +10,11 @@ Per token x (hidden):
 - causal softmax attention with scale 1/sqrt(qk_nope + qk_rope) inside each packed document
   (``varlen_attention``; v's head dim may differ from q/k's), then o = W_O [o_1 .. o_H].
 
+Sequence parallelism (``shard``, ``kimivl_model/sequence_parallel.py``): x holds this rank's slice of the
+packed sequence; q | k_nope | v go through one all-to-all (slice x all heads -> whole sequence x H/N heads),
+the shared k_pe is all-gathered once, attention runs on the whole sequence with the global ``cu_seqlens``,
+and a second all-to-all brings the output back to the slice before ``o_proj``.
+
 RoPE uses the adjacent-pair layout (``rope.apply_rotary``), the layout of the public weights.
 Parameter names follow the public Moonlight/DeepSeek-V3 checkpoint (q_proj, kv_a_proj_with_mqa, ...).
 """
@@ -23,6 +28,12 @@ from kimivl_model.attention import varlen_attention
 from kimivl_model.config import LMConfig
 from kimivl_model.norm import RMSNorm
 from kimivl_model.rope import apply_rotary
+from kimivl_model.sequence_parallel import (
+    SequenceShard,
+    gather_sequence,
+    heads_to_sequence,
+    sequence_to_heads,
+)
 
 
 class MLA(nn.Module):
@@ -62,7 +73,12 @@ class MLA(nn.Module):
         return q.view(x.shape[0], self.num_heads, self.qk_nope + self.qk_rope)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        shard: SequenceShard | None = None,
     ) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.cfg.hidden_size:
             raise ValueError(f"MLA: x must be (T, {self.cfg.hidden_size}), got {tuple(x.shape)}")
@@ -70,7 +86,7 @@ class MLA(nn.Module):
             raise ValueError(
                 f"MLA: cos/sin must be (T={x.shape[0]}, {self.qk_rope // 2}), got {tuple(cos.shape)}, {tuple(sin.shape)}"
             )
-        t, h = x.shape[0], self.num_heads
+        t_local, t, h = x.shape[0], x.shape[0], self.num_heads
         q_nope, q_pe = self._queries(x).split(
             [self.qk_nope, self.qk_rope], dim=-1
         )  # (T, H, nope), (T, H, rope)
@@ -82,6 +98,12 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope, self.v_head], dim=-1)  # (T, H, nope), (T, H, v)
 
         q = torch.cat([q_nope, q_pe], dim=-1)  # (T, H, nope + rope)
+        if shard is not None and shard.size > 1:  # slice x H heads -> whole sequence x H/N heads
+            dims = [self.qk_nope + self.qk_rope, self.qk_nope, self.v_head]
+            q, k_nope, v = heads_to_sequence(torch.cat([q, k_nope, v], dim=-1), shard).split(dims, dim=-1)
+            q = q.contiguous()  # attention saves q: a view would keep the whole exchanged buffer alive
+            k_pe = gather_sequence(k_pe, shard)  # (T, rope): the shared key, once per token
+            t, h = shard.total, h // shard.size
         k = torch.cat([k_nope, k_pe[:, None, :].expand(t, h, self.qk_rope)], dim=-1)  # (T, H, nope + rope)
         o = varlen_attention(
             q,
@@ -92,4 +114,6 @@ class MLA(nn.Module):
             softmax_scale=self.cfg.softmax_scale,
             backend=self.attn_backend,
         )  # (T, H, v)
-        return self.o_proj(o.reshape(t, h * self.v_head))
+        if shard is not None and shard.size > 1:
+            o = sequence_to_heads(o, shard)  # (T_local, H, v)
+        return self.o_proj(o.reshape(t_local, self.num_heads * self.v_head))

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl_model.config import LMConfig
+from kimivl_model.sequence_parallel import SequenceShard, reduce_sum
 
 EXPERT_IMPLS = ("auto", "loop", "grouped")
 COMBINE_IMPLS = ("auto", "gather", "bag")
@@ -288,21 +289,35 @@ class RoutedExperts(nn.Module):
         return (ys.to(x.dtype) * w[..., None]).sum(dim=1)  # (T, hidden)
 
 
-def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def sequence_aux_loss(
+    scores: torch.Tensor,
+    topk_idx: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    shard: SequenceShard | None = None,
+) -> torch.Tensor:
     """Unweighted sequence-wise balance loss (DeepSeek-V3 eq. 17-20), one "sequence" per packed document.
 
     scores (T, E) sigmoid affinities, topk_idx (T, k), cu_seqlens (S+1,) -> scalar fp32 mean over the
     non-empty documents of sum_i f_i P_i. Vectorised with segment sums (index_add), no loop over tokens.
+    Sequence parallel (``shard``): the rows are this rank's slice of the packed sequence and ``cu_seqlens``
+    the whole sequence's; the per-document sums are all-reduced over the SP group (the affinity sums with
+    their gradient), so every rank returns the loss of the whole sequence.
     """
     t, e = scores.shape
     k = topk_idx.shape[1]
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(scores.device)  # (S,)
     s = lens.numel()
-    doc = torch.repeat_interleave(torch.arange(s, device=scores.device), lens, output_size=t)  # (T,)
+    if shard is None:
+        doc = torch.repeat_interleave(torch.arange(s, device=scores.device), lens, output_size=t)  # (T,)
+    else:  # the documents of this rank's tokens only
+        pos = torch.arange(shard.start, shard.end, device=scores.device)
+        doc = torch.searchsorted(cu_seqlens[1:].to(scores.device), pos, right=True)  # (T_local,)
     chosen = torch.zeros(t, e, device=scores.device, dtype=torch.float32).scatter_(1, topk_idx, 1.0)  # (T, E)
     counts = torch.zeros(s, e, device=scores.device).index_add_(0, doc, chosen)  # (S, E)
     probs = scores.float() / scores.float().sum(dim=-1, keepdim=True)  # (T, E) normalised s'
     p_sum = torch.zeros(s, e, device=scores.device).index_add(0, doc, probs)  # (S, E)
+    if shard is not None and shard.size > 1:
+        counts, p_sum = reduce_sum(counts, shard), reduce_sum(p_sum, shard)
     n = lens.clamp(min=1).to(torch.float32)[:, None]  # (S, 1)
     f = counts * (e / (k * n))  # (S, E)
     per_doc = (f * (p_sum / n)).sum(dim=-1)  # (S,)
@@ -340,16 +355,17 @@ class MoE(nn.Module):
             self.shared_experts = SwiGLU(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, shard: SequenceShard | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (T, hidden) -> out (T, hidden), aux_loss () fp32 (already times alpha), load (E,) fp32 detached."""
+        """x (T, hidden) -> out (T, hidden), aux_loss () fp32 (already times alpha), load (E,) fp32 detached.
+        With ``shard`` (sequence parallel) x is this rank's slice; the load counts its tokens only."""
         topk_idx, topk_weight, scores = self.gate(x)  # (T, k), (T, k), (T, E)
         out = self.experts(x, topk_idx, topk_weight)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         load = expert_counts(topk_idx.reshape(-1), self.num_experts).to(torch.float32)  # (E,)
         if self.training and self.aux_loss_alpha > 0:
-            aux = self.aux_loss_alpha * sequence_aux_loss(scores, topk_idx, cu_seqlens)
+            aux = self.aux_loss_alpha * sequence_aux_loss(scores, topk_idx, cu_seqlens, shard)
         else:
             aux = torch.zeros((), device=x.device, dtype=torch.float32)
         return out, aux, load.detach()

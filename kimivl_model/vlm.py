@@ -13,6 +13,8 @@ for the ViT training stage and is not part of the exported VLM.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -20,7 +22,8 @@ from kimivl_model.coca import CoCaHead, CoCaOutput
 from kimivl_model.config import VLMConfig
 from kimivl_model.lm import KimiLM, LMOutput
 from kimivl_model.moonvit import MoonViT
-from kimivl_model.projector import Projector
+from kimivl_model.projector import Projector, num_image_tokens
+from kimivl_model.sequence_parallel import SequenceShard, shard_tokens
 
 
 class KimiVL(nn.Module):
@@ -31,6 +34,7 @@ class KimiVL(nn.Module):
         self.multi_modal_projector = Projector(cfg.projector)
         self.language_model = KimiLM(cfg.lm, attn_backend=attn_backend)
         self.coca = CoCaHead(cfg.coca, cfg.vit.hidden_size, attn_backend=attn_backend) if with_coca else None
+        self.sequence_parallel_group: Any = None  # set by the training engine under sequence_parallel > 1
 
     @classmethod
     def from_state_dict(
@@ -80,8 +84,11 @@ class KimiVL(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         grid_hws: torch.Tensor | None = None,
+        image_row_offset: int | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with ``<|media_pad|>`` positions replaced, in order, by image features."""
+        """Token embeddings with ``<|media_pad|>`` positions replaced, in order, by image features.
+        ``image_row_offset`` (a sequence-parallel slice, ``shard_batch``): the placeholders take features
+        ``[offset, offset + n_pad)`` of the given images (the first and last may be cut by the slice)."""
         embeds = self.language_model.model.embed_tokens(input_ids)  # (T, hidden)
         is_pad = input_ids == self.cfg.media_pad_token_id  # (T,)
         n_pad = int(is_pad.sum())
@@ -93,6 +100,8 @@ class KimiVL(nn.Module):
                 )
             return embeds
         image_tokens = self.encode_images(pixel_values, grid_hws)  # (N_img, hidden)
+        if image_row_offset is not None:
+            image_tokens = image_tokens[image_row_offset : image_row_offset + n_pad]
         if image_tokens.shape[0] != n_pad:
             raise ValueError(
                 f"placeholder count mismatch: input_ids hold {n_pad} <|media_pad|> tokens "
@@ -112,21 +121,55 @@ class KimiVL(nn.Module):
         pixel_values: torch.Tensor | None = None,
         grid_hws: torch.Tensor | None = None,
         return_logits: bool = True,
+        shard: SequenceShard | None = None,
     ) -> LMOutput:
         """Packed multimodal forward.
 
         input_ids (T,), cu_seqlens (S+1,) document boundaries, position_ids (T,) (default: reset per
         document), labels (T,) already shifted with -100 = ignore; pixel_values/grid_hws of every image in
-        the order their placeholders appear.
+        the order their placeholders appear. Sequence parallel (``shard``): the fields of ``shard_batch``'s
+        slice (cu_seqlens stays the whole sequence's); see ``KimiLM.forward`` for what the outputs hold.
         """
-        embeds = self.embed(input_ids, pixel_values, grid_hws)
+        offset = None if shard is None else shard.image_row_offset
+        embeds = self.embed(input_ids, pixel_values, grid_hws, offset)
         return self.language_model(
             inputs_embeds=embeds,
             position_ids=position_ids,
             cu_seqlens=cu_seqlens,
             labels=labels,
             return_logits=return_logits,
+            shard=shard,
         )
+
+    def shard_batch(self, batch: dict[str, Any], rank: int, size: int) -> dict[str, Any]:
+        """Rank ``rank``'s slice of a packed micro-batch for sequence parallelism over ``size`` ranks
+        (``kimivl_model/sequence_parallel.py``): the per-token fields cut at ``split_points``, the WHOLE
+        sequence's ``cu_seqlens``, the images with at least one placeholder in the slice (their patches and
+        grids), and ``sp_cuts`` / ``sp_rank`` / ``sp_image_rows`` (features of those images before the slice's
+        first placeholder). Other fields (per-document sources, token counts) are the whole micro-batch's."""
+        out = shard_tokens(batch, rank, size)
+        cuts = [int(c) for c in out["sp_cuts"].tolist()]
+        a, b = cuts[rank], cuts[rank + 1]
+        is_pad = batch["input_ids"] == self.cfg.media_pad_token_id
+        before, inside = int(is_pad[:a].sum()), int(is_pad[a:b].sum())
+        grid = batch.get("grid_hws")
+        n_img = 0 if grid is None else grid.shape[0]
+        feats = [0, *num_image_tokens(grid, self.cfg.projector.merge_kernel)] if n_img else [0]
+        f_cum = torch.tensor(feats).cumsum(0).tolist()  # (N+1,) first feature row of each image
+        if f_cum[-1] != int(is_pad.sum()):
+            raise ValueError(
+                f"shard_batch: {int(is_pad.sum())} <|media_pad|> tokens but the {n_img} images give {f_cum[-1]} features"
+            )
+        first = sum(1 for i in range(n_img) if f_cum[i + 1] <= before)  # images wholly before the slice
+        last = first + sum(1 for i in range(first, n_img) if f_cum[i] < before + inside)
+        if n_img:
+            p_cum = [0, *(grid[:, 0] * grid[:, 1]).cumsum(0).tolist()]
+            out["pixel_values"] = batch["pixel_values"][p_cum[first] : p_cum[last]]
+            out["grid_hws"] = grid[first:last]
+            if "image_is_video" in batch:
+                out["image_is_video"] = batch["image_is_video"][first:last]
+        out["sp_image_rows"] = torch.tensor(before - f_cum[first], dtype=torch.int64)
+        return out
 
     def coca_forward(
         self,

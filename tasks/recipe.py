@@ -179,6 +179,12 @@ class Recipe(BaseModel):
                 "(each rank of an expert-parallel group holds the same number of experts)"
             )
         for i, p in enumerate(self.phases):
+            sp = p.sequence_parallel
+            if sp > 1 and vlm.lm.num_heads % sp:
+                raise ValueError(
+                    f"phases.{i}.sequence_parallel: {sp} does not divide the LM's {vlm.lm.num_heads} attention "
+                    f"heads (each rank of phase {p.name!r}'s sequence-parallel group attends over heads / {sp})"
+                )
             if p.seq_len > vlm.lm.max_position_embeddings * 64:
                 raise ValueError(f"phases.{i}.seq_len: {p.seq_len} is beyond any supported context")
         for i, pt in enumerate(self.eval.points):

@@ -43,6 +43,12 @@ Phase shapes (worst case, since a phase must fit its largest micro-batch):
 - CoCa (the ViT stage): ``captions_per_batch`` images at the phase's largest patch budget per image; the
   LM never runs. The CoCa text decoder's activations are NOT counted (say so where shown).
 
+Sequence parallelism (``sequence_parallel: N``, ``kimivl_model/sequence_parallel.py``): a rank holds
+ceil(seq_len / N) tokens outside attention, and inside it the whole sequence for H / N heads, the same bytes
+as its slice with every head; so every per-token term above counts the slice. Its images: as many patches as
+its slice's image tokens hold, plus the two images its slice's ends may cut (encoded whole on this rank, at
+most ``max_patches_per_image`` each), never more than the whole sequence's.
+
 Gradient checkpointing (``model.gradient_checkpointing``) keeps only each layer's input (the fp32 residual,
 4 H per token / patch) and recomputes one layer at a time in the backward. On top of what is kept, the
 plan adds the larger of (a) the backward's working set, ``workspace``: the gradients flowing between nodes
@@ -211,12 +217,17 @@ def phase_activations(
             device=device,
         )
     vision = bool(trains & {"vit", "projector"})
+    sp = getattr(phase, "sequence_parallel", 1)
+    tokens = -(-phase.seq_len // sp)  # this rank's slice (the longest: the first slices are one longer)
+    patches = merge * tokens
+    if sp > 1:  # images cut by the slice's two ends are encoded whole on this rank
+        patches = min(patches + 2 * arch.vit.max_patches_per_image, merge * phase.seq_len)
     return micro_batch_activations(
         arch.lm,
         arch.vit,
         arch.projector,
-        tokens=phase.seq_len,
-        patches=merge * phase.seq_len if vision else 0,
+        tokens=tokens,
+        patches=patches if vision else 0,
         lm_trains="lm" in trains,
         head_trains="lm" in trains,
         vit_trains="vit" in trains,

@@ -38,6 +38,13 @@ What it does (DESIGN.md "distributed training"; STACK.md "DeepSpeed on CPU" for 
   parameter from rank 0 when it initialises, so the shards are put back right after. Checkpoints and exports
   hold the whole expert stacks (gathered), so they load at any EP degree. 2 ranks with EP 2 equal 1 rank
   within 1e-5 (``tests/integration/test_expert_parallel.py``);
+- ``sequence_parallel: N`` (per phase, LM/SFT): groups of N consecutive ranks share each packed sequence
+  (``kimivl_model/sequence_parallel.py``, Ulysses all-to-all over heads); ``local_batches`` gives a rank its
+  data-parallel group's micro-batches (world / N groups) cut to its slice (``KimiVL.shard_batch``). The
+  objective above holds with W * G counting every rank's slices: each slice backpropagates its CE sum times
+  W * G / N_global, and the extra (aux) loss, whole on every SP rank and reduced over the group with its
+  gradient, comes out as the mean over micro-batches. 2 SP ranks equal 1 rank within 1e-5
+  (``tests/integration/test_sequence_parallel_training.py``);
 - checkpoints: ``tasks/train/checkpoint.py`` format (safetensors + weights_only ``.pt`` + checksums,
   staged then renamed), never DeepSpeed's pickle-based save.
 
@@ -131,6 +138,10 @@ class TrainEngine:
         self.consecutive_nonfinite = 0
         seed_everything(cfg.seed + self.rank)
 
+        self.sp_group: Any = None
+        self.sp_rank, self.dp_rank = 0, self.rank
+        if cfg.sequence_parallel > 1:
+            self._set_up_sequence_parallel()
         self._muon: DistributedMuon | None = None
         self._ep: tuple[Any, Any, list[int]] | None = None  # (EP group, expert-DP group, its ranks)
         if cfg.expert_parallel > 1:
@@ -169,6 +180,27 @@ class TrainEngine:
         self.ds.train()
         if self.rank == 0 and tracker is not None:
             tracker.log_params(self.describe())
+
+    def _set_up_sequence_parallel(self) -> None:
+        """``sequence_parallel``: groups of consecutive ranks share each packed sequence
+        (``kimivl_model/sequence_parallel.py``); the model reads its group from ``sequence_parallel_group``."""
+        from kimivl_model.sequence_parallel import sequence_parallel_groups
+
+        if not hasattr(self.model, "shard_batch"):
+            raise ValueError(
+                f"sequence_parallel: {type(self.model).__name__} cannot split its micro-batches (no shard_batch)"
+            )
+        self.sp_group, self.sp_rank, self.dp_rank = sequence_parallel_groups(self.cfg.sequence_parallel)
+        self.model.sequence_parallel_group = self.sp_group
+
+    def local_batches(self, global_batch: list[Any]) -> list[Any]:
+        """This rank's micro-batches of a global batch: those of its data-parallel group (every
+        world / sequence_parallel-th, from its index) and, under sequence parallelism, its slice of each."""
+        sp = self.cfg.sequence_parallel
+        mine = list(global_batch[self.dp_rank :: self.world_size // sp])
+        if sp == 1:
+            return mine
+        return [self.model.shard_batch(mb, self.sp_rank, sp) for mb in mine]
 
     def _shard_experts(self) -> None:
         """``expert_parallel``: this rank keeps its experts only (``kimivl_model.moe_ep``)."""
@@ -317,7 +349,7 @@ class TrainEngine:
         counts = [int(self.count_tokens(mb)) for mb in mbs]
         (n_global,) = self._all_reduce([float(sum(counts))])
         tokens = int(n_global)
-        self._wrapper.token_scale = self.cfg.micro_batches_per_step / max(tokens, 1)
+        self._wrapper.token_scale = self.world_size * self.gas / max(tokens, 1)  # W * G / N_global
         sums = StepSums()
         for i, mb in enumerate(mbs):
             last = i == len(mbs) - 1
@@ -361,7 +393,8 @@ class TrainEngine:
             load = load.to(self.device)
             dist.all_reduce(load)
         self.step += 1
-        m = self.cfg.micro_batches_per_step
+        # per-micro-batch values (extra loss, metrics) are the same on every rank of an SP group
+        m = self.cfg.micro_batches_per_step * self.cfg.sequence_parallel
         metrics = {k: v / m for k, v in sums.metrics.items()}
         metrics["extra_loss"] = sums.extra / m
         result = StepResult(

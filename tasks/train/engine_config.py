@@ -124,7 +124,15 @@ class EngineConfig(OptimizerSettings):
 
     schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig, description="LR schedule")
     micro_batches_per_step: int = Field(
-        1, ge=1, description="GLOBAL micro-batches (packed sequences) per optimizer step; divisible by world"
+        1,
+        ge=1,
+        description="GLOBAL micro-batches (packed sequences) per optimizer step; divisible by the data-parallel "
+        "degree world / sequence_parallel",
+    )
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        description="ranks that share each packed sequence (Ulysses); consecutive ranks, divides world",
     )
 
     @classmethod
@@ -132,20 +140,29 @@ class EngineConfig(OptimizerSettings):
         """The engine of a recipe phase: the recipe's ``train`` settings (every field the engine shares with
         it), the phase's global batch and its LR schedule."""
         shared = {k: getattr(train, k) for k in OptimizerSettings.model_fields}
-        return cls(**shared, schedule=schedule, micro_batches_per_step=phase.micro_batches_per_step)
+        return cls(
+            **shared,
+            schedule=schedule,
+            micro_batches_per_step=phase.micro_batches_per_step,
+            sequence_parallel=phase.sequence_parallel,
+        )
 
     def check_world_size(self, world_size: int) -> int:
-        """Gradient-accumulation steps per rank; raises naming ``micro_batches_per_step`` if not divisible."""
-        if world_size < 1 or self.micro_batches_per_step % world_size:
+        """Gradient-accumulation steps per rank (micro-batches per data-parallel group); raises naming the
+        field when the world cannot be split."""
+        sp = self.sequence_parallel
+        if world_size < 1 or world_size % sp:
+            raise ValueError(f"sequence_parallel: {sp} must divide the world size {world_size}")
+        if self.micro_batches_per_step % (world_size // sp):
             raise ValueError(
-                f"micro_batches_per_step: must be divisible by the world size {world_size}, "
-                f"got {self.micro_batches_per_step}"
+                f"micro_batches_per_step: must be divisible by the data-parallel degree {world_size // sp} "
+                f"(world size {world_size} / sequence_parallel {sp}), got {self.micro_batches_per_step}"
             )
         if world_size % self.expert_parallel:
             raise ValueError(
                 f"expert_parallel: {self.expert_parallel} must divide the world size {world_size}"
             )
-        return self.micro_batches_per_step // world_size
+        return self.micro_batches_per_step * sp // world_size
 
     def resolved_precision(self, device_type: str) -> Literal["fp32", "bf16"]:
         return resolve_precision(self.precision, device_type)
@@ -165,7 +182,8 @@ def build_ds_config(cfg: EngineConfig, world_size: int, device_type: str = "cpu"
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": gas,
-        "train_batch_size": cfg.micro_batches_per_step,
+        # DeepSpeed counts every rank's micro-batches: under sequence parallelism the SP ranks' slices
+        "train_batch_size": gas * world_size,
         # sharded gradients: the engine clips over the owners' shards itself (DeepSpeed would see no grads)
         "gradient_clipping": 0.0 if cfg.shard_gradients else float(cfg.grad_clip),
         "zero_optimization": {"stage": cfg.zero_stage},

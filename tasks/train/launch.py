@@ -216,15 +216,28 @@ def launch_world_size(nproc: int, hostfile: Path | None = None) -> int:
 
 
 def batch_split_error(recipe, phases, world: int) -> str | None:
-    """Why ``world`` ranks cannot run ``phases`` of ``recipe`` (a ``micro_batches_per_step`` that the world
-    size does not divide: the global batch is part of the recipe and is never changed to fit), or None."""
+    """Why ``world`` ranks cannot run ``phases`` of ``recipe`` (a ``sequence_parallel`` that does not divide the
+    world, or a ``micro_batches_per_step`` that the data-parallel degree world / sequence_parallel does not
+    divide: the global batch is part of the recipe and is never changed to fit), or None."""
     names = [q.name for q in recipe.phases]
     for p in phases:
-        if p.micro_batches_per_step % world:
+        sp = p.sequence_parallel
+        if world % sp:
+            return (
+                f"field phases.{names.index(p.name)}.sequence_parallel: phase {p.name!r} splits each sequence over "
+                f"{sp} ranks, which does not divide {world} processes; run a multiple of {sp} processes"
+            )
+        dp = world // sp
+        if p.micro_batches_per_step % dp:
+            groups = (
+                f"{world} processes"
+                if sp == 1
+                else f"{dp} data-parallel groups ({world} processes / sequence_parallel {sp})"
+            )
             return (
                 f"field phases.{names.index(p.name)}.micro_batches_per_step: phase {p.name!r} takes "
-                f"{p.micro_batches_per_step} micro-batch(es) per optimizer step, which {world} processes cannot "
-                f"split evenly; set it to a multiple of {world} (the global batch is part of the recipe, so it "
+                f"{p.micro_batches_per_step} micro-batch(es) per optimizer step, which {groups} cannot "
+                f"split evenly; set it to a multiple of {dp} (the global batch is part of the recipe, so it "
                 "is not changed for you) or run fewer processes"
             )
     return None

@@ -81,6 +81,7 @@ class MemoryPlan:
     autocast_copies: int
     bf16_working_params: int = 0  # trainable params held in bf16 (fp32 masters in the optimizer)
     expert_parallel: int = 1
+    sequence_parallel: int = 1  # ranks sharing each packed sequence: the activations count one slice
     activation_parts: ActivationPlan | None = None  # one worst-case micro-batch (None: not planned)
 
     @property
@@ -169,6 +170,7 @@ def plan_phase(recipe: Any, phase: Any, world: int, device_type: str = "cuda") -
         autocast_copies=(trainable_here - low_here) * BF16 if precision == "bf16" else 0,
         bf16_working_params=low,
         expert_parallel=ep,
+        sequence_parallel=phase.sequence_parallel,
         activation_parts=phase_activations(
             recipe.model.architecture(), phase, recipe.model.gradient_checkpointing, precision, device_type
         ),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kimivl_model.config import VLMConfig
+from kimivl_model.sequence_parallel import SequenceShard
 from kimivl_model.vlm import KimiVL
 from tasks import Log
 from tasks.io.faults import crash_point
@@ -113,6 +114,7 @@ def lr_schedule(
 
 
 def lm_loss(model: KimiVL, b: dict[str, Any]) -> LossResult:
+    shard = SequenceShard.from_batch(b, model.sequence_parallel_group)  # None unless sequence parallel
     out = model(
         b["input_ids"],
         position_ids=b["position_ids"],
@@ -121,6 +123,7 @@ def lm_loss(model: KimiVL, b: dict[str, Any]) -> LossResult:
         pixel_values=b["pixel_values"],  # empty (0 images) for a text-only batch: the model's "no images"
         grid_hws=b["grid_hws"],
         return_logits=False,
+        shard=shard,
     )
     return LossResult(
         loss_sum=out.loss_sum,

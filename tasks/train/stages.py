@@ -110,6 +110,13 @@ class PhaseConfig(_Strict):
     micro_batches_per_step: int = Field(
         default=1, gt=0, description="global micro-batches per optimizer step"
     )
+    sequence_parallel: int = Field(
+        default=1,
+        ge=1,
+        description="LM/SFT: each packed sequence is split over this many consecutive ranks (Ulysses all-to-all "
+        "over attention heads, kimivl_model/sequence_parallel.py); must divide the world size and the LM's "
+        "heads; the data-parallel degree is world / sequence_parallel",
+    )
     lr: LRConfig
     rope_theta: float | None = Field(default=None, gt=0, description="set the LM RoPE base before this phase")
     init_from: Literal["previous", "scratch"] = "previous"
@@ -147,6 +154,11 @@ class PhaseConfig(_Strict):
             raise ValueError(
                 "weight_unit 'tokens' is for packed LM/SFT phases; objective 'coca' draws (image, caption) "
                 "pairs at the current resolution, so its weights are per document"
+            )
+        if self.objective == "coca" and self.sequence_parallel > 1:
+            raise ValueError(
+                f"sequence_parallel: {self.sequence_parallel} is for LM/SFT phases; objective 'coca' trains on "
+                "(image, caption) batches, not packed sequences"
             )
         check_mixture(self.sources, self.share_schedule, lambda s: s.group)
         fr = [r.until_fraction for r in self.progressive_resolution]

@@ -96,7 +96,7 @@ class Trainer:
         taken = 0
         while not self.budget.done:
             batches = [next(self.loader) for _ in range(self.phase.micro_batches_per_step)]
-            result = self.engine.train_step(batches[self.engine.rank :: self.engine.world_size])
+            result = self.engine.train_step(self.engine.local_batches(batches))
             step = Step(result, batches)
             for cb in self.callbacks:
                 cb.on_step(self, step)

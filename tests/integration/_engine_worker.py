@@ -7,7 +7,8 @@ in-process runs and the subprocess runs train exactly the same thing.
     python tests/integration/_engine_worker.py --runs muon:0 --steps 8 --out DIR [--ckpt-every 2] [--resume]
     python -m torch.distributed.run --nproc_per_node 2 tests/integration/_engine_worker.py --runs muon:0,adamw:1 ...
 
-Each rank takes micro-batches ``rank::world`` of every global step. Rank 0 appends one JSON line per step to
+Each rank takes its micro-batches of every global step from ``TrainEngine.local_batches`` (``rank::world``;
+under sequence parallelism its data-parallel group's, cut to its slice). Rank 0 appends one JSON line per step to
 ``DIR/<opt>-z<stage>/steps.jsonl``, prints ``STEP n`` and finally exports ``final.safetensors``.
 """
 
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 
 from kimivl_model.config import preset  # noqa: E402
 from kimivl_model.lm import KimiLM  # noqa: E402
+from kimivl_model.sequence_parallel import SequenceShard  # noqa: E402
 from tasks.train.checkpoint import checkpoint_path, latest_checkpoint  # noqa: E402
 from tasks.train.engine import EngineConfig, LossResult, TrainEngine  # noqa: E402
 from tasks.train.launch import add_local_rank_arg, apply_local_rank, init_distributed_if_needed  # noqa: E402
@@ -86,7 +88,12 @@ def global_batch(step: int, m: int = MICRO_BATCHES) -> list[dict[str, torch.Tens
 
 
 def loss_fn(model: KimiLM, mb: dict[str, torch.Tensor]) -> LossResult:
-    out = model(mb["input_ids"], cu_seqlens=mb["cu_seqlens"], labels=mb["labels"], return_logits=False)
+    shard = SequenceShard.from_batch(
+        mb, model.sequence_parallel_group
+    )  # sequence parallel: this rank's slice
+    out = model(
+        mb["input_ids"], cu_seqlens=mb["cu_seqlens"], labels=mb["labels"], return_logits=False, shard=shard
+    )
     loss_sum = out.loss_sum
     if "poison" in mb:  # NaN injection for the tests: "mul" poisons grads too, "add" only the loss value
         loss_sum = loss_sum * float("nan") if mb["poison"] == "mul" else loss_sum + float("nan")
@@ -115,7 +122,7 @@ def train(engine: TrainEngine, model: KimiLM, start: int, steps: int, on_step=No
     """Steps ``start .. steps-1`` (0-based global step index); router bias updated from the global load."""
     out = []
     for s in range(start, steps):
-        mbs = global_batch(s, engine.cfg.micro_batches_per_step)[engine.rank :: engine.world_size]
+        mbs = engine.local_batches(global_batch(s, engine.cfg.micro_batches_per_step))
         r = engine.train_step(mbs)
         model.update_router_bias(r.expert_load)
         out.append({"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "skipped": r.skipped})
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                 "shardg": {"shard_gradients": True},
                 "ep2": {"shard_gradients": True, "expert_parallel": 2},
                 "dcp": {"checkpoint_format": "sharded"},  # checkpoints through torch.distributed.checkpoint
+                "sp2": {"sequence_parallel": 2},  # each packed sequence split over 2 ranks (Ulysses)
             }
             cfg = cfg.model_copy(update=update[v])
         engine = TrainEngine(model, cfg, loss_fn)

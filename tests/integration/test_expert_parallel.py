@@ -14,6 +14,7 @@ from tasks.train.engine import TrainEngine
 from tests.integration._engine_common import _one_thread_and_clean_process_group  # noqa: F401
 from tests.integration._engine_worker import engine_config, loss_fn, make_model, train
 from tests.integration.test_engine_checkpoints import _losses, run_two_ranks
+from tests.integration.test_launch_sequence_parallel import assert_launched_weights_match, launch_phase
 
 pytestmark = pytest.mark.integration
 SAVE, END = 3, 6
@@ -129,58 +130,12 @@ def test_launched_joint_phase_with_expert_parallel(tiny_data, tmp_path):
     an embedding row seen once), AdamW's normalisation turns that rounding into a sizeable step, so the
     AdamW-updated params are checked element-wise: 99.9% of their elements within 1e-5 of the magnitude, none
     off by more than a tenth of one LR step."""
-    import yaml
-
-    from flows.launched_phase import LaunchSettings, run_phase_launched
-    from tasks.recipe import load_recipe
-    from tasks.tracking.local import MemoryTracker
-    from tests.integration.conftest import short_recipe
-
-    phase_name = "joint_pretrain"
     runs = {}
     for name, ep in (("plain", 1), ("ep2", 2)):
-        raw = short_recipe(shard_gradients=True, expert_parallel=ep).model_dump(mode="json", by_alias=True)
-        raw["phases"] = [p for p in raw["phases"] if p["name"] == phase_name]
-        raw["eval"]["points"] = []
-        p = raw["phases"][0]
-        p["micro_batches_per_step"] = 2
-        p["token_budget"] = p["seq_len"] * 2 * 4  # 4-5 optimizer steps (packing)
-        p["lr"].update(mode="fresh", continue_from=None, peak_lr=2e-3, min_lr=2e-4)  # the first phase here
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-        recipe = load_recipe(tmp_path / f"{name}.yaml")
-        sink, out = MemoryTracker(), tmp_path / name
-        run_phase_launched(
-            recipe,
-            recipe.phase(phase_name),
-            tiny_data[0],
-            out,
-            LaunchSettings(nproc=2),
-            sink,
-            log=lambda *_: None,
-        )
-        final = load_safetensors(out / "phases" / phase_name / "final" / "model.safetensors")
-        runs[name] = ([v for _, v in sink.series("loss")], final)
+        recipe, losses, final, _ = launch_phase(tiny_data, tmp_path, name, 2, train={"expert_parallel": ep})
+        runs[name] = (losses, final)
     (plain, plain_w), (ep, ep_w) = runs["plain"], runs["ep2"]
     assert len(plain) >= 4 and ep == pytest.approx(plain, rel=1e-5)
     key = "language_model.model.layers.1.mlp.experts.gate_proj"
     assert ep_w[key].shape == plain_w[key].shape and ep_w[key].shape[0] == 8
-    from kimivl_model.muon import build_param_groups
-    from kimivl_model.vlm import KimiVL
-
-    with torch.device("meta"):
-        model = KimiVL(recipe.model.vlm_config())
-    names = {id(p): n for n, p in model.named_parameters()}
-    adamw = {
-        names[id(p)] for g in build_param_groups(model, lr=1.0) if not g["use_muon"] for p in g["params"]
-    }
-    assert ep_w.keys() == plain_w.keys() and "language_model.model.embed_tokens.weight" in adamw
-    off = total = 0
-    for name, w in plain_w.items():
-        scale = max(float(w.abs().max()), 1e-3)
-        diff = (ep_w[name] - w).abs()
-        if name not in adamw:
-            assert float(diff.max()) <= 1e-5 * scale, name
-        else:
-            assert float(diff.max()) <= 0.1 * 2e-3, name
-            off, total = off + int((diff > 1e-5 * scale).sum()), total + w.numel()
-    assert off <= 1e-3 * total, (off, total)
+    assert_launched_weights_match(ep_w, plain_w, recipe)

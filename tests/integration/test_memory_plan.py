@@ -99,14 +99,15 @@ def test_a_phase_that_cannot_fit_stops_before_the_model_is_built(monkeypatch, tm
 
 def test_recipe_memory_cli_on_the_full_scale_recipe(tmp_path):
     """configs/a3b.yaml on 8 ranks of 80 GB GPUs (79.1 GiB). As shipped (bf16 working weights, gradients
-    sharded to their Muon owners, experts split over the 8 ranks, gradient checkpointing), the 8K phases fit
-    with >= 10% headroom, states + activations, and the 32K ones fit too; without expert parallelism only the
+    sharded to their Muon owners, experts split over the 8 ranks, gradient checkpointing, the 128K phases'
+    sequences split over 4 ranks), the 8K phases fit with >= 10% headroom, states + activations, and the 32K
+    and 128K ones fit too (on 64 ranks with >= 10% headroom; without sequence parallelism the 128K ones do not); without expert parallelism only the
     8K ones fit; without sharded gradients they need ~80 GiB of model states alone; with fp32 working weights
     > 150 GiB (fp32 weights + gradients on every rank)."""
     from flows.cli import app
 
-    def memory(recipe: Path, gib: str):
-        args = ["recipe", "memory", "-r", str(recipe), "--world", "8", "--device-memory", gib]
+    def memory(recipe: Path, gib: str, world: int = 8):
+        args = ["recipe", "memory", "-r", str(recipe), "--world", str(world), "--device-memory", gib]
         res = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
         out = json.loads(res.stdout.strip().splitlines()[-1])
         return res, {p["phase"]: p for p in out["phases"]}
@@ -135,9 +136,27 @@ def test_recipe_memory_cli_on_the_full_scale_recipe(tmp_path):
         assert phases[name]["total"] <= 0.9 * 79.1 * gib, (name, phases[name]["total"] / gib)
     # the CoCa micro-batch: 16 images of up to 4,096 patches per rank (negatives from every rank)
     assert phases["vit"]["activation_parts"]["patches"] == 16 * 4096
-    # what does not fit: the 128K phases ([C]: context parallelism)
-    assert res.exit_code == 1, res.output
-    assert {n for n, p in phases.items() if not p["fits"]} == {"long_context.2", "sft.2"}
+    # the 128K phases split each sequence over 4 ranks: 32K tokens' activations per rank (+ 2 cut images)
+    assert res.exit_code == 0, res.output
+    assert all(p["fits"] for p in phases.values())
+    for name in ("long_context.2", "sft.2"):
+        acts = phases[name]["activation_parts"]
+        assert phases[name]["sequence_parallel"] == 4 and acts["tokens"] == 131072 // 4
+        assert acts["patches"] == 4 * 32768 + 2 * 4096
+
+    # 64 ranks (8 nodes): the long phases at their recipe's SP degree with >= 10% headroom; without SP the
+    # 128K phases need ~160 GiB per rank
+    res64, phases64 = memory(ROOT / "configs/a3b.yaml", "79.1", world=64)
+    assert res64.exit_code == 0, res64.output
+    for name in ("long_context.1", "long_context.2", "sft.1", "sft.2"):
+        assert phases64[name]["total"] <= 0.9 * 79.1 * gib, (name, phases64[name]["total"] / gib)
+    raw = yaml.safe_load((ROOT / "configs/a3b.yaml").read_text())
+    for ph in raw["phases"]:
+        ph.pop("sequence_parallel", None)
+    (tmp_path / "a3b-nosp.yaml").write_text(yaml.safe_dump(raw))
+    res, nosp = memory(tmp_path / "a3b-nosp.yaml", "79.1", world=64)
+    assert res.exit_code == 1 and {n for n, p in nosp.items() if not p["fits"]} == {"long_context.2", "sft.2"}
+    assert all(nosp[n]["total"] > 150 * gib for n in ("long_context.2", "sft.2"))
 
     res, phases = memory(variant("no-ep", expert_parallel=1), "79.1")
     jp = phases["joint_pretrain"]

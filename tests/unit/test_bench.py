@@ -182,3 +182,14 @@ def test_overhead_weight_comparison_tells_noise_from_different_work(tmp_path):
     assert _weight_rel_diff(tmp_path / "x", tmp_path / "other")["p"] > 100 * WEIGHT_RTOL
     assert _weight_rel_diff(tmp_path / "x", tmp_path / "fewer") == {"p": float("inf")}
     assert _weight_rel_diff(tmp_path / "x", tmp_path / "missing") == {"p": float("inf")}
+
+
+def test_context_quick(tmp_path):
+    """Measured tensor peaks (MemTracker), not timings: SP 2 must at least double-ish the trainable length."""
+    from bench import context
+
+    out = run_quick(context, "context", tmp_path)
+    assert out["ours"]["longest_tokens"] > out["baseline"]["longest_tokens"] > 0
+    assert out["ratio"] >= 1.5, out
+    for probes in (out["ours"]["probes"], out["baseline"]["probes"]):
+        assert all(p > 0 for _, p in probes)

@@ -83,7 +83,38 @@ BAD = {
         lambda d: d["train"].update(expert_parallel=3, shard_gradients=True),
         "train.expert_parallel: 3 does not divide the model's 8 routed experts",
     ),
+    "sequence_parallel not dividing the heads": (
+        lambda d: _phase(d, "sft.2").update(sequence_parallel=3),
+        "phases.8.sequence_parallel: 3 does not divide the LM's 4 attention heads",
+    ),
+    "sequence_parallel on the coca phase": (
+        lambda d: _phase(d, "vit").update(sequence_parallel=2),
+        "phases.1",
+    ),
+    "sequence_parallel zero": (lambda d: _phase(d, "sft.2").update(sequence_parallel=0), "phases.8"),
 }
+
+
+def test_world_splits_for_sequence_parallel_phases():
+    """``batch_split_error`` (checked before a launch) and the engine's own check agree on what a world with
+    sequence-parallel phases must satisfy: SP divides the world, the data-parallel degree the global batch."""
+    from tasks.train.engine_config import EngineConfig
+    from tasks.train.launch import batch_split_error
+
+    raw = yaml.safe_load(Path("configs/tiny.yaml").read_text())
+    _phase(raw, "sft.2").update(sequence_parallel=2, micro_batches_per_step=2)
+    recipe = recipe_from_dict(raw, "sp.yaml")
+    sft2 = recipe.phase("sft.2")
+    assert batch_split_error(recipe, [sft2], 2) is None  # one data-parallel group of 2 SP ranks
+    assert batch_split_error(recipe, [sft2], 4) is None  # 2 groups, one micro-batch each
+    assert "sequence_parallel" in batch_split_error(recipe, [sft2], 3)
+    err = batch_split_error(recipe, [sft2], 8)  # 4 groups for 2 micro-batches
+    assert "micro_batches_per_step" in err and "4 data-parallel groups" in err
+    cfg = EngineConfig(micro_batches_per_step=2, sequence_parallel=2)
+    assert [cfg.check_world_size(w) for w in (2, 4)] == [2, 1]  # micro-batches per rank (each a slice)
+    for w in (3, 8):
+        with pytest.raises(ValueError):
+            cfg.check_world_size(w)
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
