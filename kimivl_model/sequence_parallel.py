@@ -193,12 +193,13 @@ TOKEN_FIELDS = ("input_ids", "labels", "position_ids")
 
 def shard_tokens(batch: dict[str, Any], rank: int, size: int) -> dict[str, Any]:
     """Rank ``rank``'s slice of a packed text micro-batch: the per-token fields (``TOKEN_FIELDS``) cut at
-    ``split_points``; ``cu_seqlens`` and every other field stay the whole micro-batch's; ``sp_cuts``,
-    ``sp_rank`` and ``sp_image_rows`` (0) describe the slice (``SequenceShard.from_batch``). Images:
-    ``KimiVL.shard_batch``."""
+    ``split_points``; ``cu_seqlens`` and every other field stay the whole micro-batch's, except
+    ``pixel_values``, which is left out (not read: a loader may decode images lazily; ``KimiVL.shard_batch``
+    adds the slice's); ``sp_cuts``, ``sp_rank`` and ``sp_image_rows`` (0) describe the slice
+    (``SequenceShard.from_batch``)."""
     cuts = split_points(batch["input_ids"].shape[0], size)
     a, b = cuts[rank], cuts[rank + 1]
-    out = dict(batch)
+    out = {k: batch[k] for k in batch if k != "pixel_values"}
     for k in TOKEN_FIELDS:
         if k in batch:
             out[k] = batch[k][a:b]

@@ -145,7 +145,8 @@ class KimiVL(nn.Module):
         """Rank ``rank``'s slice of a packed micro-batch for sequence parallelism over ``size`` ranks
         (``kimivl_model/sequence_parallel.py``): the per-token fields cut at ``split_points``, the WHOLE
         sequence's ``cu_seqlens``, the images with at least one placeholder in the slice (their patches and
-        grids), and ``sp_cuts`` / ``sp_rank`` / ``sp_image_rows`` (features of those images before the slice's
+        grids; from a lazily decoded batch, ``image_patches``, only those are decoded), and ``sp_cuts`` /
+        ``sp_rank`` / ``sp_image_rows`` (features of those images before the slice's
         first placeholder). Other fields (per-document sources, token counts) are the whole micro-batch's."""
         out = shard_tokens(batch, rank, size)
         cuts = [int(c) for c in out["sp_cuts"].tolist()]
@@ -163,9 +164,14 @@ class KimiVL(nn.Module):
         first = sum(1 for i in range(n_img) if f_cum[i + 1] <= before)  # images wholly before the slice
         last = first + sum(1 for i in range(first, n_img) if f_cum[i] < before + inside)
         if n_img:
-            p_cum = [0, *(grid[:, 0] * grid[:, 1]).cumsum(0).tolist()]
-            out["pixel_values"] = batch["pixel_values"][p_cum[first] : p_cum[last]]
+            if hasattr(batch, "image_patches"):  # a lazily decoded batch: decode this slice's images only
+                out["pixel_values"] = batch.image_patches(first, last)
+            else:
+                p_cum = [0, *(grid[:, 0] * grid[:, 1]).cumsum(0).tolist()]
+                out["pixel_values"] = batch["pixel_values"][p_cum[first] : p_cum[last]]
             out["grid_hws"] = grid[first:last]
+        elif "pixel_values" in batch:
+            out["pixel_values"] = batch["pixel_values"]  # no images: the (0, 3, p, p) placeholder
             if "image_is_video" in batch:
                 out["image_is_video"] = batch["image_is_video"][first:last]
         out["sp_image_rows"] = torch.tensor(before - f_cum[first], dtype=torch.int64)

@@ -11,8 +11,11 @@ epoch; the permutation of epoch e is drawn from ``default_rng([seed, e, crc32(so
 epoch (and every source) has its own order and restoring never needs to store a permutation.
 
 Batches: ``micro_batch_tokens / seq_len`` packed sequences (``pack.Packer``) concatenated on one flat token
-axis; ``cu_seqlens`` marks every document, so a batch is exactly what ``KimiVL.forward`` takes. Images are
-decoded (``decode_image``), normalised (``to_tensor``) and patchified at the grid stored by the tokenize
+axis; ``cu_seqlens`` marks every document, so a batch is exactly what ``KimiVL.forward`` takes. A batch is a
+``PackedBatch``: its token fields are built at once, its images only when ``pixel_values`` is first read
+(or a range of them, ``image_patches``): every rank draws the whole global batch (the token clock counts
+all of it), but decodes the images of its own micro-batches only (``images_decoded`` counts them). Images
+are decoded (``decode_image``), normalised (``to_tensor``) and patchified at the grid stored by the tokenize
 step (``image_to_patches``); a grid that differs from the stored one is an error naming the document.
 
 State (``state_dict``): JSON-serialisable, captures the sampler RNG (``bit_generator.state``), every
@@ -24,6 +27,7 @@ mixture gives the identical subsequent batches.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,6 +182,38 @@ def common_special(sources: list[TokenizedSource]) -> SpecialIds:
     return sources[0].special
 
 
+class PackedBatch(Mapping[str, Any]):
+    """One collated micro-batch (the keys of ``PackedLoader.collate``) whose ``pixel_values`` are decoded on
+    first access and kept; ``image_patches(first, last)`` decodes only images ``[first, last)`` (a
+    sequence-parallel slice's, ``KimiVL.shard_batch``)."""
+
+    def __init__(self, fields: dict[str, Any], loader: PackedLoader, images: list[tuple[Any, ...]]) -> None:
+        self._fields, self._loader, self._images = fields, loader, images
+        self._pixels: torch.Tensor | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key != "pixel_values":
+            return self._fields[key]
+        if self._pixels is None:
+            self._pixels = self.image_patches(0, len(self._images))
+        return self._pixels
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._fields
+        yield "pixel_values"
+
+    def __len__(self) -> int:
+        return len(self._fields) + 1
+
+    def image_patches(self, first: int, last: int) -> torch.Tensor:
+        """(patches of images first..last-1, 3, p, p), decoded now unless the whole batch already was."""
+        if self._pixels is not None:
+            grid = self._fields["grid_hws"]
+            cum = [0, *(grid[:, 0] * grid[:, 1]).cumsum(0).tolist()]
+            return self._pixels[cum[first] : cum[last]]
+        return self._loader.decode_images(self._images[first:last])
+
+
 class PackedLoader:
     """Infinite iterator of packed training batches (dicts of tensors) with exact save/restore."""
 
@@ -191,6 +227,7 @@ class PackedLoader:
         self.seqs_per_batch = cfg.micro_batch_tokens // cfg.seq_len
         self.tokens_drawn = 0
         self.batches = 0
+        self.images_decoded = 0  # by this process (the images of the micro-batches it trains on)
 
     @property
     def source_names(self) -> list[str]:
@@ -224,52 +261,58 @@ class PackedLoader:
     def __iter__(self) -> PackedLoader:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> PackedBatch:
         seqs = [self.next_sequence() for _ in range(self.seqs_per_batch)]
         batch = self.collate(seqs)
         self.batches += 1
         return batch
 
     # ------------------------------------------------------------------------------------ collate
-    def _pixels(self, seqs: list[PackedSequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        patches, grids = [], []
-        patch = 14
-        for s in seqs:
-            for img, grid, src_name in zip(s.images, s.grid_hws, s.image_sources, strict=True):
-                icfg = self._by_name[src_name].image_cfg
-                patch = icfg["patch_size"]
-                t = to_tensor(decode_image(img["data"]))  # (3, H, W)
-                if (t.shape[1], t.shape[2]) != (img["height"], img["width"]):
-                    raise ValueError(
-                        f"source {src_name!r}: decoded image is {t.shape[2]}x{t.shape[1]} but the record says "
-                        f"{img['width']}x{img['height']} (documents {s.doc_ids})"
-                    )
-                p, hw = image_to_patches(t, patch, icfg["merge"], icfg["max_patches_per_image"])
-                if tuple(hw) != tuple(grid):
-                    raise ValueError(
-                        f"source {src_name!r}: image grid {hw} differs from the stored grid {grid} "
-                        f"(documents {s.doc_ids})"
-                    )
-                patches.append(p)  # (h*w, 3, p, p)
-                grids.append(grid)
-        if not patches:
-            return torch.zeros(0, 3, patch, patch), torch.zeros(0, 2, dtype=torch.int64)
-        return torch.cat(patches), torch.tensor(grids, dtype=torch.int64)
+    @staticmethod
+    def _image_list(seqs: list[PackedSequence]) -> list[tuple[Any, ...]]:
+        """(record, stored grid, source, document ids) of every image, in placeholder order."""
+        return [
+            (img, grid, src_name, s.doc_ids)
+            for s in seqs
+            for img, grid, src_name in zip(s.images, s.grid_hws, s.image_sources, strict=True)
+        ]
 
-    def collate(self, seqs: list[PackedSequence]) -> dict[str, torch.Tensor]:
-        """Concatenate sequences into one flat batch (document boundaries kept in ``cu_seqlens``)."""
+    def decode_images(self, images: list[tuple[Any, ...]]) -> torch.Tensor:
+        """Patches (P, 3, p, p) of ``images`` (``_image_list`` entries), decoded and checked now."""
+        patches, patch = [], 14
+        for img, grid, src_name, doc_ids in images:
+            icfg = self._by_name[src_name].image_cfg
+            patch = icfg["patch_size"]
+            t = to_tensor(decode_image(img["data"]))  # (3, H, W)
+            if (t.shape[1], t.shape[2]) != (img["height"], img["width"]):
+                raise ValueError(
+                    f"source {src_name!r}: decoded image is {t.shape[2]}x{t.shape[1]} but the record says "
+                    f"{img['width']}x{img['height']} (documents {doc_ids})"
+                )
+            p, hw = image_to_patches(t, patch, icfg["merge"], icfg["max_patches_per_image"])
+            if tuple(hw) != tuple(grid):
+                raise ValueError(
+                    f"source {src_name!r}: image grid {hw} differs from the stored grid {grid} (documents {doc_ids})"
+                )
+            patches.append(p)  # (h*w, 3, p, p)
+        self.images_decoded += len(images)
+        return torch.cat(patches) if patches else torch.zeros(0, 3, patch, patch)
+
+    def collate(self, seqs: list[PackedSequence]) -> PackedBatch:
+        """Concatenate sequences into one flat batch (document boundaries kept in ``cu_seqlens``); images
+        are decoded when the batch's ``pixel_values`` are first read."""
         offsets = np.cumsum([0] + [s.num_tokens for s in seqs[:-1]])
         cu = np.concatenate([[0]] + [s.cu_seqlens[1:] + o for s, o in zip(seqs, offsets, strict=True)])
         cu_t = torch.from_numpy(cu.astype(np.int64))
         src_index = {name: i for i, name in enumerate(self._by_name)}
-        pixel_values, grid_hws = self._pixels(seqs)
-        return {
+        images = self._image_list(seqs)
+        grid_hws = torch.tensor([g for _, g, _, _ in images], dtype=torch.int64).reshape(-1, 2)
+        fields = {
             "input_ids": torch.from_numpy(np.concatenate([s.input_ids for s in seqs])),  # (T,)
             "labels": torch.from_numpy(np.concatenate([s.labels for s in seqs])),  # (T,)
             "position_ids": positions_from_cu_seqlens(cu_t),  # (T,) the model's rule
             "cu_seqlens": cu_t,  # (S+1,)
-            "pixel_values": pixel_values,  # (P, 3, 14, 14)
-            "grid_hws": grid_hws,  # (N, 2)
+            "grid_hws": grid_hws,  # (N, 2); "pixel_values" (P, 3, 14, 14): PackedBatch, on first use
             "image_is_video": torch.tensor(
                 [v for s in seqs for v in s.image_is_video], dtype=torch.bool
             ),  # (N,)
@@ -286,6 +329,7 @@ class PackedLoader:
                 dtype=torch.int64,
             ),
         }
+        return PackedBatch(fields, self, images)
 
     # -------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -93,3 +93,50 @@ def test_tiny_mixture_packs_at_least_95_percent_real_tokens(data_root):
         batch = next(loader)
         real += int(batch["input_ids"].numel())
     assert real / (n * 512) >= 0.95, real / (n * 512)
+
+
+def test_each_rank_decodes_only_the_images_of_its_micro_batches(data_root):
+    """Every rank draws the whole global batch (the token clock counts all of it) but decodes the images of
+    its own micro-batches only: with 2 data-parallel ranks each decodes its half, counted; the patches equal
+    an eager decode; a sequence-parallel slice decodes only its own images."""
+    import torch
+
+    from kimivl_model.config import preset
+    from kimivl_model.vlm import KimiVL
+
+    root, _ = data_root
+    names = ["caption", "interleaved", "ocr", "grounding"]
+    cfg = MixtureConfig(
+        sources=[SourceSpec(name=n, path=root / "tokenized" / n, weight=1.0) for n in names],
+        seq_len=512,
+        micro_batch_tokens=512,
+        seed=0,
+    )
+    loaders = [PackedLoader(cfg) for _ in range(2)]  # two ranks, the same mixture and seed
+    decoded, total = [0, 0], 0
+    for _ in range(3):  # 3 global batches of 4 micro-batches
+        per_rank = [[next(ld) for _ in range(4)] for ld in loaders]
+        total += sum(int(b["grid_hws"].shape[0]) for b in per_rank[0])
+        for rank, batches in enumerate(per_rank):
+            for b in batches[rank::2]:  # TrainEngine.local_batches with 2 data-parallel ranks
+                before = loaders[rank].images_decoded
+                pv = b["pixel_values"]
+                assert loaders[rank].images_decoded - before == b["grid_hws"].shape[0]
+                assert b["pixel_values"] is pv  # decoded once
+                assert pv.shape[0] == int((b["grid_hws"][:, 0] * b["grid_hws"][:, 1]).sum())
+    decoded = [ld.images_decoded for ld in loaders]
+    assert total > 10 and sum(decoded) == total and min(decoded) > 0, (decoded, total)
+    # lazily decoded patches equal a fresh loader's; a batch rank 0 never decoded decodes like rank 1's
+    fresh = PackedLoader(cfg)
+    for _ in range(8):
+        next(fresh)
+    assert torch.equal(next(fresh)["pixel_values"], per_rank[0][0]["pixel_values"])
+    assert torch.equal(per_rank[0][1]["pixel_values"], per_rank[1][1]["pixel_values"])
+    # sequence parallel: a slice decodes only the images whose placeholders it holds
+    model = KimiVL(preset("tiny"))
+    lazy = PackedLoader(cfg)
+    b = next(b for b in (next(lazy) for _ in range(20)) if b["grid_hws"].shape[0] >= 2)
+    before = lazy.images_decoded
+    parts = [model.shard_batch(b, r, 2) for r in range(2)]
+    assert lazy.images_decoded - before == sum(p["grid_hws"].shape[0] for p in parts)
+    assert sum(p["grid_hws"].shape[0] for p in parts) <= b["grid_hws"].shape[0] + 1
