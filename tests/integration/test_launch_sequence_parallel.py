@@ -88,7 +88,7 @@ def launch_phase(
     )
     final = out / "phases" / phase_name / "final"
     result = json.loads((final / "result.json").read_text())
-    result["loads"] = [v for _, v in sink.series("expert_load_max_over_mean")]
+    result["loss_by_step"] = dict(sink.series("loss"))
     return recipe, [v for _, v in sink.series("loss")], load_safetensors(final / "model.safetensors"), result
 
 
@@ -106,3 +106,22 @@ def test_launched_phase_with_sequence_parallel_trains_like_one_rank(tiny_data, t
     # the few-token gradients of those experts are low rank, and Newton-Schulz lifts their rounding-level
     # directions (the router biases, i.e. the expert loads' signs, are identical)
     assert_launched_weights_match(sp_w, ref_w, recipe, muon_fro=1e-4, adamw_steps=1.0)
+
+
+@pytest.mark.timeout(900)
+def test_sequence_parallel_phase_killed_mid_run_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """SIGKILL of the SP ranks after step 5 (a checkpoint at step 4): the rerun resumes from it and ends with
+    the weights, token counts and per-step losses of an uninterrupted SP run, bit for bit."""
+    _, _, ref_w, ref = launch_phase(tiny_data, tmp_path, "whole", 2, steps=6, sequence_parallel=2)
+    monkeypatch.setenv("KIMIVL_CRASH_AT", "5")
+    monkeypatch.setenv("KIMIVL_CRASH_NAME", "train:step:joint_pretrain")
+    with pytest.raises(RuntimeError, match="exited with code"):
+        launch_phase(tiny_data, tmp_path, "killed", 2, steps=6, sequence_parallel=2)
+    monkeypatch.delenv("KIMIVL_CRASH_AT")
+    monkeypatch.delenv("KIMIVL_CRASH_NAME")
+    _, _, got_w, got = launch_phase(tiny_data, tmp_path, "killed", 2, steps=6, sequence_parallel=2)
+    resumed = got["loss_by_step"]
+    assert min(resumed) == 5 and max(resumed) == got["steps"] == ref["steps"] >= 6, resumed  # not restarted
+    assert all(resumed[s] == ref["loss_by_step"][s] for s in resumed)
+    assert got["tokens"] == ref["tokens"] and got["tokens_by_source"] == ref["tokens_by_source"]
+    assert got_w.keys() == ref_w.keys() and all(torch.equal(got_w[k], v) for k, v in ref_w.items())
