@@ -27,7 +27,7 @@ mixture gives the identical subsequent batches.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,19 +183,22 @@ def common_special(sources: list[TokenizedSource]) -> SpecialIds:
 
 
 class PackedBatch(Mapping[str, Any]):
-    """One collated micro-batch (the keys of ``PackedLoader.collate``) whose ``pixel_values`` are decoded on
-    first access and kept; ``image_patches(first, last)`` decodes only images ``[first, last)`` (a
-    sequence-parallel slice's, ``KimiVL.shard_batch``)."""
+    """One collated batch (the keys of ``PackedLoader.collate`` or ``CaptionLoader``) whose
+    ``pixel_values`` are decoded on first access and kept: ``decode(first, last)`` returns the patches of
+    images ``[first, last)``; ``image_patches(first, last)`` decodes only those (a sequence-parallel slice's,
+    ``KimiVL.shard_batch``)."""
 
-    def __init__(self, fields: dict[str, Any], loader: PackedLoader, images: list[tuple[Any, ...]]) -> None:
-        self._fields, self._loader, self._images = fields, loader, images
+    def __init__(
+        self, fields: dict[str, Any], decode: Callable[[int, int], torch.Tensor], images: int
+    ) -> None:
+        self._fields, self._decode, self._images = fields, decode, images
         self._pixels: torch.Tensor | None = None
 
     def __getitem__(self, key: str) -> Any:
         if key != "pixel_values":
             return self._fields[key]
         if self._pixels is None:
-            self._pixels = self.image_patches(0, len(self._images))
+            self._pixels = self._decode(0, self._images)
         return self._pixels
 
     def __iter__(self) -> Iterator[str]:
@@ -211,7 +214,24 @@ class PackedBatch(Mapping[str, Any]):
             grid = self._fields["grid_hws"]
             cum = [0, *(grid[:, 0] * grid[:, 1]).cumsum(0).tolist()]
             return self._pixels[cum[first] : cum[last]]
-        return self._loader.decode_images(self._images[first:last])
+        return self._decode(first, last)
+
+
+def decode_patches(
+    record: dict[str, Any], grid: Any, patch: int, merge: int, max_patches: int, where: str
+) -> torch.Tensor:
+    """One stored image's patches (h*w, 3, p, p) at ``max_patches``; its decoded size must be the record's
+    and its patch grid the expected ``grid`` (errors name ``where``)."""
+    t = to_tensor(decode_image(record["data"]))  # (3, H, W)
+    if (t.shape[1], t.shape[2]) != (record["height"], record["width"]):
+        raise ValueError(
+            f"{where}: decoded image is {t.shape[2]}x{t.shape[1]} but the record says "
+            f"{record['width']}x{record['height']}"
+        )
+    p, hw = image_to_patches(t, patch, merge, max_patches)
+    if tuple(hw) != tuple(grid):
+        raise ValueError(f"{where}: image grid {hw} differs from the stored grid {grid}")
+    return p
 
 
 class PackedLoader:
@@ -283,18 +303,10 @@ class PackedLoader:
         for img, grid, src_name, doc_ids in images:
             icfg = self._by_name[src_name].image_cfg
             patch = icfg["patch_size"]
-            t = to_tensor(decode_image(img["data"]))  # (3, H, W)
-            if (t.shape[1], t.shape[2]) != (img["height"], img["width"]):
-                raise ValueError(
-                    f"source {src_name!r}: decoded image is {t.shape[2]}x{t.shape[1]} but the record says "
-                    f"{img['width']}x{img['height']} (documents {doc_ids})"
-                )
-            p, hw = image_to_patches(t, patch, icfg["merge"], icfg["max_patches_per_image"])
-            if tuple(hw) != tuple(grid):
-                raise ValueError(
-                    f"source {src_name!r}: image grid {hw} differs from the stored grid {grid} (documents {doc_ids})"
-                )
-            patches.append(p)  # (h*w, 3, p, p)
+            where = f"source {src_name!r} (documents {doc_ids})"
+            patches.append(
+                decode_patches(img, grid, patch, icfg["merge"], icfg["max_patches_per_image"], where)
+            )
         self.images_decoded += len(images)
         return torch.cat(patches) if patches else torch.zeros(0, 3, patch, patch)
 
@@ -329,7 +341,7 @@ class PackedLoader:
                 dtype=torch.int64,
             ),
         }
-        return PackedBatch(fields, self, images)
+        return PackedBatch(fields, lambda a, b: self.decode_images(images[a:b]), len(images))
 
     # -------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

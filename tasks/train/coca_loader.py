@@ -6,6 +6,9 @@ by weight, per-source seeded permutation per epoch), and re-patchifies each imag
 patch count of the progressive-resolution schedule (Kimi-VL Sec. 2.3: "gradually allow larger and larger
 images"). Documents with no image or with several images are skipped and counted.
 
+A batch is a ``PackedBatch``: the grids come from the stored image sizes (the rule of ``image_to_patches``),
+the pixels are decoded when the rank that trains on the micro-batch first reads them (``images_decoded``).
+
 Token accounting of this stage: image tokens are counted as the merged tokens the LM would see
 (h*w/4 per image at the patchified size) and text tokens as caption tokens, so budgets across stages are
 comparable.
@@ -21,9 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kimivl_model.image_processing import image_to_patches
-from tasks.data.images import decode_image, to_tensor
-from tasks.data.loader import MixtureConfig, TokenizedSource, common_special
+from kimivl_model.image_processing import smart_resize_hw
+from tasks.data.loader import MixtureConfig, PackedBatch, TokenizedSource, common_special, decode_patches
 
 STATE_VERSION = 1
 
@@ -54,6 +56,7 @@ class CaptionLoader:
         self.tokens_drawn = 0
         self.skipped = 0
         self.batches = 0
+        self.images_decoded = 0  # by this process: the images of the micro-batches it trains on
 
     @property
     def source_names(self) -> list[str]:
@@ -82,20 +85,26 @@ class CaptionLoader:
                 self.skipped += 1
                 continue
             icfg = src.image_cfg
-            cap = self.max_patches() or icfg["max_patches_per_image"]
-            img = to_tensor(decode_image(doc.images[0]["data"]))
-            patches, hw = image_to_patches(
-                img, icfg["patch_size"], icfg["merge"], min(cap, icfg["max_patches_per_image"])
-            )
+            cap = min(self.max_patches() or icfg["max_patches_per_image"], icfg["max_patches_per_image"])
+            rec, patch = doc.images[0], icfg["patch_size"]
+            # the grid from the stored size (the decode checks both): decoding waits for the rank that trains
+            pad_h, pad_w = smart_resize_hw(rec["height"], rec["width"], patch, icfg["merge"], cap)
+            hw = (pad_h // patch, pad_w // patch)
             image_tokens = (hw[0] // icfg["merge"]) * (hw[1] // icfg["merge"])
             self.tokens_drawn += image_tokens + len(caption)
-            return patches, hw, caption, image_tokens, src.name
+            where = f"source {src.name!r} (row {doc.row})"
+            return (rec, hw, patch, icfg["merge"], cap, where), hw, caption, image_tokens, src.name
         raise RuntimeError("CaptionLoader: no single-image document with a caption in 100,000 draws")
 
     def __iter__(self) -> CaptionLoader:
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def decode(self, images: list[tuple[Any, ...]]) -> torch.Tensor:
+        """Patches of ``images`` (``_next_pair``'s decode arguments), decoded and checked now."""
+        self.images_decoded += len(images)
+        return torch.cat([decode_patches(*args) for args in images])
+
+    def __next__(self) -> PackedBatch:
         patches, grids, captions, img_tok = [], [], [], 0
         by_source = dict.fromkeys(self.source_names, 0)
         for _ in range(self.captions_per_batch):
@@ -107,14 +116,14 @@ class CaptionLoader:
             by_source[name] += n_img + len(cap)
         lens = [len(c) for c in captions]
         self.batches += 1
-        return {
-            "pixel_values": torch.cat(patches),  # (P, 3, 14, 14)
-            "grid_hws": torch.tensor(grids, dtype=torch.int64),  # (N, 2)
+        fields = {
+            "grid_hws": torch.tensor(grids, dtype=torch.int64),  # (N, 2); pixel_values: on first use
             "caption_ids": torch.tensor([t for c in captions for t in c], dtype=torch.int64),  # (Tc,)
             "caption_cu_seqlens": torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int64),
             "tokens": {"text": sum(lens), "image": img_tok, "video": 0},
             "tokens_by_source": by_source,  # image + caption tokens per source; sums to the tokens above
         }
+        return PackedBatch(fields, lambda a, b: self.decode(patches[a:b]), len(patches))
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -140,3 +140,34 @@ def test_each_rank_decodes_only_the_images_of_its_micro_batches(data_root):
     parts = [model.shard_batch(b, r, 2) for r in range(2)]
     assert lazy.images_decoded - before == sum(p["grid_hws"].shape[0] for p in parts)
     assert sum(p["grid_hws"].shape[0] for p in parts) <= b["grid_hws"].shape[0] + 1
+
+
+def test_caption_batches_decode_on_the_rank_that_trains_on_them(data_root):
+    """The ViT stage's image-caption batches: grids from the stored sizes, pixels decoded on first read
+    only (counted), equal to the patchifier's at the scheduled resolution."""
+    import torch
+
+    from tasks.train.coca_loader import CaptionLoader
+
+    root, _ = data_root
+    cfg = MixtureConfig(
+        sources=[SourceSpec(name=n, path=root / "tokenized" / n, weight=1.0) for n in ("caption", "ocr")],
+        seq_len=512,
+        micro_batch_tokens=512,
+        seed=0,
+    )
+    loader = CaptionLoader(cfg, 4, 64, [(0.5, 64), (1.0, 256)], token_budget=4000)
+    batches = [next(loader) for _ in range(6)]
+    assert loader.images_decoded == 0 and sum(b["tokens"]["image"] for b in batches) > 0
+    mine = batches[1::2]  # one of 2 data-parallel ranks
+    for b in mine:
+        g = b["grid_hws"]
+        assert b["pixel_values"].shape[0] == int((g[:, 0] * g[:, 1]).sum())
+    assert loader.images_decoded == 4 * len(mine)
+    # the scheduled resolution holds (<= 64 patches per image in the first half of the budget), and a
+    # second loader's lazily decoded first batch equals this one's
+    first = batches[0]
+    assert all(int(h) * int(w) <= 64 for h, w in first["grid_hws"].tolist())
+    again = next(CaptionLoader(cfg, 4, 64, [(0.5, 64), (1.0, 256)], token_budget=4000))
+    assert torch.equal(again["pixel_values"], first["pixel_values"])
+    assert torch.equal(again["caption_ids"], first["caption_ids"])
