@@ -22,9 +22,10 @@ import torch
 from bench.common import bench_main
 from tasks.data.dedup import DedupConfig, run_dedup
 from tasks.data.filter import FilterConfig, run_filter
-from tasks.data.io import count_rows, iter_rows
+from tasks.data.io import count_rows
 from tasks.data.pack import Document, MediaIds, pack_documents
 from tasks.data.pipeline import DataRecipe, step_tokenizer, step_validate
+from tasks.data.row_store import iter_rows as iter_tokenized
 from tasks.data.schema import TOKENIZED_SCHEMA
 from tasks.data.synth import SynthConfig, run_synth
 from tasks.data.text_tokenizer import load_tokenizer
@@ -99,7 +100,7 @@ def run(quick: bool = False, scale: int = 4, seq_len: int = 512) -> dict:
         media = MediaIds.of(load_tokenizer(root / "tokenizer").special)
         docs = []
         for k in KINDS:
-            for i, row in enumerate(iter_rows(root / "tokenized" / k, TOKENIZED_SCHEMA)):
+            for i, row in enumerate(iter_tokenized(root / "tokenized" / k, TOKENIZED_SCHEMA)):
                 if len(row["input_ids"]) <= seq_len:
                     docs.append(Document.from_row(row, media, source=k, row_index=i))
         order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()

@@ -68,6 +68,14 @@ class TrainSettings(OptimizerSettings):
 
     checkpoint_every_steps: int = Field(default=20, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(default=2, gt=0, description="complete checkpoints kept per phase")
+    data_workers: int = Field(
+        default=0,
+        ge=0,
+        description="DataLoader worker processes per rank that read and decode its micro-batches ahead "
+        "(packed lm/sft phases; 0 = in the training process when a batch is first used). Each takes one "
+        "core of the rank's share (tasks/train/threads.py); any number resumes any checkpoint exactly",
+    )
+    data_prefetch: int = Field(default=2, ge=1, description="micro-batches in flight per data worker")
     resume_weights_only: bool = Field(
         default=False,
         description="resume a phase from its last checkpoint's weights, counters and data position with a FRESH "

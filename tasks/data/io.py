@@ -27,8 +27,9 @@ class DatasetError(ValueError):
     """Unreadable or mis-shaped dataset; the message names the file and what was expected."""
 
 
-class ShardWriter:
-    """Buffers rows (dicts) and writes ``part-NNNNN.parquet`` shards of a fixed schema."""
+class RowBuffer:
+    """Buffers rows (dicts) of a fixed schema and hands every ``rows_per_shard`` of them to
+    ``write_table`` as one Arrow table (subclasses: where the table goes)."""
 
     def __init__(self, directory: Path, schema: pa.Schema, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD):
         if rows_per_shard <= 0:
@@ -37,7 +38,6 @@ class ShardWriter:
         self.schema = schema
         self.rows_per_shard = rows_per_shard
         self._rows: list[dict[str, Any]] = []
-        self._shard = 0
         self.count = 0
 
     def write(self, row: dict[str, Any]) -> None:
@@ -57,14 +57,26 @@ class ShardWriter:
             table = pa.Table.from_pylist(self._rows, schema=self.schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError, UnicodeError) as e:
             raise DatasetError(f"{self.directory}: a row does not fit the schema ({e})") from None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, self.directory / f"part-{self._shard:05d}.parquet", compression="zstd")
-        self._shard += 1
+        self.write_table(table)
         self._rows = []
+
+    def write_table(self, table: pa.Table) -> None:
+        raise NotImplementedError
 
     def close(self) -> int:
         self.flush()
         return self.count
+
+
+class ShardWriter(RowBuffer):
+    """Writes ``part-NNNNN.parquet`` shards of a fixed schema."""
+
+    _shard = 0
+
+    def write_table(self, table: pa.Table) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, self.directory / f"part-{self._shard:05d}.parquet", compression="zstd")
+        self._shard += 1
 
 
 def shard_files(directory: Path) -> list[Path]:

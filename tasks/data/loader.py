@@ -11,12 +11,16 @@ epoch; the permutation of epoch e is drawn from ``default_rng([seed, e, crc32(so
 epoch (and every source) has its own order and restoring never needs to store a permutation.
 
 Batches: ``micro_batch_tokens / seq_len`` packed sequences (``pack.Packer``) concatenated on one flat token
-axis; ``cu_seqlens`` marks every document, so a batch is exactly what ``KimiVL.forward`` takes. A batch is a
-``PackedBatch``: its token fields are built at once, its images only when ``pixel_values`` is first read
-(or a range of them, ``image_patches``): every rank draws the whole global batch (the token clock counts
-all of it), but decodes the images of its own micro-batches only (``images_decoded`` counts them). Images
-are decoded (``decode_image``), normalised (``to_tensor``) and patchified at the grid stored by the tokenize
-step (``image_to_patches``); a grid that differs from the stored one is an error naming the document.
+axis; ``cu_seqlens`` marks every document, so a batch is exactly what ``KimiVL.forward`` takes. The sampler
+draws and packs documents by their metadata (``sources.DocRef``: length, image grids, media kind), so a
+batch's boundaries, sources and token counts exist before any token is read. A batch is a ``PackedBatch``:
+those fields at once, ``input_ids``/``labels`` when first read (its documents are read then, one read per
+source), ``pixel_values`` when first read (or a range of them, ``image_patches``). Every rank plans the
+whole global batch (the token clock counts all of it) but reads and decodes only its own micro-batches
+(``batches_read``, ``images_decoded`` count them); DataLoader workers can do that reading ahead
+(``tasks.data.workers``). Images are decoded (``decode_image``), normalised (``to_tensor``) and patchified
+at the grid stored by the tokenize step (``image_to_patches``); a grid that differs from the stored one is
+an error naming the document, as are tokens that disagree with the dataset's recorded counts.
 
 State (``state_dict``): JSON-serialisable, captures the sampler RNG (``bit_generator.state``), every
 source's epoch and position in its permutation, the tokens drawn (schedule progress) and emitted, and the
@@ -26,228 +30,185 @@ mixture gives the identical subsequent batches.
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kimivl_model.image_processing import image_to_patches
 from kimivl_model.lm import positions_from_cu_seqlens
-from tasks.data.images import decode_image, to_tensor
-from tasks.data.io import read_table
-from tasks.data.mixture import ShareSchedule, check_mixture
-from tasks.data.pack import Document, MediaIds, PackedSequence, Packer, Piece, build_sequence
-from tasks.data.schema import TOKENIZED_SCHEMA
-from tasks.data.special_tokens import SpecialIds
-from tasks.io.manifest import config_hash, read_manifest
+from tasks.data.pack import PackedSequence, Packer, Piece, build_sequence
+from tasks.data.sources import (
+    MixtureConfig,
+    PackedBatch,
+    SourceSpec,
+    TokenizedSource,
+    common_special,
+    decode_patches,
+    open_sources,
+)
+
+if TYPE_CHECKING:
+    from tasks.data.workers import WorkerReader
+
+__all__ = [
+    "MixtureConfig", "PackedBatch", "PackedLoader", "SourceSpec", "TokenizedSource", "common_special",
+    "decode_patches", "tokens_by_modality", "tokens_by_source",
+]  # fmt: skip
 
 STATE_VERSION = 1
 
 
-class SourceSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SequencePlan:
+    """One packed sequence as the sampler decided it: its pieces (over ``DocRef``s, no tokens) and the
+    fields that follow from their metadata alone."""
 
-    name: str = Field(min_length=1, description="unique source name (used in state and accounting)")
-    path: Path = Field(description="tokenized dataset directory (output of the tokenize step)")
-    weight: float = Field(ge=0.0, description="relative per-document draw probability")
-    group: str | None = Field(None, description="schedule group (default: the source name)")
+    def __init__(self, pieces: list[Piece], merges: dict[str, int]) -> None:
+        self.pieces = pieces
+        self.lens = [len(p) for p in pieces]
+        self.grids: list[tuple[int, int]] = []
+        self.is_video: list[bool] = []
+        self.image_tokens = self.video_tokens = 0
+        for p in pieces:
+            i0, i1 = p.image_range()
+            grids = p.doc.grid_hws[i0:i1]
+            video = p.doc.media_kind == "video"
+            m = merges[p.doc.source]
+            pads = sum((h // m) * (w // m) for h, w in grids)
+            self.grids.extend(grids)
+            self.is_video.extend([video] * len(grids))
+            self.video_tokens += pads if video else 0
+            self.image_tokens += 0 if video else pads
 
     @property
-    def group_name(self) -> str:
-        return self.group or self.name
+    def num_tokens(self) -> int:
+        return sum(self.lens)
+
+    def refs(self) -> list[tuple[str, int, int, int]]:
+        """(source, row, start, end) of every piece: what a worker needs to read this sequence."""
+        return [(p.doc.source, p.doc.row, p.start, p.end) for p in self.pieces]
+
+    def expected(self) -> tuple[int, int, int, list[int]]:
+        """What reading the sequence must give: tokens, image and video tokens, document lengths."""
+        return self.num_tokens, self.image_tokens, self.video_tokens, list(self.lens)
 
 
-class MixtureConfig(BaseModel):
-    """A stage's data mixture, packing and batch size."""
+def plan_fields(plans: list[SequencePlan], source_index: dict[str, int]) -> dict[str, Any]:
+    """The fields of a batch that need no tokens: document boundaries, positions, image grids, sources and
+    the token counts per modality (the packer's count; ``tokens_by_modality`` recounts from the tokens)."""
+    lens = [n for s in plans for n in s.lens]
+    cu_t = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+    text = sum(s.num_tokens - s.image_tokens - s.video_tokens for s in plans)
+    return {
+        "position_ids": positions_from_cu_seqlens(cu_t),  # (T,) the model's rule
+        "cu_seqlens": cu_t,  # (S+1,)
+        "grid_hws": torch.tensor([g for s in plans for g in s.grids], dtype=torch.int64).reshape(-1, 2),
+        "image_is_video": torch.tensor([v for s in plans for v in s.is_video], dtype=torch.bool),  # (N,)
+        "source_ids": torch.tensor(
+            [source_index[p.doc.source] for s in plans for p in s.pieces], dtype=torch.int64
+        ),  # (S,)
+        "token_counts": torch.tensor(
+            [text, sum(s.image_tokens for s in plans), sum(s.video_tokens for s in plans)], dtype=torch.int64
+        ),  # (3,) text, image, video
+    }
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sources: list[SourceSpec] = Field(min_length=1, description="tokenized datasets and their weights")
-    schedule: ShareSchedule | None = Field(None, description="optional share schedule of one source group")
-    token_budget: int | None = Field(None, ge=1, description="stage token budget (the schedule's time axis)")
-    seq_len: int = Field(8192, ge=8, description="tokens per packed sequence (upper bound; never padded)")
-    micro_batch_tokens: int = Field(8192, ge=8, description="tokens per batch: a multiple of seq_len")
-    seed: int = Field(0, ge=0, description="seed of the source sampler and the per-epoch shuffles")
-    pack_buffer_docs: int = Field(64, ge=1, description="pieces buffered before packing (FFD window)")
-    weight_unit: Literal["documents", "tokens"] = Field(
-        "documents",
-        description="weights (and schedule shares) are per drawn document, or per token: the draw "
-        "probability of each source is then divided by its mean document length",
-    )
+LAZY_KEYS = ("input_ids", "labels")
 
-    @model_validator(mode="after")
-    def _check(self) -> MixtureConfig:
-        if self.micro_batch_tokens % self.seq_len:
+
+def read_sequences(
+    sources: dict[str, TokenizedSource], refs: list[list[tuple[str, int, int, int]]], seq_len: int
+) -> list[PackedSequence]:
+    """The packed sequences of ``refs`` (``SequencePlan.refs`` per sequence), their documents read now
+    (one read per source)."""
+    rows: dict[str, set[int]] = {}
+    for seq in refs:
+        for src, row, _, _ in seq:
+            rows.setdefault(src, set()).add(row)
+    docs = {(src, r): d for src, rs in rows.items() for r, d in sources[src].documents(sorted(rs)).items()}
+    return [build_sequence([Piece(docs[(s, r)], a, b) for s, r, a, b in seq], seq_len) for seq in refs]
+
+
+def token_fields(seqs: list[PackedSequence], expected: list[tuple[Any, ...]] | None = None) -> dict[str, Any]:
+    """``input_ids`` and ``labels`` of a batch of sequences; checked against ``expected``
+    (``SequencePlan.expected``: the metadata the sampler packed by) when given: a disagreement names the
+    documents."""
+    for seq, want in zip(seqs, expected or [], strict=False):
+        built = (seq.num_tokens, seq.num_image_tokens, seq.num_video_tokens, np.diff(seq.cu_seqlens).tolist())
+        if built != tuple(want):
             raise ValueError(
-                f"micro_batch_tokens={self.micro_batch_tokens} must be a multiple of seq_len={self.seq_len}"
+                f"documents {seq.doc_ids}: tokens read (tokens, image, video = {built[:3]}) differ from the "
+                f"dataset's recorded counts {tuple(want)[:3]}: the dataset is inconsistent"
             )
-        check_mixture(self.sources, self.schedule, lambda s: s.group_name)
-        if self.schedule is not None and self.token_budget is None:
-            raise ValueError("token_budget is required with a schedule")
-        return self
-
-    def probabilities(self, tokens_drawn: int) -> np.ndarray:
-        """(num_sources,) draw probabilities after ``tokens_drawn`` tokens."""
-        w = np.array([s.weight for s in self.sources], dtype=np.float64)
-        if self.schedule is None:
-            return w / w.sum()
-        sch = self.schedule
-        assert self.token_budget is not None
-        p = min(tokens_drawn / self.token_budget, 1.0)
-        share = sch.start + (sch.end - sch.start) * p
-        inside = np.array([s.group_name == sch.group for s in self.sources])
-        probs = np.zeros_like(w)
-        probs[inside] = share * w[inside] / w[inside].sum()
-        if (~inside).any() and w[~inside].sum() > 0:
-            probs[~inside] = (1.0 - share) * w[~inside] / w[~inside].sum()
-        return probs / probs.sum()
-
-    def state_hash(self) -> str:
-        """Config hash without the dataset paths (a moved workspace may resume; data is checked by hash)."""
-        d = self.model_dump(mode="json")
-        for s in d["sources"]:
-            s.pop("path")
-        if d["weight_unit"] == "documents":  # the default: states saved before the field existed still load
-            d.pop("weight_unit")
-        return config_hash(d)
+    return {
+        "input_ids": torch.from_numpy(np.concatenate([s.input_ids for s in seqs])),  # (T,)
+        "labels": torch.from_numpy(np.concatenate([s.labels for s in seqs])),  # (T,)
+    }
 
 
-class TokenizedSource:
-    """One tokenized dataset held as an Arrow table, walked in a per-epoch seeded permutation."""
-
-    def __init__(self, spec: SourceSpec, seed: int) -> None:
-        path = Path(spec.path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"sources[{spec.name!r}].path: {path} is not a directory")
-        m = read_manifest(path)
-        if m.kind != "tokenized" or "image_processing" not in m.extra:
-            raise ValueError(
-                f"sources[{spec.name!r}].path: {path} is a {m.kind!r} dataset, expected 'tokenized'"
-            )
-        if "tokenizer" not in m.extra:
-            raise ValueError(
-                f"sources[{spec.name!r}].path: {path}'s manifest does not record its tokenizer's special ids "
-                f"(tokenized by an older version): rerun `kimivl data tokenize`"
-            )
-        self.name = spec.name
-        self.content_hash = m.content_hash
-        self.special = SpecialIds.from_dict(m.extra["tokenizer"]["special_ids"], str(path))
-        self.media_ids = MediaIds.of(self.special)
-        self.image_cfg: dict[str, int] = m.extra["image_processing"]
-        self.table: pa.Table = read_table(path, TOKENIZED_SCHEMA)
-        if self.table.num_rows == 0:
-            raise ValueError(f"sources[{spec.name!r}].path: {path} holds no documents")
-        self._salt = zlib.crc32(spec.name.encode())
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self.docs_drawn = 0
-        self._perm: np.ndarray | None = None
-        # mean tokens per document (all modalities): converts token weights into draw probabilities
-        self.mean_tokens = float(pc.mean(pc.list_value_length(self.table.column("input_ids"))).as_py())
-
-    def permutation(self) -> np.ndarray:
-        if self._perm is None:
-            rng = np.random.default_rng([self.seed, self.epoch, self._salt])
-            self._perm = rng.permutation(self.table.num_rows)
-        return self._perm
-
-    def next_row(self) -> int:
-        if self.position >= self.table.num_rows:
-            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
-        row = int(self.permutation()[self.position])
-        self.position += 1
-        self.docs_drawn += 1
-        return row
-
-    def document(self, row: int) -> Document:
-        row_dict = self.table.slice(row, 1).to_pylist()[0]
-        return Document.from_row(row_dict, self.media_ids, source=self.name, row_index=row)
+def image_list(seqs: list[PackedSequence]) -> list[tuple[Any, ...]]:
+    """(record, stored grid, source, document ids) of every image, in placeholder order."""
+    return [
+        (img, grid, src_name, s.doc_ids)
+        for s in seqs
+        for img, grid, src_name in zip(s.images, s.grid_hws, s.image_sources, strict=True)
+    ]
 
 
-def common_special(sources: list[TokenizedSource]) -> SpecialIds:
-    """The special ids every source was tokenized with (one model reads them all)."""
-    if len({s.special for s in sources}) > 1:
-        raise ValueError(
-            "sources: tokenized with different tokenizers (special ids "
-            + "; ".join(f"{s.name}: media_pad={s.special.media_pad}" for s in sources)
-            + "): tokenize every source with the phase's tokenizer"
-        )
-    return sources[0].special
+def decode_images(sources: dict[str, TokenizedSource], images: list[tuple[Any, ...]]) -> torch.Tensor:
+    """Patches (P, 3, p, p) of ``images`` (``image_list`` entries), decoded and checked now."""
+    patches, patch = [], 14
+    for img, grid, src_name, doc_ids in images:
+        icfg = sources[src_name].image_cfg
+        patch = icfg["patch_size"]
+        where = f"source {src_name!r} (documents {doc_ids})"
+        patches.append(decode_patches(img, grid, patch, icfg["merge"], icfg["max_patches_per_image"], where))
+    return torch.cat(patches) if patches else torch.zeros(0, 3, patch, patch)
 
 
-class PackedBatch(Mapping[str, Any]):
-    """One collated batch (the keys of ``PackedLoader.collate`` or ``CaptionLoader``) whose
-    ``pixel_values`` are decoded on first access and kept: ``decode(first, last)`` returns the patches of
-    images ``[first, last)``; ``image_patches(first, last)`` decodes only those (a sequence-parallel slice's,
-    ``KimiVL.shard_batch``)."""
+class _Reading:
+    """A batch's documents, read once when the batch first needs its tokens or images."""
 
-    def __init__(
-        self, fields: dict[str, Any], decode: Callable[[int, int], torch.Tensor], images: int
-    ) -> None:
-        self._fields, self._decode, self._images = fields, decode, images
-        self._pixels: torch.Tensor | None = None
+    def __init__(self, loader: PackedLoader, plans: list[SequencePlan]) -> None:
+        self.loader, self.plans = loader, plans
+        self._seqs: list[PackedSequence] | None = None
 
-    def __getitem__(self, key: str) -> Any:
-        if key != "pixel_values":
-            return self._fields[key]
-        if self._pixels is None:
-            self._pixels = self._decode(0, self._images)
-        return self._pixels
+    def sequences(self) -> list[PackedSequence]:
+        if self._seqs is None:
+            refs = [p.refs() for p in self.plans]
+            self._seqs = read_sequences(self.loader._by_name, refs, self.loader.cfg.seq_len)
+            self.loader.batches_read += 1
+        return self._seqs
 
-    def __iter__(self) -> Iterator[str]:
-        yield from self._fields
-        yield "pixel_values"
+    def tokens(self) -> dict[str, Any]:
+        return token_fields(self.sequences(), [p.expected() for p in self.plans])
 
-    def __len__(self) -> int:
-        return len(self._fields) + 1
-
-    def image_patches(self, first: int, last: int) -> torch.Tensor:
-        """(patches of images first..last-1, 3, p, p), decoded now unless the whole batch already was."""
-        if self._pixels is not None:
-            grid = self._fields["grid_hws"]
-            cum = [0, *(grid[:, 0] * grid[:, 1]).cumsum(0).tolist()]
-            return self._pixels[cum[first] : cum[last]]
-        return self._decode(first, last)
-
-
-def decode_patches(
-    record: dict[str, Any], grid: Any, patch: int, merge: int, max_patches: int, where: str
-) -> torch.Tensor:
-    """One stored image's patches (h*w, 3, p, p) at ``max_patches``; its decoded size must be the record's
-    and its patch grid the expected ``grid`` (errors name ``where``)."""
-    t = to_tensor(decode_image(record["data"]))  # (3, H, W)
-    if (t.shape[1], t.shape[2]) != (record["height"], record["width"]):
-        raise ValueError(
-            f"{where}: decoded image is {t.shape[2]}x{t.shape[1]} but the record says "
-            f"{record['width']}x{record['height']}"
-        )
-    p, hw = image_to_patches(t, patch, merge, max_patches)
-    if tuple(hw) != tuple(grid):
-        raise ValueError(f"{where}: image grid {hw} differs from the stored grid {grid}")
-    return p
+    def decode(self, first: int, last: int) -> torch.Tensor:
+        images = image_list(self.sequences())[first:last]
+        self.loader.images_decoded += len(images)
+        return decode_images(self.loader._by_name, images)
 
 
 class PackedLoader:
-    """Infinite iterator of packed training batches (dicts of tensors) with exact save/restore."""
+    """Infinite iterator of packed training batches with exact save/restore. The sampler draws and packs
+    documents by their metadata only; a batch reads its documents' tokens and images when first used, so a
+    rank reads only the micro-batches it trains on (``batches_read``, ``images_decoded`` count them)."""
 
     def __init__(self, cfg: MixtureConfig) -> None:
         self.cfg = cfg
-        self.sources = [TokenizedSource(s, cfg.seed) for s in cfg.sources]
+        self.sources = open_sources(cfg.sources, cfg.seed)
         self._by_name = {s.name: s for s in self.sources}
+        self._merges = {s.name: int(s.image_cfg["merge"]) for s in self.sources}
+        self._index = {s.name: i for i, s in enumerate(self.sources)}
         self.special = common_special(self.sources)
         self.rng = np.random.default_rng(cfg.seed)
         self.packer = Packer(cfg.seq_len, cfg.pack_buffer_docs)
         self.seqs_per_batch = cfg.micro_batch_tokens // cfg.seq_len
         self.tokens_drawn = 0
         self.batches = 0
+        self.batches_read = 0  # by this process: batches whose documents it read
         self.images_decoded = 0  # by this process (the images of the micro-batches it trains on)
+        self._reader: WorkerReader | None = None  # use_workers
 
     @property
     def source_names(self) -> list[str]:
@@ -269,82 +230,60 @@ class PackedLoader:
         cum = np.cumsum(self.draw_probabilities())
         k = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
         src = self.sources[min(k, len(self.sources) - 1)]
-        doc = src.document(src.next_row())
+        doc = src.next_ref()
         self.tokens_drawn += len(doc)
-        self.packer.add(doc)
+        self.packer.add(doc)  # type: ignore[arg-type]  # a DocRef: length, grids, media blocks on demand
 
-    def next_sequence(self) -> PackedSequence:
+    def next_plan(self) -> SequencePlan:
         while not self.packer.ready():
             self._draw()
-        return build_sequence(self.packer.pop(), self.cfg.seq_len)
+        return SequencePlan(self.packer.pop(), self._merges)
+
+    def next_sequence(self) -> PackedSequence:
+        """The next packed sequence, its documents read now."""
+        plan = self.next_plan()
+        return read_sequences(self._by_name, [plan.refs()], self.cfg.seq_len)[0]
 
     def __iter__(self) -> PackedLoader:
         return self
 
-    def __next__(self) -> PackedBatch:
-        seqs = [self.next_sequence() for _ in range(self.seqs_per_batch)]
-        batch = self.collate(seqs)
+    def next_plans(self) -> list[SequencePlan]:
+        """The sequences of the next batch, as planned (nothing read)."""
+        plans = [self.next_plan() for _ in range(self.seqs_per_batch)]
         self.batches += 1
-        return batch
+        return plans
 
-    # ------------------------------------------------------------------------------------ collate
-    @staticmethod
-    def _image_list(seqs: list[PackedSequence]) -> list[tuple[Any, ...]]:
-        """(record, stored grid, source, document ids) of every image, in placeholder order."""
-        return [
-            (img, grid, src_name, s.doc_ids)
-            for s in seqs
-            for img, grid, src_name in zip(s.images, s.grid_hws, s.image_sources, strict=True)
-        ]
+    def __next__(self) -> PackedBatch:
+        if self._reader is not None:
+            return self._reader.next()
+        return self.batch(self.next_plans())
 
-    def decode_images(self, images: list[tuple[Any, ...]]) -> torch.Tensor:
-        """Patches (P, 3, p, p) of ``images`` (``_image_list`` entries), decoded and checked now."""
-        patches, patch = [], 14
-        for img, grid, src_name, doc_ids in images:
-            icfg = self._by_name[src_name].image_cfg
-            patch = icfg["patch_size"]
-            where = f"source {src_name!r} (documents {doc_ids})"
-            patches.append(
-                decode_patches(img, grid, patch, icfg["merge"], icfg["max_patches_per_image"], where)
-            )
-        self.images_decoded += len(images)
-        return torch.cat(patches) if patches else torch.zeros(0, 3, patch, patch)
+    def batch(self, plans: list[SequencePlan]) -> PackedBatch:
+        """A batch of planned sequences: its metadata fields now, tokens and images on first use."""
+        reading = _Reading(self, plans)
+        n_images = sum(len(p.grids) for p in plans)
+        fields = plan_fields(plans, self._index)
+        return PackedBatch(fields, reading.decode, n_images, load=reading.tokens, lazy_keys=LAZY_KEYS)
 
-    def collate(self, seqs: list[PackedSequence]) -> PackedBatch:
-        """Concatenate sequences into one flat batch (document boundaries kept in ``cu_seqlens``); images
-        are decoded when the batch's ``pixel_values`` are first read."""
-        offsets = np.cumsum([0] + [s.num_tokens for s in seqs[:-1]])
-        cu = np.concatenate([[0]] + [s.cu_seqlens[1:] + o for s, o in zip(seqs, offsets, strict=True)])
-        cu_t = torch.from_numpy(cu.astype(np.int64))
-        src_index = {name: i for i, name in enumerate(self._by_name)}
-        images = self._image_list(seqs)
-        grid_hws = torch.tensor([g for _, g, _, _ in images], dtype=torch.int64).reshape(-1, 2)
-        fields = {
-            "input_ids": torch.from_numpy(np.concatenate([s.input_ids for s in seqs])),  # (T,)
-            "labels": torch.from_numpy(np.concatenate([s.labels for s in seqs])),  # (T,)
-            "position_ids": positions_from_cu_seqlens(cu_t),  # (T,) the model's rule
-            "cu_seqlens": cu_t,  # (S+1,)
-            "grid_hws": grid_hws,  # (N, 2); "pixel_values" (P, 3, 14, 14): PackedBatch, on first use
-            "image_is_video": torch.tensor(
-                [v for s in seqs for v in s.image_is_video], dtype=torch.bool
-            ),  # (N,)
-            "source_ids": torch.tensor(
-                [src_index[n] for s in seqs for n in s.sources], dtype=torch.int64
-            ),  # (S,)
-            # (3,) text, image, video tokens as the packer counted them (``tokens_by_modality`` recounts: a check)
-            "token_counts": torch.tensor(
-                [
-                    sum(s.num_text_tokens for s in seqs),
-                    sum(s.num_image_tokens for s in seqs),
-                    sum(s.num_video_tokens for s in seqs),
-                ],
-                dtype=torch.int64,
-            ),
-        }
-        return PackedBatch(fields, lambda a, b: self.decode_images(images[a:b]), len(images))
+    # ------------------------------------------------------------------------------------ workers
+    def use_workers(
+        self, num_workers: int, is_local: Callable[[int], bool], prefetch: int = 2, pin_memory: bool = False
+    ) -> None:
+        """Read and decode the batches ``is_local(batch number)`` selects in ``num_workers`` DataLoader
+        worker processes, ``prefetch`` batches ahead per worker (``tasks.data.workers``); 0 = in this
+        process, when a batch is first used."""
+        from tasks.data.workers import WorkerReader
+
+        self._reader = (
+            WorkerReader(self, num_workers, is_local, prefetch, pin_memory) if num_workers > 0 else None
+        )
 
     # -------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The state after the last batch served (with workers: not the planner's look-ahead)."""
+        return self._reader.state if self._reader is not None else self.planner_state()
+
+    def planner_state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "mixture_hash": self.cfg.state_hash(),
@@ -390,15 +329,17 @@ class PackedLoader:
         self.rng.bit_generator.state = state["rng"]
         self.tokens_drawn = int(state["tokens_drawn"])
         self.batches = int(state["batches"])
-        docs: dict[tuple[str, int], Document] = {}
-        pieces = []
+        rows: dict[str, list[int]] = {}
         for e in state["buffer"]:
-            key = (e["source"], int(e["row"]))
-            if key not in docs:
-                docs[key] = self._by_name[e["source"]].document(key[1])
-            pieces.append(Piece(docs[key], int(e["start"]), int(e["end"])))
+            rows.setdefault(e["source"], []).append(int(e["row"]))
+        refs = {(s, r): d for s, rs in rows.items() for r, d in self._by_name[s].refs(rs).items()}
+        pieces = [
+            Piece(refs[(e["source"], int(e["row"]))], int(e["start"]), int(e["end"])) for e in state["buffer"]
+        ]
         self.packer = Packer(self.cfg.seq_len, self.cfg.pack_buffer_docs)
         self.packer.add_pieces(pieces)
+        if self._reader is not None:
+            self._reader.reset()
 
 
 def tokens_by_source(batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, int]:

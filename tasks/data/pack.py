@@ -128,6 +128,8 @@ class Piece:
 
     def image_range(self) -> tuple[int, int]:
         """Indices [i0, i1) of the document's images whose blocks lie in this piece."""
+        if self.start == 0 and self.end == len(self.doc):  # the whole document: no need for its blocks
+            return 0, len(self.doc.grid_hws)
         starts = [s for s, _ in self.doc.media_blocks]
         return bisect.bisect_left(starts, self.start), bisect.bisect_left(starts, self.end)
 

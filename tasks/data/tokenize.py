@@ -1,4 +1,5 @@
-"""Records -> token ids + loss masks + image grids (step ``tokenize``, TOKENIZED_SCHEMA shards).
+"""Records -> token ids + loss masks + image grids (step ``tokenize``: TOKENIZED_SCHEMA rows in a Lance
+dataset, ``tasks.data.row_store``).
 
 Media (REFERENCE.md "Image tokens in the text"): each ``<image>`` becomes
 ``<|media_start|>`` + tokens("image") + ``<|media_content|>`` + N x ``<|media_pad|>`` + ``<|media_end|>``
@@ -45,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kimivl_model.image_processing import smart_resize_hw
 from tasks.data.chat_format import ChatFormat
 from tasks.data.io import DEFAULT_ROWS_PER_SHARD, ShardWriter, iter_rows
+from tasks.data.row_store import RowWriter
 from tasks.data.schema import (
     IMAGE_TOKEN,
     QUARANTINE_SCHEMA,
@@ -99,7 +101,11 @@ class TokenizeConfig(BaseModel):
         True, description="append <|eos|> (a target for text; for chats after an assistant turn)"
     )
     chat: ChatRules = Field(default_factory=ChatRules, description="SFT loss-mask rules for conversations")
-    rows_per_shard: int = Field(DEFAULT_ROWS_PER_SHARD, ge=1, description="rows per output Parquet shard")
+    rows_per_shard: int = Field(
+        DEFAULT_ROWS_PER_SHARD,
+        ge=1,
+        description="rows per output shard (Lance fragment for the tokenized rows)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TokenizeConfig:
@@ -327,7 +333,7 @@ def run_tokenize(in_dir: Path, tokenizer_dir: Path, out_dir: Path, cfg: Tokenize
     n = q = truncated = 0
     tokens = {"text": 0, "image": 0, "video": 0}
     with staged_dir(out_dir) as stage:
-        accepted = ShardWriter(stage, TOKENIZED_SCHEMA, cfg.rows_per_shard)
+        accepted = RowWriter(stage, TOKENIZED_SCHEMA, cfg.rows_per_shard)
         quarantine = ShardWriter(stage / "quarantine", QUARANTINE_SCHEMA, cfg.rows_per_shard)
         for row in iter_rows(in_dir, RECORD_SCHEMA):
             n += 1
@@ -350,6 +356,7 @@ def run_tokenize(in_dir: Path, tokenizer_dir: Path, out_dir: Path, cfg: Tokenize
             stage,
             kind="tokenized",
             step=STEP,
+            content_hash=accepted.content_hash,  # of the rows: Lance's file names are random
             config=cfg,
             parents=parents,
             counts={"input": n, "accepted": a, "quarantined": q, "truncated": truncated, "tokens": tokens},

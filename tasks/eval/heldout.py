@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from tasks.data.dedup import exact_key, normalize_text
-from tasks.data.io import iter_rows, shard_files
+from tasks.data.io import iter_rows
 from tasks.data.qa_facts import object_facts
+from tasks.data.row_store import RowStore
 from tasks.data.schema import IMAGE_TOKEN, RECORD_SCHEMA, VIDEO_TOKEN
 from tasks.data.synth import SYNTH_KINDS, SynthConfig, generate_rows
 from tasks.data.synth_kinds import box_text
@@ -161,8 +160,7 @@ class TrainingIndex:
                     for row in iter_rows(d, RECORD_SCHEMA):
                         idx.add(row)
                 else:
-                    for f in shard_files(d):
-                        idx.ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+                    idx.ids.update(RowStore(d).to_table(["id"]).column("id").to_pylist())
         return idx
 
     def overlaps(self, row: dict[str, Any]) -> list[str]:

@@ -132,10 +132,14 @@ def write_manifest(
     parents: list[Parent] | None = None,
     counts: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    content_hash: str | None = None,
 ) -> Manifest:
-    """Hash everything in ``out_dir`` and write ``manifest.json`` atomically (always the last write)."""
+    """Hash everything in ``out_dir`` and write ``manifest.json`` atomically (always the last write).
+    ``content_hash``: the output's hash when its files do not reproduce it (a Lance dataset's file names are
+    random: ``tasks.data.row_store`` hashes its rows); every file is still listed with its sha256."""
     out_dir = Path(out_dir)
     content, files = hash_files(out_dir)
+    content = content_hash or content
     m = Manifest(
         kind=kind,
         step=step,

@@ -193,6 +193,10 @@ class TrainEngine:
         self.sp_group, self.sp_rank, self.dp_rank = sequence_parallel_groups(self.cfg.sequence_parallel)
         self.model.sequence_parallel_group = self.sp_group
 
+    def is_local_micro_batch(self, index: int) -> bool:
+        """Whether micro-batch ``index`` of a global batch is one this rank trains on (``local_batches``)."""
+        return index % (self.world_size // self.cfg.sequence_parallel) == self.dp_rank
+
     def local_batches(self, global_batch: list[Any]) -> list[Any]:
         """This rank's micro-batches of a global batch: those of its data-parallel group (every
         world / sequence_parallel-th, from its index) and, under sequence parallelism, its slice of each."""

@@ -59,6 +59,7 @@ from tasks.train.phase_model import (
 )
 from tasks.train.schedule import LRScheduleConfig
 from tasks.train.stages import PhaseConfig
+from tasks.train.threads import configure_rank
 from tasks.train.trainer import Trainer
 
 
@@ -210,11 +211,20 @@ def build_phase(
     """Everything a phase trains with, checked first (memory plan, token ids), resumed when it can be."""
     plan = memory_preflight(recipe, phase, log)  # model states that cannot fit stop here, before any build
     check_tokenizer(phase, data_root, recipe.model.architecture())  # token ids the model cannot read: too
+    t = recipe.train
+    configure_rank(t.data_workers if phase.objective != "coca" else 0)  # ranks + workers share the cores
     model, vcfg, parent = build_model(recipe, phase, out_root)
     loader = build_loader(recipe, phase, data_root, vcfg)
     engine = build_engine(recipe, phase, model, out_root, measure_tokens_per_step(phase, loader))
+    if t.data_workers and phase.objective != "coca":  # caption batches are read in this process
+        m = phase.micro_batches_per_step
+        loader.use_workers(
+            t.data_workers,
+            lambda b: engine.is_local_micro_batch(b % m),
+            t.data_prefetch,
+            pin_memory=engine.device.type == "cuda",
+        )
     counter, losses = TokenCounter(phase, loader.source_names), LossHistory()
-    t = recipe.train
     callbacks = standard_callbacks(
         counter,
         losses,

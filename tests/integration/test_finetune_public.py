@@ -24,6 +24,7 @@ import yaml
 
 from tasks.data.chat_format import ChatFormat
 from tasks.data.io import iter_rows
+from tasks.data.row_store import iter_rows as iter_tokenized
 from tasks.data.schema import RECORD_SCHEMA, TOKENIZED_SCHEMA
 from tasks.data.text_tokenizer import load_tokenizer
 from tasks.io.weights import load_hf, load_native
@@ -86,7 +87,7 @@ def test_import_brings_the_tokenizer_and_the_data_uses_its_ids(finetuned):
     assert (finetuned["native"] / "tokenizer/tiktoken.model").is_file()
     chat = ChatFormat(tok)
     records = {r["id"]: r for r in iter_rows(run / "data/validated/mine", RECORD_SCHEMA)}
-    rows = list(iter_rows(run / "data/tokenized/mine", TOKENIZED_SCHEMA))
+    rows = list(iter_tokenized(run / "data/tokenized/mine", TOKENIZED_SCHEMA))
     assert len(rows) == len(records) == 48
     for row in rows:
         ids = row["input_ids"]

@@ -188,6 +188,38 @@ def test_resume_after_interruption_continues_the_identical_trajectory(tiny_data,
     assert losses_res[6:] == losses_ref[4:]
 
 
+def parents_linked(work, ref_out, phase):
+    """A run directory whose phases before ``phase`` are the reference run's (symlinked)."""
+    (work / "phases").mkdir(parents=True)
+    for prev in RECIPE.phases[: list(RECIPE.phases).index(phase)]:
+        os.symlink(ref_out / "phases" / prev.name, work / "phases" / prev.name)
+    return work
+
+
+def test_data_workers_train_the_identical_trajectory_and_resume_with_another_count(
+    tiny_data, tiny_run, tmp_path, monkeypatch
+):
+    """joint_pretrain (images, video) with 2 DataLoader workers reading ahead, interrupted after 6 steps and
+    resumed with 1 worker: the tokens, the final loss and the final weights are those of the in-process
+    run (0 workers). The rank's compute threads are held at the reference run's count (workers would
+    otherwise take cores from it, tasks/train/threads.py, and another thread count sums floats in another
+    order)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    data_root, ref_out, results = tiny_run
+    phase = RECIPE.phase("joint_pretrain")
+    work = parents_linked(tmp_path / "workers", ref_out, phase)
+    two, one = short_recipe(data_workers=2, data_prefetch=3), short_recipe(data_workers=1)
+    part = run_phase(two, phase, data_root, work, log=lambda *_: None, stop_after_steps=6)
+    assert part["interrupted_at_step"] == 6
+    resumed = run_phase(one, phase, data_root, work, log=lambda *_: None)
+    ref = results["joint_pretrain"]
+    for k in ("tokens", "tokens_by_source", "steps", "final_loss"):
+        assert resumed[k] == ref[k], k
+    a = load_safetensors(final_dir(work, phase) / "model.safetensors")
+    b = _weights(ref_out, "joint_pretrain")
+    assert all(torch.equal(a[k], b[k]) for k in b), "weights differ from the run without workers"
+
+
 def test_resume_from_a_checkpoint_without_per_source_counts_omits_them(
     tiny_data, tiny_run, tmp_path, monkeypatch
 ):
@@ -197,10 +229,7 @@ def test_resume_from_a_checkpoint_without_per_source_counts_omits_them(
 
     data_root, ref_out, results = tiny_run
     phase = RECIPE.phase("joint_pretrain")
-    work = tmp_path / "old"
-    (work / "phases").mkdir(parents=True)
-    for prev in RECIPE.phases[: list(RECIPE.phases).index(phase)]:
-        os.symlink(ref_out / "phases" / prev.name, work / "phases" / prev.name)
+    work = parents_linked(tmp_path / "old", ref_out, phase)
     save = TrainEngine.save_checkpoint
 
     def old_save(self, directory, extra_state=None):

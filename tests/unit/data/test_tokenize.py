@@ -9,6 +9,7 @@ import torch
 from kimivl_model.image_processing import smart_resize_hw
 from kimivl_model.projector import num_image_tokens
 from tasks.data.io import read_table
+from tasks.data.row_store import read_rows
 from tasks.data.schema import QUARANTINE_SCHEMA, TOKENIZED_SCHEMA
 from tasks.data.special_tokens import OWN_BPE_SPECIAL_IDS
 from tasks.data.text_tokenizer import load_tokenizer
@@ -217,7 +218,7 @@ def test_quarantine_reasons_and_counts(tok_dir, tmp_path):
     assert "<|im_end|>" in reasons["reserved"]
     assert "assistant" in reasons["noasst"]
     assert "overlong" in reasons["long"] and "64" in reasons["long"]
-    acc = read_table(tmp_path / "out", TOKENIZED_SCHEMA).to_pylist()
+    acc = read_rows(tmp_path / "out", TOKENIZED_SCHEMA).to_pylist()
     tokens = m.counts["tokens"]
     assert tokens["image"] == sum(r["num_image_tokens"] for r in acc)
     assert tokens["total"] == sum(len(r["input_ids"]) for r in acc) == tokens["text"] + tokens["image"]
@@ -246,8 +247,8 @@ def test_deterministic_output(tok_dir, tmp_path):
     assert m1.content_hash == m2.content_hash
     assert m1.counts["accepted"] == 5
     assert np.array_equal(
-        read_table(tmp_path / "a").column("input_ids").to_pylist()[0],
-        read_table(tmp_path / "b").column("input_ids").to_pylist()[0],
+        read_rows(tmp_path / "a").column("input_ids").to_pylist()[0],
+        read_rows(tmp_path / "b").column("input_ids").to_pylist()[0],
     )
     with pytest.raises(FileNotFoundError, match="in_dir"):
         run_tokenize(tmp_path / "missing", tok_dir, tmp_path / "c", TokenizeConfig())

@@ -1,0 +1,157 @@
+"""The training input as a stream: tokenized Lance datasets read by row, each rank reading only the
+micro-batches it trains on, DataLoader workers reading and decoding ahead, exact resume with another number
+of workers, and the same batches from S3 as from disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tasks.data.loader import MixtureConfig, PackedLoader, SourceSpec
+
+NAMES = ("caption", "interleaved", "text", "video_qa", "sft")
+
+
+def mixture(root, names=NAMES, **kw) -> MixtureConfig:
+    base = {
+        "sources": [SourceSpec(name=n, path=root / "tokenized" / n, weight=1.0) for n in names],
+        "seq_len": 512,
+        "micro_batch_tokens": 1024,
+        "seed": 3,
+        "pack_buffer_docs": 8,
+    }
+    return MixtureConfig(**{**base, **kw})
+
+
+def full(batch) -> dict[str, torch.Tensor]:
+    """Every field of a batch (reading it if it was not)."""
+    return {k: batch[k] for k in batch}
+
+
+def assert_same(got: dict, want: dict, where: str) -> None:
+    assert set(got) == set(want), where
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), f"{where}: {k}"
+
+
+def reference(cfg: MixtureConfig, n: int) -> tuple[list[dict], list[dict]]:
+    """n batches of one in-process loader (every field) and its state after each."""
+    loader = PackedLoader(cfg)
+    batches, states = [], []
+    for _ in range(n):
+        batches.append(full(next(loader)))
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    return batches, states
+
+
+def test_a_rank_reads_only_its_micro_batches(tiny_data):
+    """Planning needs no tokens: batch boundaries, sources and token counts exist before any read; each of
+    2 data-parallel ranks reads (and decodes) the documents of its own half only."""
+    root, _ = tiny_data
+    cfg = mixture(root)
+    want, _ = reference(cfg, 8)
+    loaders = [PackedLoader(cfg), PackedLoader(cfg)]
+    for rank, ld in enumerate(loaders):
+        batches = [next(ld) for _ in range(8)]
+        assert ld.batches_read == 0 and ld.images_decoded == 0
+        for i, b in enumerate(batches):
+            for k in (
+                "cu_seqlens",
+                "position_ids",
+                "source_ids",
+                "token_counts",
+                "grid_hws",
+                "image_is_video",
+            ):
+                assert torch.equal(b[k], want[i][k]), k  # known before reading
+            if i % 2 == rank:
+                assert_same(full(b), want[i], f"rank {rank} batch {i}")
+        assert ld.batches_read == 4
+        assert [b.loaded for b in batches] == [i % 2 == rank for i in range(8)]
+    images = sum(int(b["grid_hws"].shape[0]) for b in want)
+    assert images > 0 and sum(ld.images_decoded for ld in loaders) == images
+
+
+def test_workers_read_ahead_and_resume_exactly_with_another_worker_count(tiny_data):
+    """Rank 1 of 2 with 2 workers gets the batches of one process, its state after each batch is the
+    in-process loader's (not the planner's look-ahead), and resuming from a mid-run state with 1 worker
+    continues identically; batches of the other rank stay unread."""
+    root, _ = tiny_data
+    cfg = mixture(root)
+    want, states = reference(cfg, 9)
+
+    def is_local(b: int) -> bool:
+        return b % 2 == 1
+
+    loader = PackedLoader(cfg)
+    loader.use_workers(2, is_local, prefetch=2)
+    saved = None
+    for i in range(5):
+        b = next(loader)
+        assert b.loaded == is_local(i)
+        if is_local(i):
+            assert_same(dict(b._fields, pixel_values=b["pixel_values"]), want[i], f"batch {i}")
+        assert json.loads(json.dumps(loader.state_dict())) == states[i], i
+        if i == 2:
+            saved = json.loads(json.dumps(loader.state_dict()))
+    assert loader.batches_read == 2
+    assert loader.images_decoded == sum(int(want[i]["grid_hws"].shape[0]) for i in (1, 3))
+
+    resumed = PackedLoader(cfg)
+    resumed.use_workers(1, is_local, prefetch=3)
+    resumed.load_state_dict(saved)
+    for i in range(3, 9):
+        b = next(resumed)
+        assert_same(full(b), want[i], f"resumed batch {i}")  # unread ones read lazily here: same
+        assert resumed.state_dict() == states[i]
+    # and back to no workers from a state saved with workers
+    plain = PackedLoader(cfg)
+    plain.load_state_dict(saved)
+    assert_same(full(next(plain)), want[3], "no workers")
+
+
+def test_inconsistent_counts_are_an_error_naming_the_documents(tiny_data, tmp_path):
+    """Tokens that disagree with the counts the sampler planned by (a corrupted dataset) stop the batch."""
+    from tasks.data.loader import SequencePlan, token_fields
+
+    root, _ = tiny_data
+    loader = PackedLoader(mixture(root, names=("text",)))
+    plan: SequencePlan = loader.next_plan()
+    seqs = [loader.next_sequence()]
+    wrong = [(plan.num_tokens + 1, 0, 0, plan.lens)]
+    with pytest.raises(ValueError, match="documents .* differ from the dataset's recorded counts"):
+        token_fields(seqs, wrong)
+
+
+def test_s3_source_gives_the_batches_of_the_local_dataset(tiny_data, s3_server, monkeypatch):
+    """The same tokenized datasets uploaded to S3 (SeaweedFS, signed requests) give identical batches,
+    through workers too; the S3 options never carry the secret into an error message."""
+    from tasks.io.storage import put_dir
+
+    root, _ = tiny_data
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    names = ("caption", "text", "video_qa")
+    cfg = mixture(root, names=names)
+    want, _ = reference(cfg, 4)
+    prefix = f"s3://{s3_server.buckets[0]}/stream-test"
+    for n in names:
+        put_dir(root / "tokenized" / n, f"{prefix}/tokenized/{n}")
+    s3cfg = MixtureConfig(
+        **{
+            **cfg.model_dump(),
+            "sources": [{"name": n, "path": f"{prefix}/tokenized/{n}", "weight": 1.0} for n in names],
+        }
+    )
+    loader = PackedLoader(s3cfg)
+    for i in range(2):
+        assert_same(full(next(loader)), want[i], f"s3 batch {i}")
+    loader.use_workers(1, lambda b: True)
+    for i in range(2, 4):
+        assert_same(full(next(loader)), want[i], f"s3 worker batch {i}")
+    missing = SourceSpec(name="text", path=f"{prefix}/tokenized/nope", weight=1.0)
+    with pytest.raises(FileNotFoundError, match="nope") as e:
+        PackedLoader(MixtureConfig(**{**cfg.model_dump(), "sources": [missing]}))
+    assert s3_server.secret_key not in str(e.value)
