@@ -121,7 +121,9 @@ def print_table(results: list[dict]) -> None:
 def stage_cmd(
     name: str = typer.Argument(..., help="stage (e.g. long_context: all its phases) or one phase (sft.2)"),
     recipe: Path = RECIPE_OPT,
-    data: Path = typer.Option(Path("data"), "--data", help="data root (output of `kimivl data all`)"),
+    data: str = typer.Option(
+        "data", "--data", help="data root (output of `kimivl data all`): a directory or s3://bucket/prefix"
+    ),
     out: Path = typer.Option(Path("runs/tiny"), "--out", help="run directory"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes per node"),
     launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | deepspeed"),
@@ -131,10 +133,12 @@ def stage_cmd(
     ),
 ) -> None:
     """Run one stage (all its phases) or one phase; it starts from the previous phase's final checkpoint."""
+    from tasks.data.row_store import data_location
     from tasks.recipe import RecipeError
     from tasks.train.phase_lock import PhaseBusyError, set_aside
     from tasks.train.runner import phase_dir
 
+    data = data_location(data)
     r = checked_recipe(recipe, data)
     try:
         phases = r.select(name)
@@ -159,15 +163,17 @@ def stage_cmd(
 
 def train_cmd(
     recipe: Path = RECIPE_OPT,
-    data: Path = typer.Option(Path("data"), "--data"),
+    data: str = typer.Option("data", "--data", help="data root: a directory or s3://bucket/prefix"),
     out: Path = typer.Option(Path("runs/tiny"), "--out"),
     nproc: int = typer.Option(1, "--nproc", min=1),
     launcher: str = typer.Option("torchrun", "--launcher"),
     hostfile: Path | None = typer.Option(None, "--hostfile"),
 ) -> None:
     """Run every phase of the recipe in order; writes OUT/summary.json."""
+    from tasks.data.row_store import data_location
     from tasks.io.files import write_json_atomic
 
+    data = data_location(data)
     r = checked_recipe(recipe, data)
     launch = launch_settings(nproc, launcher, hostfile)
     if launch.launched:

@@ -274,9 +274,11 @@ class PackedLoader:
         process, when a batch is first used."""
         from tasks.data.workers import WorkerReader
 
-        self._reader = (
-            WorkerReader(self, num_workers, is_local, prefetch, pin_memory) if num_workers > 0 else None
-        )
+        old, self._reader = self._reader, None
+        if old is not None:  # workers ran ahead: continue after the last batch served, not the look-ahead
+            self.load_state_dict(old.state)
+        if num_workers > 0:
+            self._reader = WorkerReader(self, num_workers, is_local, prefetch, pin_memory)
 
     # -------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -49,6 +49,12 @@ def is_uri(path: str | os.PathLike) -> bool:
     return str(path).startswith("s3://")
 
 
+def data_location(value: str | os.PathLike) -> str | Path:
+    """A data root or dataset as given on a command line: an ``s3://`` URI stays a string (a ``Path`` would
+    fold its ``//``), anything else is a local path."""
+    return str(value) if is_uri(value) else Path(value)
+
+
 def join(base: str | os.PathLike, *parts: str) -> str | Path:
     """``base/parts...`` for a local path (a Path) or an ``s3://`` URI (a string)."""
     if is_uri(base):
@@ -67,8 +73,11 @@ def storage_options(uri: str) -> dict[str, str] | None:
     opts = {
         "connect_timeout": f"{s.connect_timeout}s",
         "timeout": f"{s.read_timeout}s",
-        # object_store retries 5xx and connection errors with backoff; bound it like boto3's attempts
-        "max_retries": str(max(0, s.max_attempts - 1)),
+        # object_store retries 5xx, timeouts and connection errors with backoff; bound it like boto3's
+        # attempts, and the whole retrying of one request by the same number of read timeouts
+        "client_max_retries": str(max(0, s.max_attempts - 1)),
+        "client_retry_timeout": str(int(s.max_attempts * (s.read_timeout + s.connect_timeout))),
+        "download_retry_count": str(max(0, s.max_attempts - 1)),
     }
     if s.endpoint_url:
         opts["aws_endpoint"] = s.endpoint_url

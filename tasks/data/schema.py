@@ -87,6 +87,8 @@ TOKENIZED_SCHEMA = pa.schema(
         pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),  # (T,) True = token is a target
         pa.field("images", pa.list_(IMAGE_STRUCT), nullable=False),  # in placeholder order
         pa.field("grid_hws", pa.list_(GRID_STRUCT), nullable=False),  # patch grid per image (after resize)
+        # stored size (height, width) per image: what a loader needs to re-grid an image without its bytes
+        pa.field("image_sizes", pa.list_(GRID_STRUCT), nullable=False),
         pa.field("media_kind", pa.string(), nullable=False),
         pa.field("num_text_tokens", pa.int32(), nullable=False),
         pa.field("num_image_tokens", pa.int32(), nullable=False),  # <|media_pad|> count of still images

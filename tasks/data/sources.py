@@ -179,11 +179,11 @@ class TokenizedSource:
         self.position = 0
         self.docs_drawn = 0
         self._perm: np.ndarray | None = None
-        self._refs: dict[int, DocRef] = {}  # metadata of the current window of the permutation
+        self._window: tuple[list[str], dict[int, dict[str, Any]]] = ([], {})  # columns of upcoming rows
 
     def __getstate__(self) -> dict[str, Any]:  # for DataLoader workers: they reopen the store when used
         d = dict(self.__dict__)
-        d["_store"], d["_refs"], d["_perm"] = None, {}, None
+        d["_store"], d["_window"], d["_perm"] = None, ([], {}), None
         return d
 
     @property
@@ -206,13 +206,21 @@ class TokenizedSource:
         self.docs_drawn += 1
         return row
 
-    def next_ref(self) -> DocRef:
-        """The next document of the walk, as metadata (read a window of the permutation at a time)."""
+    def next_columns(self, columns: list[str]) -> tuple[int, dict[str, Any]]:
+        """The next document of the walk: its row and ``columns``, read for a window of the permutation at
+        a time (one ``take`` per ``window`` draws)."""
         row = self.next_row()
-        if row not in self._refs:
-            upcoming = self.permutation()[self.position - 1 : self.position - 1 + self.window]
-            self._refs = self.refs(upcoming.tolist())
-        return self._refs[row]
+        cols, rows = self._window
+        if cols != columns or row not in rows:
+            upcoming = self.permutation()[self.position - 1 : self.position - 1 + self.window].tolist()
+            table = self.store.take(upcoming, columns).to_pylist()
+            self._window = (list(columns), dict(zip(upcoming, table, strict=True)))
+        return row, self._window[1][row]
+
+    def next_ref(self) -> DocRef:
+        """The next document of the walk, as metadata."""
+        row, meta = self.next_columns(META_COLUMNS)
+        return DocRef(meta, self, row)
 
     def refs(self, rows: Iterable[int]) -> dict[int, DocRef]:
         """Metadata of ``rows`` (one read)."""

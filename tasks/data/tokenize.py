@@ -61,6 +61,7 @@ from tasks.io.files import staged_dir
 from tasks.io.manifest import Manifest, is_up_to_date, read_manifest, write_manifest
 
 STEP = "tokenize"
+ROWS_FORMAT = "lance/tokenized-2"  # rows in Lance (row_store), with image_sizes
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
 _THINK_RE = re.compile(f"{re.escape(THINK_START)}.*?(?:{re.escape(THINK_END)}|\\Z)", re.DOTALL)
 
@@ -310,6 +311,7 @@ class DocTokenizer:
             "loss_mask": b.mask,
             "images": b.images,
             "grid_hws": b.grids,
+            "image_sizes": [{"h": int(im["height"]), "w": int(im["width"])} for im in b.images],
             "media_kind": row["media_kind"],
             "num_text_tokens": len(b.ids) - n_pad,
             "num_image_tokens": 0 if video else n_pad,
@@ -325,7 +327,8 @@ def run_tokenize(in_dir: Path, tokenizer_dir: Path, out_dir: Path, cfg: Tokenize
         if not d.is_dir():
             raise FileNotFoundError(f"{name}: {d} is not a directory")
     parents = [read_manifest(in_dir).parent_of(in_dir), read_manifest(tokenizer_dir).parent_of(tokenizer_dir)]
-    if is_up_to_date(out_dir, config=cfg, parents=parents):
+    step_config = {**cfg.model_dump(mode="json"), "rows_format": ROWS_FORMAT}  # a new format reruns the step
+    if is_up_to_date(out_dir, config=step_config, parents=parents):
         return read_manifest(out_dir)
 
     tok = load_tokenizer(tokenizer_dir)
@@ -357,7 +360,7 @@ def run_tokenize(in_dir: Path, tokenizer_dir: Path, out_dir: Path, cfg: Tokenize
             kind="tokenized",
             step=STEP,
             content_hash=accepted.content_hash,  # of the rows: Lance's file names are random
-            config=cfg,
+            config=step_config,
             parents=parents,
             counts={"input": n, "accepted": a, "quarantined": q, "truncated": truncated, "tokens": tokens},
             extra={

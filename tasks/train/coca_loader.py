@@ -6,8 +6,10 @@ by weight, per-source seeded permutation per epoch), and re-patchifies each imag
 patch count of the progressive-resolution schedule (Kimi-VL Sec. 2.3: "gradually allow larger and larger
 images"). Documents with no image or with several images are skipped and counted.
 
-A batch is a ``PackedBatch``: the grids come from the stored image sizes (the rule of ``image_to_patches``),
-the pixels are decoded when the rank that trains on the micro-batch first reads them (``images_decoded``).
+A batch is a ``PackedBatch``: the grids come from the stored image sizes (``image_sizes``, the rule of
+``image_to_patches``); a draw reads the document's tokens and sizes only (a window of the permutation at a
+time), and the image bytes are read and decoded when the rank that trains on the micro-batch first reads its
+pixels (``images_decoded``).
 
 Token accounting of this stage: image tokens are counted as the merged tokens the LM would see
 (h*w/4 per image at the patchified size) and text tokens as caption tokens, so budgets across stages are
@@ -26,6 +28,8 @@ import torch
 
 from kimivl_model.image_processing import smart_resize_hw
 from tasks.data.loader import MixtureConfig, PackedBatch, TokenizedSource, common_special, decode_patches
+
+CAPTION_COLUMNS = ["input_ids", "loss_mask", "media_kind", "image_sizes"]  # what a draw reads
 
 STATE_VERSION = 1
 
@@ -74,11 +78,11 @@ class CaptionLoader:
             cum = np.cumsum(self.cfg.probabilities(self.tokens_drawn))
             k = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
             src = self.sources[min(k, len(self.sources) - 1)]
-            doc = src.document(src.next_row())
-            if len(doc.images) != 1 or doc.media_kind != "image":
+            row, d = src.next_columns(CAPTION_COLUMNS)  # no image bytes: the training rank reads those
+            if len(d["image_sizes"]) != 1 or d["media_kind"] != "image":
                 self.skipped += 1
                 continue
-            ids = doc.input_ids[doc.loss_mask]
+            ids = np.asarray(d["input_ids"], dtype=np.int64)[np.asarray(d["loss_mask"], dtype=bool)]
             specials = src.special.ids()  # the caption is the document's text: no special token
             caption = [int(t) for t in ids if int(t) not in specials][: self.max_text_len]
             if not caption:
@@ -86,23 +90,34 @@ class CaptionLoader:
                 continue
             icfg = src.image_cfg
             cap = min(self.max_patches() or icfg["max_patches_per_image"], icfg["max_patches_per_image"])
-            rec, patch = doc.images[0], icfg["patch_size"]
+            size, patch = d["image_sizes"][0], icfg["patch_size"]
             # the grid from the stored size (the decode checks both): decoding waits for the rank that trains
-            pad_h, pad_w = smart_resize_hw(rec["height"], rec["width"], patch, icfg["merge"], cap)
+            pad_h, pad_w = smart_resize_hw(size["h"], size["w"], patch, icfg["merge"], cap)
             hw = (pad_h // patch, pad_w // patch)
             image_tokens = (hw[0] // icfg["merge"]) * (hw[1] // icfg["merge"])
             self.tokens_drawn += image_tokens + len(caption)
-            where = f"source {src.name!r} (row {doc.row})"
-            return (rec, hw, patch, icfg["merge"], cap, where), hw, caption, image_tokens, src.name
+            where = f"source {src.name!r} (row {row})"
+            return (src, row, hw, patch, icfg["merge"], cap, where), hw, caption, image_tokens, src.name
         raise RuntimeError("CaptionLoader: no single-image document with a caption in 100,000 draws")
 
     def __iter__(self) -> CaptionLoader:
         return self
 
     def decode(self, images: list[tuple[Any, ...]]) -> torch.Tensor:
-        """Patches of ``images`` (``_next_pair``'s decode arguments), decoded and checked now."""
+        """Patches of ``images`` (``_next_pair``'s decode arguments): their bytes read (one ``take`` per
+        source) and decoded and checked now."""
+        rows: dict[str, tuple[TokenizedSource, set[int]]] = {}
+        for src, row, *_ in images:
+            rows.setdefault(src.name, (src, set()))[1].add(row)
+        records = {
+            (name, r): imgs[0]
+            for name, (src, rs) in rows.items()
+            for r, imgs in zip(
+                sorted(rs), src.store.take(sorted(rs), ["images"]).column(0).to_pylist(), strict=True
+            )
+        }
         self.images_decoded += len(images)
-        return torch.cat([decode_patches(*args) for args in images])
+        return torch.cat([decode_patches(records[(src.name, row)], *rest) for src, row, *rest in images])
 
     def __next__(self) -> PackedBatch:
         patches, grids, captions, img_tok = [], [], [], 0

@@ -14,20 +14,25 @@ from tasks.data.loader import (
     SourceSpec,
     tokens_by_source,
 )
+from tasks.data.row_store import join
+from tasks.data.sources import read_dataset_manifest
 from tasks.data.text_tokenizer import check_model_ids
-from tasks.io.manifest import ManifestError, read_manifest
+from tasks.io.manifest import ManifestError
 from tasks.recipe import Recipe
 from tasks.train.coca_loader import CaptionLoader
 from tasks.train.stages import PhaseConfig
+
+
+def tokenized_dir(data_root: str | Path, name: str) -> str | Path:
+    """``DATA/tokenized/<name>``: a local directory, or an ``s3://`` URI when the data root is one."""
+    return join(data_root, "tokenized", name)
 
 
 def mixture(recipe: Recipe, phase: PhaseConfig, data_root: Path) -> MixtureConfig:
     """The loader's mixture of a phase: its sources (located under ``DATA/tokenized``) and share schedule as
     the recipe states them, one packed sequence per micro-batch."""
     return MixtureConfig(
-        sources=[
-            SourceSpec(**s.model_dump(), path=Path(data_root) / "tokenized" / s.name) for s in phase.sources
-        ],
+        sources=[SourceSpec(**s.model_dump(), path=tokenized_dir(data_root, s.name)) for s in phase.sources],
         schedule=phase.share_schedule,
         token_budget=phase.token_budget,
         seq_len=phase.seq_len,
@@ -61,9 +66,9 @@ def check_tokenizer(phase: PhaseConfig, data_root: Path, cfg: VLMConfig) -> None
     (``<|media_pad|>`` = the config's ``media_pad_token_id``, every id inside the vocabularies), read from
     the tokenize step's manifests; a mismatch is a ``TokenizerMismatchError`` naming both values."""
     for s in phase.sources:
-        path = Path(data_root) / "tokenized" / s.name
+        path = tokenized_dir(data_root, s.name)
         try:
-            tok = read_manifest(path).extra.get("tokenizer")
+            tok = read_dataset_manifest(path).extra.get("tokenizer")
         except ManifestError:
             continue  # the loader names the missing dataset
         if tok is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.data.pipeline import relative_note
+from tasks.data.row_store import is_uri  # an s3:// data root: the loader checks each dataset
 from tasks.data.text_tokenizer import TokenizerMismatchError
 from tasks.io.weights import NATIVE_WEIGHTS
 from tasks.recipe import Recipe
@@ -55,7 +56,7 @@ def check_inputs(recipe: Recipe, data_root: Path | None) -> None:
         raise FileNotFoundError(
             f"field model.init_checkpoint: {init} holds no {NATIVE_WEIGHTS}" + relative_note(Path(init))
         )
-    if data_root is not None and not (Path(data_root) / "tokenized").is_dir():
+    if data_root is not None and not is_uri(data_root) and not (Path(data_root) / "tokenized").is_dir():
         raise FileNotFoundError(
             f"{Path(data_root) / 'tokenized'}: no tokenized data (run `kimivl data all` first)"
         )

@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.data.row_store import data_location
+
 # run as a script, this file's folder leads sys.path: its modules (``launch``, ``checkpoint``, ...) must not
 # shadow top-level ones; the package itself is imported from the installed project
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -29,7 +31,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("command", choices=("stage", "train"))
     ap.add_argument("name", nargs="?", help="stage: a stage or one phase")
     ap.add_argument("--recipe", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--data", type=data_location, required=True)  # a directory or s3://bucket/prefix
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tracking-dir", type=Path, default=None)
     ap.add_argument("--worker", action="store_true", help="set by the launch command (marks a rank)")

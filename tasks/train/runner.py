@@ -27,9 +27,11 @@ from kimivl_model.config import VLMConfig
 from kimivl_model.sequence_parallel import SequenceShard
 from kimivl_model.vlm import KimiVL
 from tasks import Log
+from tasks.data.row_store import is_uri
+from tasks.data.sources import read_dataset_manifest
 from tasks.io.faults import crash_point
 from tasks.io.files import write_json_atomic
-from tasks.io.manifest import Parent, read_manifest, write_manifest
+from tasks.io.manifest import Parent, write_manifest
 from tasks.io.weights import NATIVE_CONFIG, NATIVE_WEIGHTS
 from tasks.recipe import Recipe
 from tasks.tracking.base import Tracker
@@ -46,7 +48,7 @@ from tasks.train.callbacks import (
 from tasks.train.engine import LossResult, TrainEngine
 from tasks.train.engine_config import EngineConfig
 from tasks.train.memory import preflight as memory_preflight
-from tasks.train.phase_data import build_loader, check_tokenizer, measure_tokens_per_step
+from tasks.train.phase_data import build_loader, check_tokenizer, measure_tokens_per_step, tokenized_dir
 from tasks.train.phase_lock import phase_lock
 from tasks.train.phase_model import (
     RESULT,
@@ -301,8 +303,9 @@ def _write_final_files(
     (stage / RESULT).write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
     parents = [run.parent] if run.parent else []
     for s in phase.sources:
-        d = Path(data_root) / "tokenized" / s.name
-        parents.append(read_manifest(d).parent_of(d))
+        d = tokenized_dir(data_root, s.name)
+        m = read_dataset_manifest(d)
+        parents.append(Parent(uri=str(d), content_hash=m.content_hash) if is_uri(d) else m.parent_of(Path(d)))
     write_manifest(
         stage,
         kind="checkpoint",

@@ -52,11 +52,18 @@ def assert_launched_weights_match(
 
 
 def launch_phase(
-    tiny_data, tmp_path, name: str, nproc: int, steps: int = 4, train: dict | None = None, **phase_fields
+    tiny_data,
+    tmp_path,
+    name: str,
+    nproc: int,
+    steps: int = 4,
+    train: dict | None = None,
+    data_root=None,
+    **phase_fields,
 ):
     """The tiny recipe's joint_pretrain phase alone (``steps``-``steps + 1`` optimizer steps; gradients
-    sharded to their owners, ``train`` overrides), launched on ``nproc`` ranks; returns (recipe, losses,
-    final weights, result)."""
+    sharded to their owners, ``train`` overrides), launched on ``nproc`` ranks reading ``data_root``
+    (default: the tiny data); returns (recipe, losses, final weights, result)."""
     import json
 
     import yaml
@@ -80,7 +87,7 @@ def launch_phase(
     run_phase_launched(
         recipe,
         recipe.phase(phase_name),
-        tiny_data[0],
+        data_root or tiny_data[0],
         out,
         LaunchSettings(nproc=nproc),
         sink,

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import shutil
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,6 +15,7 @@ import pytest
 from tasks.io import storage
 from tasks.io.dvc_remote import configure_dvc_remote, dvc_env, run_dvc
 from tasks.io.storage import COMPLETE_MARKER, S3Settings, StorageError
+from tests.integration.s3_proxy import Proxy
 from tests.integration.s3_server import S3Server, free_ports
 
 BUCKET = "kimivl-test"
@@ -199,99 +195,38 @@ def test_s3_half_uploaded_dir_is_refused(s3_env: S3Settings, tmp_path: Path):
 
 
 # ------------------------------------------------------------------------------------------------ faults
-class FaultProxy:
-    """HTTP proxy on 127.0.0.1 in front of ``upstream``: answers 500 to the first ``fail_first`` requests
-    (all of them if None), forwards the rest unchanged (Host header kept, so SigV4 still verifies)."""
+def fault_proxy(upstream: str, fail_first: int | None) -> Proxy:
+    """A proxy in front of ``upstream`` that answers 500 to the first ``fail_first`` requests (all of them
+    if None) and forwards the rest unchanged (Host header kept, so SigV4 still verifies)."""
+    count = {"n": 0}
 
-    def __init__(self, upstream: str, fail_first: int | None):
-        host, port = upstream.removeprefix("http://").split(":")
-        self.upstream = (host, int(port))
-        self.fail_first = fail_first
-        self.requests = 0
-        self.lock = threading.Lock()
-        proxy = self
+    def rule(method: str, path: str, seen: int) -> str:
+        count["n"] += 1
+        return "500" if fail_first is None or count["n"] <= fail_first else "forward"
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _handle(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with proxy.lock:
-                    proxy.requests += 1
-                    fail = proxy.fail_first is None or proxy.requests <= proxy.fail_first
-                if fail:
-                    err = b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
-                    self.send_response(500)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(err)))
-                    self.end_headers()
-                    self.wfile.write(err)
-                    return
-                conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
-                    resp = conn.getresponse()
-                    data = resp.read()
-                    self.send_response(resp.status, resp.reason)
-                    for k, v in resp.getheaders():
-                        if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(data)
-                finally:
-                    conn.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    @contextmanager
-    def running(self, max_lifetime: float = 60.0) -> Iterator[FaultProxy]:
-        stop = threading.Event()
-        deadline = time.monotonic() + max_lifetime
-
-        def serve():  # bounded: ends when told to, or by itself after max_lifetime
-            self.server.timeout = 0.1
-            while not stop.is_set() and time.monotonic() < deadline:
-                self.server.handle_request()
-
-        t = threading.Thread(target=serve, daemon=True)
-        t.start()
-        try:
-            yield self
-        finally:
-            stop.set()
-            t.join(timeout=5)
-            self.server.server_close()
+    return Proxy(upstream, rule)
 
 
 def test_retries_then_succeeds(s3_env: S3Settings, s3_server: S3Server, tmp_path: Path):
     from dataclasses import replace
 
-    with FaultProxy(s3_server.endpoint_url, fail_first=2).running() as proxy:
+    with fault_proxy(s3_server.endpoint_url, fail_first=2).running() as proxy:
         settings = replace(s3_env, endpoint_url=proxy.url, max_attempts=4)
         uri = uniq("retry")
         storage.write_bytes(b"survived", uri, settings=settings)
-        assert proxy.requests == 3  # 2 injected 500s, then the real PUT
+        assert len(proxy.log) == 3  # 2 injected 500s, then the real PUT
     assert storage.read_bytes(uri) == b"survived"
 
 
 def test_retry_limit_gives_clear_error(s3_env: S3Settings, s3_server: S3Server):
     from dataclasses import replace
 
-    with FaultProxy(s3_server.endpoint_url, fail_first=None).running() as proxy:
+    with fault_proxy(s3_server.endpoint_url, fail_first=None).running() as proxy:
         settings = replace(s3_env, endpoint_url=proxy.url, max_attempts=3)
         uri = uniq("doomed")
         with pytest.raises(StorageError) as info:
             storage.write_bytes(b"never", uri, settings=settings)
-        assert proxy.requests == 3
+        assert len(proxy.log) == 3
     msg = str(info.value)
     assert "write_bytes" in msg and uri in msg and "3 attempt" in msg and "HTTP 500" in msg
     full = "".join(traceback.format_exception(info.value))

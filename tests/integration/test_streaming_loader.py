@@ -155,3 +155,69 @@ def test_s3_source_gives_the_batches_of_the_local_dataset(tiny_data, s3_server, 
     with pytest.raises(FileNotFoundError, match="nope") as e:
         PackedLoader(MixtureConfig(**{**cfg.model_dump(), "sources": [missing]}))
     assert s3_server.secret_key not in str(e.value)
+
+
+def _on_s3(root, s3_server, names, tag: str) -> MixtureConfig:
+    """``mixture(root, names)`` with its sources uploaded to S3 under a prefix of their own."""
+    from tasks.io.storage import put_dir
+
+    prefix = f"s3://{s3_server.buckets[0]}/{tag}"
+    for n in names:
+        put_dir(root / "tokenized" / n, f"{prefix}/tokenized/{n}")
+    sources = [{"name": n, "path": f"{prefix}/tokenized/{n}", "weight": 1.0} for n in names]
+    return MixtureConfig(**{**mixture(root, names=names).model_dump(), "sources": sources})
+
+
+def test_s3_faults_mid_epoch_are_retried_or_stop_clearly_and_resume_exactly(
+    tiny_data, s3_server, monkeypatch
+):
+    """Behind a fault-injecting proxy: 500s on reads of the Lance data files are retried (same batches);
+    an endpoint that stalls every read stops the batch with an error naming the dataset (never the secret),
+    and a loader restored from the last served state continues with exactly the reference batches: nothing
+    skipped, nothing read twice (the token counts add up)."""
+    from tasks.data.io import DatasetError
+    from tests.integration.s3_proxy import Proxy
+
+    root, _ = tiny_data
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    names = ("caption", "text")
+    cfg = _on_s3(root, s3_server, names, "faults")
+    want, states = reference(mixture(root, names=names), 8)
+    mode = {"fault": "500", "budget": 0}
+
+    def rule(method: str, path: str, seen: int):
+        if method == "GET" and "/data/" in path and mode["budget"] > 0:
+            mode["budget"] -= 1
+            return mode["fault"]
+        return "forward"
+
+    proxy = Proxy(s3_server.endpoint_url, rule)
+    monkeypatch.setenv("KIMIVL_S3_READ_TIMEOUT", "1")
+    monkeypatch.setenv("KIMIVL_S3_MAX_ATTEMPTS", "2")
+    with proxy.running(max_lifetime=240):
+        monkeypatch.setenv("KIMIVL_S3_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        loader = PackedLoader(cfg)
+        got = [full(next(loader)) for _ in range(2)]
+        mode["budget"] = 2  # two 500s: retried
+        got += [full(next(loader)) for _ in range(2)]
+        assert proxy.count("GET", "/data/", "500") == 2
+        for i, b in enumerate(got):
+            assert_same(b, want[i], f"batch {i}")
+        saved = loader.state_dict()
+        mode.update(fault="stall", budget=10**6)  # every data read stalls from now on
+        with pytest.raises(DatasetError, match="faults/tokenized/.*reading rows failed") as e:
+            full(next(loader))
+        assert s3_server.secret_key not in str(e.value)
+        mode["budget"] = 0  # the endpoint recovers; restart from the last state served
+        resumed = PackedLoader(cfg)
+        resumed.load_state_dict(saved)
+        rest = [full(next(resumed)) for _ in range(4)]
+    for i, b in enumerate(rest, start=4):
+        assert_same(b, want[i], f"resumed batch {i}")
+    tokens = sum(int(b["token_counts"].sum()) for b in got + rest)
+    assert (
+        tokens == sum(int(b["token_counts"].sum()) for b in want) == sum(b["input_ids"].numel() for b in want)
+    )
+    assert states[3] == saved

@@ -193,3 +193,15 @@ def test_context_quick(tmp_path):
     assert out["ratio"] >= 1.5, out
     for probes in (out["ours"]["probes"], out["baseline"]["probes"]):
         assert all(p > 0 for _, p in probes)
+
+
+def test_loader_quick(tmp_path):
+    """Memory and counts, not timings: a rank's peak RSS does not grow with the corpus (10x vs 1x), each of
+    2 ranks decodes its own micro-batches' images (together: every image once)."""
+    from bench import loader
+
+    out = run_quick(loader, "loader", tmp_path)
+    assert out["rss_ratio"] <= 1.2, out
+    assert sum(out["images_decoded_per_rank"]) == out["images_total"] > 0
+    assert min(out["images_decoded_per_rank"]) > 0
+    assert out["workers_ratio"] > 0 and out["ours"]["rank_cpu_ms_per_batch_2_workers"] > 0
