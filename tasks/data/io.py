@@ -2,7 +2,7 @@
 
 Layout of a dataset directory::
 
-    DIR/part-00000.parquet ...         accepted rows (RECORD_SCHEMA or TOKENIZED_SCHEMA)
+    DIR/part-00000.parquet ...         accepted rows (RECORD_SCHEMA; tokenized rows: Lance, row_store.py)
     DIR/quarantine/part-00000.parquet  rows set aside, with ``reason`` and ``step`` (QUARANTINE_SCHEMA)
     DIR/duplicates/part-00000.parquet  rows found to repeat another, with ``duplicate_of`` (dedup only)
     DIR/manifest.json                  lineage + counts (tasks/io/manifest.py), written last

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kimivl_model.image_processing import image_to_patches
-from tasks.data.images import decode_image, to_tensor
+from tasks.data.images import ImageDecodeError, decode_image, to_tensor
 from tasks.data.mixture import ShareSchedule, check_mixture
 from tasks.data.pack import Document, MediaIds
 from tasks.data.row_store import RowStore, is_uri, join
@@ -322,7 +322,10 @@ def decode_patches(
 ) -> torch.Tensor:
     """One stored image's patches (h*w, 3, p, p) at ``max_patches``; its decoded size must be the record's
     and its patch grid the expected ``grid`` (errors name ``where``)."""
-    t = to_tensor(decode_image(record["data"]))  # (3, H, W)
+    try:
+        t = to_tensor(decode_image(record["data"]))  # (3, H, W)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{where}: {e}") from None
     if (t.shape[1], t.shape[2]) != (record["height"], record["width"]):
         raise ValueError(
             f"{where}: decoded image is {t.shape[2]}x{t.shape[1]} but the record says "

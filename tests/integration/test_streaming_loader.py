@@ -221,3 +221,31 @@ def test_s3_faults_mid_epoch_are_retried_or_stop_clearly_and_resume_exactly(
         tokens == sum(int(b["token_counts"].sum()) for b in want) == sum(b["input_ids"].numel() for b in want)
     )
     assert states[3] == saved
+
+
+def test_a_corrupt_image_read_by_a_worker_names_its_document(tmp_path):
+    """A dataset whose image bytes do not decode (tokenize reads only the stored sizes): the batch that
+    holds it fails in the worker, and the error the training process sees names the source and document."""
+    from tasks.data.images import ImageDecodeError
+    from tasks.data.tokenize import TokenizeConfig, run_tokenize
+    from tasks.data.tokenizer import TokenizerConfig, run_train_tokenizer
+    from tests.unit.data.records import make_record, picture, write_dataset
+
+    bad = {"data": b"\x89PNG not really", "width": 56, "height": 56, "format": "png"}
+    rows = [
+        make_record(f"ok{i}", text=f"<image> a red ball {i}", images=[picture(i + 1, (56, 56))])
+        for i in range(6)
+    ]
+    rows.append(make_record("broken", text="<image> a red ball", images=[bad]))
+    write_dataset(tmp_path / "rec", rows)
+    run_train_tokenizer([tmp_path / "rec"], tmp_path / "tok", TokenizerConfig(vocab_size=300))
+    run_tokenize(tmp_path / "rec", tmp_path / "tok", tmp_path / "cap", TokenizeConfig())
+    cfg = MixtureConfig(
+        sources=[SourceSpec(name="cap", path=tmp_path / "cap", weight=1.0)],
+        seq_len=512, micro_batch_tokens=512, pack_buffer_docs=8,
+    )  # fmt: skip
+    loader = PackedLoader(cfg)
+    loader.use_workers(1, lambda b: True)
+    with pytest.raises(ImageDecodeError, match=r"source 'cap' \(documents \[.*'broken'"):
+        for _ in range(4):
+            next(loader)
