@@ -69,10 +69,9 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def host_cpus() -> int:
     """CPUs this process may run on (its affinity mask: a container's or taskset's share of the host)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    from tasks.train.threads import usable_cpus
+
+    return usable_cpus()
 
 
 def run_thread_env(limit: int, environ: dict[str, str] | None = None, cpus: int | None = None) -> dict:

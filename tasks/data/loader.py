@@ -45,7 +45,6 @@ from tasks.data.sources import (
     TokenizedSource,
     common_special,
     decode_patches,
-    open_sources,
 )
 
 if TYPE_CHECKING:
@@ -196,7 +195,7 @@ class PackedLoader:
 
     def __init__(self, cfg: MixtureConfig) -> None:
         self.cfg = cfg
-        self.sources = open_sources(cfg.sources, cfg.seed)
+        self.sources = [TokenizedSource(s, cfg.seed) for s in cfg.sources]
         self._by_name = {s.name: s for s in self.sources}
         self._merges = {s.name: int(s.image_cfg["merge"]) for s in self.sources}
         self._index = {s.name: i for i, s in enumerate(self.sources)}
@@ -238,11 +237,6 @@ class PackedLoader:
         while not self.packer.ready():
             self._draw()
         return SequencePlan(self.packer.pop(), self._merges)
-
-    def next_sequence(self) -> PackedSequence:
-        """The next packed sequence, its documents read now."""
-        plan = self.next_plan()
-        return read_sequences(self._by_name, [plan.refs()], self.cfg.seq_len)[0]
 
     def __iter__(self) -> PackedLoader:
         return self

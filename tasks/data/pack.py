@@ -104,15 +104,20 @@ class Document:
     @cached_property
     def media_blocks(self) -> list[tuple[int, int]]:
         """(start, end) inclusive token spans of the media blocks, in order."""
-        starts = np.flatnonzero(self.input_ids == self.media_ids.start).tolist()
-        ends = np.flatnonzero(self.input_ids == self.media_ids.end).tolist()
-        ok = len(starts) == len(ends) and all(
-            s < e and (i + 1 == len(starts) or e < starts[i + 1])
-            for i, (s, e) in enumerate(zip(starts, ends, strict=True))
-        )
-        if not ok:
-            raise ValueError(f"document {self.id!r}: unbalanced <|media_start|>/<|media_end|> tokens")
-        return list(zip(starts, ends, strict=True))
+        return media_blocks(self.input_ids, self.media_ids, self.id)
+
+
+def media_blocks(input_ids: np.ndarray, media_ids: MediaIds, doc_id: str) -> list[tuple[int, int]]:
+    """(start, end) inclusive token spans of a document's media blocks, in order (``doc_id`` for errors)."""
+    starts = np.flatnonzero(input_ids == media_ids.start).tolist()
+    ends = np.flatnonzero(input_ids == media_ids.end).tolist()
+    ok = len(starts) == len(ends) and all(
+        s < e and (i + 1 == len(starts) or e < starts[i + 1])
+        for i, (s, e) in enumerate(zip(starts, ends, strict=True))
+    )
+    if not ok:
+        raise ValueError(f"document {doc_id!r}: unbalanced <|media_start|>/<|media_end|> tokens")
+    return list(zip(starts, ends, strict=True))
 
 
 @dataclass(frozen=True, eq=False)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from kimivl_model.image_processing import image_to_patches
 from tasks.data.images import ImageDecodeError, decode_image, to_tensor
 from tasks.data.mixture import ShareSchedule, check_mixture
-from tasks.data.pack import Document, MediaIds
+from tasks.data.pack import Document, MediaIds, media_blocks
 from tasks.data.row_store import RowStore, is_uri, join
 from tasks.data.schema import TOKENIZED_SCHEMA
 from tasks.data.special_tokens import SpecialIds
@@ -141,7 +141,8 @@ class DocRef:
 
     @cached_property
     def media_blocks(self) -> list[tuple[int, int]]:
-        return self._owner.documents([self.row])[self.row].media_blocks
+        ids = self._owner.store.take([self.row], ["input_ids"]).column(0)[0].as_py()  # tokens, no image bytes
+        return media_blocks(np.asarray(ids, dtype=np.int64), self._owner.media_ids, self.id)
 
 
 class TokenizedSource:
@@ -239,10 +240,6 @@ class TokenizedSource:
 
     def document(self, row: int) -> Document:
         return self.documents([row])[row]
-
-
-def open_sources(specs: list[SourceSpec], seed: int) -> list[TokenizedSource]:
-    return [TokenizedSource(s, seed) for s in specs]
 
 
 def common_special(sources: list[TokenizedSource]) -> SpecialIds:

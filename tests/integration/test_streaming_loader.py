@@ -114,13 +114,14 @@ def test_workers_read_ahead_and_resume_exactly_with_another_worker_count(tiny_da
 
 def test_inconsistent_counts_are_an_error_naming_the_documents(tiny_data, tmp_path):
     """Tokens that disagree with the counts the sampler planned by (a corrupted dataset) stop the batch."""
-    from tasks.data.loader import SequencePlan, token_fields
+    from tasks.data.loader import SequencePlan, read_sequences, token_fields
 
     root, _ = tiny_data
     loader = PackedLoader(mixture(root, names=("text",)))
     plan: SequencePlan = loader.next_plan()
-    seqs = [loader.next_sequence()]
-    wrong = [(plan.num_tokens + 1, 0, 0, plan.lens)]
+    seqs = read_sequences(loader._by_name, [plan.refs()], loader.cfg.seq_len)
+    assert token_fields(seqs, [plan.expected()])["input_ids"].numel() == plan.num_tokens  # consistent: fine
+    wrong = [(plan.num_tokens + 1, *plan.expected()[1:])]
     with pytest.raises(ValueError, match="documents .* differ from the dataset's recorded counts"):
         token_fields(seqs, wrong)
 
